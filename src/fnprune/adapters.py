@@ -1,0 +1,184 @@
+"""Model adapters, written as data: where the layers, MLP and attention of an architecture live.
+
+The registry is keyed by the ``architectures[0]`` entry of a model's config. An unknown
+architecture fails before any work, listing the supported ones. Models are never recognised
+by a substring of their name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    layers: str                  # dotted path from the model to the ModuleList of blocks
+    mlp: str                     # MLP module, relative to a block
+    down: str                    # down projection (input = act(gate) * up), relative to the MLP
+    act: str                     # activation module, relative to the MLP
+    gate: str | None = None      # separate gate projection, relative to the MLP
+    up: str | None = None        # separate up projection, relative to the MLP
+    gate_up: str | None = None   # fused [gate; up] projection (first half gate, second half up)
+    attn: str = "self_attn"      # attention module, relative to a block
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    qkv: str | None = None       # fused [q; k; v] projection
+    o: str = "o_proj"
+    n_heads_attr: str = "num_attention_heads"      # config attribute names
+    n_kv_heads_attr: str = "num_key_value_heads"
+    hidden_attr: str = "hidden_size"
+    intermediate_attr: str = "intermediate_size"
+    n_layers_attr: str = "num_hidden_layers"
+
+    @property
+    def fused(self) -> bool:
+        return self.gate_up is not None
+
+
+_LLAMA = Adapter(layers="model.layers", mlp="mlp", gate="gate_proj", up="up_proj",
+                 down="down_proj", act="act_fn")
+_PHI3 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="down_proj",
+                act="activation_fn", q=None, k=None, v=None, qkv="qkv_proj")
+_CHATGLM = Adapter(layers="transformer.encoder.layers", mlp="mlp", gate_up="dense_h_to_4h",
+                   down="dense_4h_to_h", act="activation_func", attn="self_attention",
+                   q=None, k=None, v=None, qkv="query_key_value", o="dense",
+                   n_kv_heads_attr="multi_query_group_num", intermediate_attr="ffn_hidden_size",
+                   n_layers_attr="num_layers")
+
+REGISTRY: dict[str, Adapter] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+    "Phi3ForCausalLM": _PHI3,
+    "Glm4ForCausalLM": _PHI3,
+    "ChatGLMModel": _CHATGLM,
+    "ChatGLMForConditionalGeneration": _CHATGLM,
+}
+
+
+def architecture_of(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise ValueError(f"model config of type {type(config).__name__} names no architectures; "
+                         f"expected one of: {', '.join(sorted(REGISTRY))}")
+    return archs[0]
+
+
+def get_adapter(architecture: str) -> Adapter:
+    try:
+        return REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: "
+                         f"{', '.join(sorted(REGISTRY))}") from None
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    return get_adapter(architecture_of(model.config))
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(module, parent) if parent else module, name, value)
+
+
+def layers(model: nn.Module, ad: Adapter | None = None) -> nn.ModuleList:
+    return _get(model, (ad or adapter_for(model)).layers)
+
+
+def mlp_of(block: nn.Module, ad: Adapter) -> nn.Module:
+    return _get(block, ad.mlp)
+
+
+def attn_of(block: nn.Module, ad: Adapter) -> nn.Module:
+    return _get(block, ad.attn)
+
+
+def intermediate_size(block: nn.Module, ad: Adapter) -> int:
+    return _get(mlp_of(block, ad), ad.down).in_features
+
+
+def mlp_linears(block: nn.Module, ad: Adapter) -> dict[str, nn.Linear]:
+    mlp = mlp_of(block, ad)
+    names = {"down": ad.down}
+    if ad.fused:
+        names["gate_up"] = ad.gate_up
+    else:
+        names.update(gate=ad.gate, up=ad.up)
+    return {k: _get(mlp, v) for k, v in names.items()}
+
+
+def block_parameter_count(model: nn.Module) -> int:
+    """Parameters of all transformer blocks (attention + MLP + norms), as FLAP counts them."""
+    return sum(p.numel() for p in layers(model).parameters())
+
+
+def mlp_neuron_params(block: nn.Module, ad: Adapter) -> int:
+    """Parameters one MLP neuron owns: its gate and up rows and its down column (+ biases)."""
+    lin = mlp_linears(block, ad)
+    hidden = lin["down"].out_features
+    n = 3 * hidden
+    if ad.fused:
+        n += 2 * int(lin["gate_up"].bias is not None)
+    else:
+        n += int(lin["gate"].bias is not None) + int(lin["up"].bias is not None)
+    return n
+
+
+def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                   bias: bool | None = None) -> nn.Linear:
+    w = lin.weight.data
+    if rows is not None:
+        w = w.index_select(0, rows)
+    if cols is not None:
+        w = w.index_select(1, cols)
+    has_bias = lin.bias is not None if bias is None else bias
+    new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if has_bias:
+        if lin.bias is not None:
+            b = lin.bias.data if rows is None else lin.bias.data.index_select(0, rows)
+            new.bias.data.copy_(b)
+        else:
+            new.bias.data.zero_()
+    return new
+
+
+def prune_mlp(block: nn.Module, ad: Adapter, keep: torch.Tensor,
+              down_bias: torch.Tensor | None = None) -> None:
+    """Keep only neurons ``keep`` (sorted indices) of a block's MLP; optionally add a down bias."""
+    mlp = mlp_of(block, ad)
+    lin = mlp_linears(block, ad)
+    keep = keep.to(lin["down"].weight.device)
+    inter = lin["down"].in_features
+    if ad.fused:
+        rows = torch.cat([keep, keep + inter])
+        _set(mlp, ad.gate_up, _sliced_linear(lin["gate_up"], rows=rows))
+    else:
+        _set(mlp, ad.gate, _sliced_linear(lin["gate"], rows=keep))
+        _set(mlp, ad.up, _sliced_linear(lin["up"], rows=keep))
+    down = _sliced_linear(lin["down"], cols=keep, bias=True if down_bias is not None else None)
+    if down_bias is not None:
+        down.bias.data += down_bias.to(down.bias)
+    _set(mlp, ad.down, down)
+    for attr in ("intermediate_size", "ffn_hidden_size"):
+        if hasattr(mlp, attr):
+            setattr(mlp, attr, len(keep))
+
+
+def resize_mlp(block: nn.Module, ad: Adapter, size: int, down_bias: bool) -> None:
+    """Give a freshly built block an MLP of ``size`` neurons (weights to be loaded after)."""
+    prune_mlp(block, ad, torch.arange(size), None)
+    if down_bias:
+        mlp = mlp_of(block, ad)
+        old = _get(mlp, ad.down)
+        _set(mlp, ad.down, _sliced_linear(old, bias=True))

@@ -1,0 +1,176 @@
+"""Text corpora: the embedded one (Python's own documentation), local text files, hub datasets.
+
+Every corpus is materialised as four JSONL splits (``train``, ``calib``, ``validation``,
+``test``), one ``{"id", "text"}`` record a line, plus a manifest with the split's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+from .io import atomic_path, sha256_of_strings, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "calib", "validation", "test")
+
+# Standard-library modules whose docstrings join pydoc's topics in the embedded corpus. A fixed,
+# sorted list (not sys.stdlib_module_names) so the corpus never imports a module with side
+# effects (antigravity, this, idlelib) and stays the same from run to run.
+STDLIB_MODULES = sorted("""
+abc argparse array ast asyncio base64 bisect builtins bz2 calendar cmath codecs collections
+concurrent.futures configparser contextlib copy csv dataclasses datetime decimal difflib dis
+email enum filecmp fnmatch fractions functools gc getopt gettext glob graphlib gzip hashlib
+heapq hmac html html.parser http.client http.server imaplib inspect io ipaddress itertools json
+keyword linecache locale logging lzma mailbox math mimetypes multiprocessing numbers operator
+os os.path pathlib pickle pkgutil platform plistlib poplib pprint profile pstats queue quopri
+random re reprlib sched secrets select selectors shelve shlex shutil signal smtplib socket
+socketserver sqlite3 ssl stat statistics string struct subprocess symtable sys tarfile
+tempfile textwrap threading time timeit token tokenize trace traceback types typing unicodedata
+unittest urllib.parse urllib.request uuid warnings wave weakref xml.dom xml.etree.ElementTree
+zipfile zlib
+""".split())
+
+
+def embedded_documents() -> list[tuple[str, str]]:
+    """``(title, text)`` pairs: pydoc's topics and the docstrings of ``STDLIB_MODULES``."""
+    from pydoc_data.topics import topics
+
+    docs = [(f"topic:{name}", text) for name, text in sorted(topics.items())]
+    for modname in STDLIB_MODULES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:  # a minimal Python without e.g. sqlite3 or ssl
+                continue
+        parts = []
+        if mod.__doc__:
+            parts.append(inspect.cleandoc(mod.__doc__))
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80:
+                parts.append(f"{modname}.{name}\n\n{doc}")
+        if parts:
+            docs.append((f"module:{modname}", "\n\n".join(parts)))
+    return docs
+
+
+def chunk_document(text: str, max_chars: int, min_chars: int) -> list[str]:
+    """Pack a document's paragraphs greedily into chunks of at most ``max_chars`` characters."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    chunks, cur = [], ""
+    for p in paragraphs:
+        p = p[:max_chars]
+        if cur and len(cur) + 2 + len(p) > max_chars:
+            chunks.append(cur)
+            cur = p
+        else:
+            cur = f"{cur}\n\n{p}" if cur else p
+    if cur:
+        chunks.append(cur)
+    return [c for c in chunks if len(c) >= min_chars]
+
+
+def split_of(title: str, fractions: dict[str, float]) -> str:
+    """Deterministic split of a document from the hash of its title (no leakage of chunks)."""
+    u = int(hashlib.sha256(title.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    acc = 0.0
+    for name in SPLITS:
+        acc += fractions[name]
+        if u < acc:
+            return name
+    return SPLITS[-1]
+
+
+def _records_from_documents(docs: Iterable[tuple[str, str]], spec: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    group = spec.get("group_chunks", 4)
+    for title, text in docs:
+        for i, chunk in enumerate(chunk_document(text, spec["max_chars"], spec["min_chars"])):
+            # Neighbouring chunks of a document stay in one split; long documents still spread.
+            split = split_of(f"{title}#{i // group}", spec["fractions"])
+            out[split].append({"id": f"{title}#{i}", "text": chunk})
+    return out
+
+
+def _hf_records(spec: dict) -> dict[str, list[dict]]:
+    import datasets
+
+    out: dict[str, list[dict]] = {}
+    for split, hf_split in spec["hf_splits"].items():
+        try:
+            ds = datasets.load_dataset(spec["path"], spec.get("name"), split=hf_split,
+                                       revision=spec.get("revision"))
+        except Exception as e:  # noqa: BLE001 - re-raised with the config key that caused it
+            raise RuntimeError(
+                f"corpus {spec['path']!r} (config corpora.*.path), split {hf_split!r}: could not be "
+                f"loaded ({type(e).__name__}: {e}). It needs the Hugging Face hub or a local "
+                f"datasets cache (HF_DATASETS_OFFLINE=1 uses the cache only).") from e
+        field = spec.get("text_field", "text")
+        rows = [r[field] for r in ds]
+        if spec.get("keep_empty", False):
+            out[split] = [{"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows)]
+        else:
+            out[split] = [{"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows)
+                          if len(t.strip()) >= spec["min_chars"]]
+    return out
+
+
+def build_corpus(spec: dict, out_dir: str | Path) -> dict:
+    """Materialise a corpus described by a ``corpora.<name>`` config entry into ``out_dir``."""
+    out_dir = Path(out_dir)
+    source = spec["source"]
+    if source == "embedded":
+        records = _records_from_documents(embedded_documents(), spec)
+    elif source == "text":
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"corpora.*.path: {path} is not a readable text file")
+        text = path.read_text(encoding="utf-8")
+        docs = [(f"{path.name}:{i}", d) for i, d in enumerate(re.split(r"\n\s*\n\s*\n", text))]
+        records = _records_from_documents(docs, spec)
+    elif source == "hf":
+        records = _hf_records(spec)
+    else:
+        raise ValueError(f"corpora.*.source: expected one of embedded, text, hf; got {source!r}")
+
+    manifest = {"source": source, "splits": {}}
+    for split in SPLITS:
+        recs = records.get(split, [])
+        with atomic_path(out_dir / f"{split}.jsonl") as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in recs:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        texts = [r["text"] for r in recs]
+        manifest["splits"][split] = {"records": len(recs), "chars": sum(map(len, texts)),
+                                     "sha256": sha256_of_strings(texts)}
+        log.info("corpus split %s: %d records, %d chars", split, len(recs), sum(map(len, texts)))
+    manifest["sha256"] = sha256_of_strings([v["sha256"] for v in manifest["splits"].values()])
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Texts of one JSONL split file."""
+    path = Path(path)
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from None
+    return texts

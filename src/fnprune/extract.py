@@ -1,0 +1,209 @@
+"""The calibration pass: one hooked forward pass per calibration batch.
+
+For every block it writes the MLP signals (``act(gate)`` then ``up``, one column per signal,
+one row per non-padding token) to a per-layer ``.npy`` shard, and accumulates in the same pass
+every statistic a later stage needs (``down_proj`` and ``o_proj`` input sums and sums of
+squares), so no stage runs a second forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import adapters as A
+from .io import save_npz
+
+log = logging.getLogger(__name__)
+
+
+def make_batches(texts: list[str], batch_size: int, n_batches: int, seed: int) -> list[list[str]]:
+    """Draw ``n_batches`` disjoint batches of ``batch_size`` texts (seeded shuffle)."""
+    need = batch_size * n_batches
+    if batch_size < 1 or n_batches < 1:
+        raise ValueError(f"calibration.batch_size and calibration.n_batches must be >= 1; "
+                         f"got {batch_size} and {n_batches}")
+    if len(texts) < need:
+        raise ValueError(f"calibration split has {len(texts)} texts; calibration.batch_size x "
+                         f"calibration.n_batches = {batch_size} x {n_batches} = {need} needed")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return [[texts[i] for i in order[b * batch_size:(b + 1) * batch_size]] for b in range(n_batches)]
+
+
+class _Recorder:
+    """Forward hooks on every block's MLP and attention output projection."""
+
+    def __init__(self, model, ad: A.Adapter, shard_dtype: np.dtype):
+        from transformers.activations import ACT2FN
+
+        self.model, self.ad = model, ad
+        self.blocks = A.layers(model, ad)
+        self.valid: torch.Tensor | None = None   # flat indices of non-padding tokens
+        self.row = 0                            # first shard row of the current micro-batch
+        self.shards: list[np.ndarray] = []
+        self.shard_dtype = shard_dtype
+        self.handles = []
+        dev = next(model.parameters()).device
+        self.inter = [A.intermediate_size(b, ad) for b in self.blocks]
+        heads_dim = [A._get(A.attn_of(b, ad), ad.o).in_features for b in self.blocks]
+        self.down_sum = [torch.zeros(i, dtype=torch.float64, device=dev) for i in self.inter]
+        self.down_sumsq = [torch.zeros(i, dtype=torch.float64, device=dev) for i in self.inter]
+        self.o_sum = [torch.zeros(h, dtype=torch.float64, device=dev) for h in heads_dim]
+        self.o_sumsq = [torch.zeros(h, dtype=torch.float64, device=dev) for h in heads_dim]
+        self.fused_act = ACT2FN[getattr(model.config, "hidden_act", "silu")] if ad.fused else None
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.valid)
+
+    def _write(self, layer: int, col0: int, t: torch.Tensor) -> None:
+        rows = self._rows(t)
+        if not torch.isfinite(rows).all():
+            raise FloatingPointError(f"layer {layer}: non-finite MLP activations in the calibration "
+                                     f"pass (overflow in the model dtype? try dtype: float32)")
+        n = rows.shape[0]
+        self.shards[layer][self.row:self.row + n, col0:col0 + rows.shape[1]] = (
+            rows.to("cpu", torch.float32).numpy().astype(self.shard_dtype, copy=False))
+
+    def attach(self, shards: list[np.ndarray]) -> None:
+        self.shards = shards
+        ad = self.ad
+        for i, block in enumerate(self.blocks):
+            mlp = A.mlp_of(block, ad)
+            inter = self.inter[i]
+            if ad.fused:
+                def gate_up_hook(mod, inp, out, i=i, inter=inter):
+                    self._write(i, 0, self.fused_act(out[..., :inter]))
+                    self._write(i, inter, out[..., inter:])
+                self.handles.append(A._get(mlp, ad.gate_up).register_forward_hook(gate_up_hook))
+            else:
+                def act_hook(mod, inp, out, i=i):
+                    self._write(i, 0, out)
+
+                def up_hook(mod, inp, out, i=i, inter=inter):
+                    self._write(i, inter, out)
+                self.handles.append(A._get(mlp, ad.act).register_forward_hook(act_hook))
+                self.handles.append(A._get(mlp, ad.up).register_forward_hook(up_hook))
+
+            def down_pre(mod, args, i=i):
+                x = self._rows(args[0]).double()
+                self.down_sum[i] += x.sum(0)
+                self.down_sumsq[i] += (x * x).sum(0)
+
+            def o_pre(mod, args, i=i):
+                x = self._rows(args[0]).double()
+                self.o_sum[i] += x.sum(0)
+                self.o_sumsq[i] += (x * x).sum(0)
+            self.handles.append(A._get(mlp, ad.down).register_forward_pre_hook(down_pre))
+            self.handles.append(A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(o_pre))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+    return [ids for ids in enc["input_ids"] if len(ids) > 0]
+
+
+@torch.no_grad()
+def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Path],
+                  stats_path: str | Path, max_length: int, micro_batch_size: int = 8,
+                  shard_dtype: str = "float16") -> dict:
+    """Run one calibration batch through ``model``; write per-layer shards and the stats file.
+
+    ``shard_paths[l]`` receives a (tokens x 2*intermediate) array: columns ``[0, I)`` are
+    ``act(gate)`` and ``[I, 2I)`` are ``up`` of layer ``l``. Padding positions are excluded.
+    Shards are memory-mapped files filled micro-batch by micro-batch, so host memory stays
+    bounded by one micro-batch; each is renamed into place only when complete.
+    """
+    t0 = time.time()
+    ad = A.adapter_for(model)
+    blocks = A.layers(model, ad)
+    if len(shard_paths) != len(blocks):
+        raise ValueError(f"{len(shard_paths)} shard paths for a model with {len(blocks)} layers; "
+                         f"check models.*.num_layers in the config")
+    seqs = tokenize_batch(tokenizer, texts, max_length)
+    n_tokens = sum(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    rec = _Recorder(model, ad, np.dtype(shard_dtype))
+    tmp_paths = [Path(p).with_name(f".{Path(p).name}.tmp.npy") for p in shard_paths]
+    for p in tmp_paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    shards = [np.lib.format.open_memmap(p, mode="w+", dtype=shard_dtype, shape=(n_tokens, 2 * i))
+              for p, i in zip(tmp_paths, rec.inter)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    try:
+        rec.attach(shards)
+        for start in tqdm(range(0, len(seqs), micro_batch_size), desc="extract", mininterval=5):
+            chunk = seqs[start:start + micro_batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            rec.valid = mask.flatten().nonzero().squeeze(1).to(device)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            rec.row += int(mask.sum())
+        for s in shards:
+            s.flush()
+        del shards
+        rec.shards = []
+        for tmp, final in zip(tmp_paths, shard_paths):
+            os.replace(tmp, final)
+    finally:
+        rec.detach()
+        for p in tmp_paths:
+            if p.exists():
+                p.unlink()
+
+    stats = {
+        "n_tokens": np.array(n_tokens),
+        "down_sum": _stack(rec.down_sum), "down_sumsq": _stack(rec.down_sumsq),
+        "o_sum": _stack(rec.o_sum), "o_sumsq": _stack(rec.o_sumsq),
+        "wall_s": np.array(time.time() - t0),
+    }
+    save_npz(stats_path, **stats)
+    log.info("batch: %d texts, %d tokens, %d layers in %.1f s", len(seqs), n_tokens, len(blocks),
+             time.time() - t0)
+    return {"n_texts": len(seqs), "n_tokens": n_tokens, "wall_s": time.time() - t0}
+
+
+def _stack(xs: list[torch.Tensor]) -> np.ndarray:
+    """Per-layer vectors as one (layers x width) array, or an object array if widths differ."""
+    arrs = [x.cpu().numpy() for x in xs]
+    if len({a.shape for a in arrs}) == 1:
+        return np.stack(arrs)
+    out = np.empty(len(arrs), dtype=object)
+    out[:] = arrs
+    return out
+
+
+def load_stats(paths: list[str | Path]) -> dict[str, np.ndarray]:
+    """Sum the per-batch statistics files; return means, variances and squared norms."""
+    tot: dict[str, np.ndarray] = {}
+    for p in paths:
+        try:
+            with np.load(p) as z:
+                for k in ("n_tokens", "down_sum", "down_sumsq", "o_sum", "o_sumsq"):
+                    tot[k] = tot.get(k, 0) + z[k]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{p}: unreadable calibration statistics ({e}); delete it and rerun "
+                             f"the extraction of that batch") from None
+    n = float(tot["n_tokens"])
+    out = {"n_tokens": n}
+    for m in ("down", "o"):
+        mean = tot[f"{m}_sum"] / n
+        out[f"{m}_mean"] = mean
+        out[f"{m}_sqnorm"] = tot[f"{m}_sumsq"]
+        out[f"{m}_var"] = np.maximum(tot[f"{m}_sumsq"] / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    return out

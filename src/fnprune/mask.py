@@ -1,0 +1,140 @@
+"""From scores to kept neurons: the union over batches, protected layers and the ratio search.
+
+The pruning ratio is FLAP's: the fraction of transformer-block parameters removed. A mask is a
+plain dict (written as JSON) holding the kept neuron indices of every layer, the threshold and
+the achieved ratios; pruning, baselines and reports all read that one format.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .io import versions
+
+log = logging.getLogger(__name__)
+
+
+def union_neuron_scores(score_files: list[str | Path], skip: set[int] | None = None) -> tuple[list[np.ndarray], dict]:
+    """Neuron scores of the union mask: max over batches, and over a neuron's gate and up signals.
+
+    A neuron kept by any batch (score > T in any batch) is kept by the union, so thresholding
+    these maxima at ``T`` is exactly the OR of the per-batch masks.
+    """
+    best: np.ndarray | None = None
+    converged, n_iter, wall = [], [], 0.0
+    used = []
+    for b, path in enumerate(score_files):
+        if skip and b in skip:
+            continue
+        try:
+            with np.load(path) as z:
+                s, conv, it, w = z["scores"], z["converged"], z["n_iter"], float(z["wall_s"].sum())
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable ICA scores ({e}); delete it and rerun its ICA job") from None
+        if not np.isfinite(s).all():
+            raise ValueError(f"{path}: ICA scores hold NaN or inf")
+        inter = s.shape[1] // 2
+        neuron = np.maximum(s[:, :inter], s[:, inter:])
+        best = neuron if best is None else np.maximum(best, neuron)
+        converged.append(conv.tolist())
+        n_iter.append(it.tolist())
+        wall += w
+        used.append(b)
+    if best is None:
+        raise ValueError("no ICA score files to build a mask from")
+    info = {"batches_used": used, "converged": converged, "n_iter": n_iter, "ica_wall_s": wall,
+            "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float)))}
+    return list(best), info
+
+
+def n_to_drop(ratio: float, block_params: int, neuron_params: int) -> int:
+    """Neurons to remove so that ``ratio`` of the block parameters go (nearest whole neuron)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"pruning ratio must be in (0, 1); got {ratio}")
+    return int(round(ratio * block_params / neuron_params))
+
+
+def prunable_layers(n_layers: int, protect_first: int, protect_last: int) -> list[bool]:
+    if protect_first + protect_last >= n_layers:
+        raise ValueError(f"protect_first={protect_first} + protect_last={protect_last} leaves no "
+                         f"prunable layer of {n_layers}")
+    return [protect_first <= i < n_layers - protect_last for i in range(n_layers)]
+
+
+def _check_reachable(n_drop: int, sizes: list[int], prunable: list[bool], min_keep: int, ratio: float) -> None:
+    available = sum(s - min_keep for s, p in zip(sizes, prunable) if p)
+    if n_drop > available:
+        raise ValueError(f"ratio {ratio} needs {n_drop} MLP neurons removed but the prunable layers "
+                         f"hold only {available} removable ones (min_keep_per_layer={min_keep}); lower "
+                         f"the ratio or protect fewer layers (protect_first / protect_last)")
+
+
+def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float,
+                  min_keep: int = 1) -> tuple[list[np.ndarray], float]:
+    """Drop the ``n_drop`` lowest-scoring neurons over all prunable layers (one threshold ``T``).
+
+    Returns the kept indices per layer and ``T``: every kept prunable neuron scores above it,
+    every dropped one at or below. Searching ``T`` over sorted scores hits the requested count
+    exactly. The ``min_keep`` best neurons of each layer are always kept, so no layer is emptied.
+    """
+    sizes = [len(s) for s in scores]
+    _check_reachable(n_drop, sizes, prunable, min_keep, ratio)
+    cand_layer, cand_idx, cand_score = [], [], []
+    for layer, (s, p) in enumerate(zip(scores, prunable)):
+        if not p:
+            continue
+        order = np.argsort(-s, kind="stable")
+        rest = order[min_keep:]
+        cand_layer.append(np.full(len(rest), layer))
+        cand_idx.append(rest)
+        cand_score.append(s[rest])
+    cl, ci, cs = map(np.concatenate, (cand_layer, cand_idx, cand_score))
+    order = np.argsort(cs, kind="stable")
+    drop = order[:n_drop]
+    dropped = [set() for _ in scores]
+    for layer, idx in zip(cl[drop], ci[drop]):
+        dropped[layer].add(int(idx))
+    kept = [np.array(sorted(set(range(n)) - d), dtype=np.int64) for n, d in zip(sizes, dropped)]
+    lo = float(cs[order[n_drop - 1]]) if n_drop > 0 else float("-inf")
+    hi = float(cs[order[n_drop]]) if n_drop < len(cs) else float("inf")
+    threshold = (lo + hi) / 2 if np.isfinite(lo) and np.isfinite(hi) else (lo if np.isfinite(lo) else hi)
+    return kept, threshold
+
+
+def select_uniform(scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float,
+                   min_keep: int = 1) -> list[np.ndarray]:
+    """Drop the same number of lowest-scoring neurons from every prunable layer."""
+    sizes = [len(s) for s in scores]
+    _check_reachable(n_drop, sizes, prunable, min_keep, ratio)
+    layers = [i for i, p in enumerate(prunable) if p]
+    per = [n_drop // len(layers) + (1 if j < n_drop % len(layers) else 0) for j in range(len(layers))]
+    kept = [np.arange(n, dtype=np.int64) for n in sizes]
+    for layer, d in zip(layers, per):
+        if d > sizes[layer] - min_keep:
+            raise ValueError(f"layer {layer}: uniform pruning would leave fewer than "
+                             f"min_keep_per_layer={min_keep} neurons; lower the ratio")
+        order = np.argsort(scores[layer], kind="stable")
+        kept[layer] = np.sort(order[d:])
+    return kept
+
+
+def describe_mask(kept: list[np.ndarray], sizes: list[int], block_params: int, total_params: int,
+                  neuron_params: int, **fields) -> dict:
+    """The mask record: kept indices, counts and achieved ratios (block and whole model)."""
+    removed = sum(n - len(k) for n, k in zip(sizes, kept)) * neuron_params
+    removed += fields.pop("removed_other_params", 0)
+    rec = dict(fields)
+    rec.update({
+        "intermediate_sizes": list(sizes),
+        "kept_counts": [len(k) for k in kept],
+        "removed_block_params": int(removed),
+        "block_params": int(block_params),
+        "achieved_block_ratio": removed / block_params,
+        "achieved_total_ratio": removed / total_params,
+        "kept": [k.tolist() for k in kept],
+        "versions": versions(),
+    })
+    return rec

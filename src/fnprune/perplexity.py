@@ -1,0 +1,55 @@
+"""Token perplexity, the FLAP / LLM-Pruner protocol.
+
+The test texts are joined with ``"\\n\\n"``, tokenised once and cut into non-overlapping windows
+of ``seqlen`` tokens (the last partial window is dropped); each window is scored on its own
+and PPL = exp(mean over windows of the window's mean next-token NLL).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "flap_token_ppl"
+
+
+def windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"test text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def token_perplexity(model, tokenizer, texts: list[str], seqlen: int = 128, batch_size: int = 8,
+                     max_windows: int | None = None) -> dict:
+    """FLAP-protocol perplexity of ``model`` on ``texts``; returns the value and its provenance."""
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and seqlen > max_len:
+        raise ValueError(f"perplexity seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
+    t0 = time.time()
+    rows = windows(tokenizer, texts, seqlen)
+    if max_windows:
+        rows = rows[:max_windows]
+    device = next(model.parameters()).device
+    model.eval()
+    nlls = []
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"ppl seqlen={seqlen}", mininterval=5):
+        x = rows[i:i + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                              reduction="none").view(x.shape[0], -1).mean(1)
+        nlls.append(nll.double().cpu())
+    mean_nll = float(torch.cat(nlls).mean())
+    out = {"protocol": PROTOCOL, "seqlen": seqlen, "windows": len(rows), "tokens": int(rows.numel()),
+           "nll": mean_nll, "ppl": math.exp(mean_nll), "wall_s": time.time() - t0}
+    log.info("%s seqlen=%d: %.3f over %d windows", PROTOCOL, seqlen, out["ppl"], len(rows))
+    return out
