@@ -18,7 +18,7 @@ class Adapter:
     layers: str                  # dotted path from the model to the ModuleList of blocks
     mlp: str                     # MLP module, relative to a block
     down: str                    # down projection (input = act(gate) * up), relative to the MLP
-    act: str                     # activation module, relative to the MLP
+    act: str                     # activation, relative to the MLP (hooked only when unfused)
     gate: str | None = None      # separate gate projection, relative to the MLP
     up: str | None = None        # separate up projection, relative to the MLP
     gate_up: str | None = None   # fused [gate; up] projection (first half gate, second half up)
@@ -33,6 +33,7 @@ class Adapter:
     hidden_attr: str = "hidden_size"
     intermediate_attr: str = "intermediate_size"
     n_layers_attr: str = "num_hidden_layers"
+    seq_first: bool = False      # hidden states inside the blocks are (seq, batch, hidden)
 
     @property
     def fused(self) -> bool:
@@ -43,18 +44,20 @@ _LLAMA = Adapter(layers="model.layers", mlp="mlp", gate="gate_proj", up="up_proj
                  down="down_proj", act="act_fn")
 _PHI3 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="down_proj",
                 act="activation_fn", q=None, k=None, v=None, qkv="qkv_proj")
+_GLM4 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="down_proj",
+                act="activation_fn")
 _CHATGLM = Adapter(layers="transformer.encoder.layers", mlp="mlp", gate_up="dense_h_to_4h",
                    down="dense_4h_to_h", act="activation_func", attn="self_attention",
                    q=None, k=None, v=None, qkv="query_key_value", o="dense",
                    n_kv_heads_attr="multi_query_group_num", intermediate_attr="ffn_hidden_size",
-                   n_layers_attr="num_layers")
+                   n_layers_attr="num_layers", seq_first=True)
 
 REGISTRY: dict[str, Adapter] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
     "Phi3ForCausalLM": _PHI3,
-    "Glm4ForCausalLM": _PHI3,
+    "Glm4ForCausalLM": _GLM4,
     "ChatGLMModel": _CHATGLM,
     "ChatGLMForConditionalGeneration": _CHATGLM,
 }
@@ -101,6 +104,11 @@ def mlp_of(block: nn.Module, ad: Adapter) -> nn.Module:
 
 def attn_of(block: nn.Module, ad: Adapter) -> nn.Module:
     return _get(block, ad.attn)
+
+
+def batch_first(t: torch.Tensor, ad: Adapter) -> torch.Tensor:
+    """A block's activation as (batch, seq, ...), whatever order the architecture keeps."""
+    return t.transpose(0, 1) if ad.seq_first else t
 
 
 def intermediate_size(block: nn.Module, ad: Adapter) -> int:

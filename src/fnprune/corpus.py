@@ -121,7 +121,7 @@ def _hf_records(spec: dict) -> dict[str, list[dict]]:
                 f"datasets cache (HF_DATASETS_OFFLINE=1 uses the cache only).") from e
         field = spec.get("text_field", "text")
         rows = [r[field] for r in ds]
-        if spec.get("keep_empty", False):
+        if split == "test" and spec.get("keep_empty_in_test", False):
             out[split] = [{"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows)]
         else:
             out[split] = [{"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows)

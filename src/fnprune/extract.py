@@ -59,6 +59,7 @@ class _Recorder:
         self.fused_act = ACT2FN[getattr(model.config, "hidden_act", "silu")] if ad.fused else None
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        t = A.batch_first(t, self.ad)
         return t.reshape(-1, t.shape[-1]).index_select(0, self.valid)
 
     def _write(self, layer: int, col0: int, t: torch.Tensor) -> None:

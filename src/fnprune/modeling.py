@@ -89,14 +89,20 @@ def shape_info(config) -> dict:
     }
 
 
-def apply_mask(model, mask: dict, down_mean: np.ndarray | list | None = None) -> None:
+def apply_mask(model, mask: dict, down_mean: np.ndarray | list | None = None,
+               o_mean: np.ndarray | list | None = None) -> None:
     """Physically remove the MLP neurons (and attention heads) that ``mask`` drops, in place.
 
     With ``down_mean`` (per layer, the calibration mean of each ``down_proj`` input), the
     dropped neurons' mean contribution is folded into a ``down_proj`` bias (FLAP's bias
-    compensation): ``b = W_down[:, dropped] @ mean[dropped]``.
+    compensation): ``b = W_down[:, dropped] @ mean[dropped]``; ``o_mean`` does the same for the
+    ``o_proj`` inputs of removed attention heads.
     """
     ad = A.adapter_for(model)
+    heads = mask.get("kept_heads")
+    if heads is not None:
+        from .heads import head_geometry
+        head_geometry(model)  # fails now, before any change, on attention it cannot prune
     for layer, (block, keep) in enumerate(zip(A.layers(model, ad), mask["kept"])):
         keep_t = torch.as_tensor(keep, dtype=torch.long)
         inter = A.intermediate_size(block, ad)
@@ -108,10 +114,9 @@ def apply_mask(model, mask: dict, down_mean: np.ndarray | list | None = None) ->
             bias = (w[:, torch.as_tensor(dropped, device=w.device)].double() @ mean).to(w.dtype)
         if len(keep) < inter or bias is not None:
             A.prune_mlp(block, ad, keep_t, bias)
-    heads = mask.get("kept_heads")
     if heads is not None:
         from .heads import prune_heads
-        prune_heads(model, heads)
+        prune_heads(model, heads, o_mean=o_mean)
 
 
 def layout_of(model) -> dict:
@@ -187,7 +192,7 @@ def load_pruned(path: str | Path, dtype: str | None = None, device: str = "auto"
 def _materialise_buffers(model, cfg) -> None:
     """Buffers that are not saved (rotary inverse frequencies) are rebuilt off the meta device."""
     for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
+        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers()):
             parent, _, attr = name.rpartition(".")
             with torch.device("cpu"):
                 fresh = type(module)(module.config)

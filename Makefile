@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` (the main job on the embedded default) and
+# `make test`. Both create the virtual environment when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+REQUIREMENTS ?= envs/requirements-cpu.txt
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast venv lint clean-results
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: $(REQUIREMENTS) envs/requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r $(REQUIREMENTS)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: venv
+	$(BIN)/snakemake --cores $(CORES) results/tiny_r20_c16/metrics.json
+
+test: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/snakemake --lint
+
+clean-results:
+	rm -rf results .snakemake

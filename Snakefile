@@ -1,0 +1,29 @@
+# fnprune: structured pruning of LLMs by preserving functional networks (arXiv 2508.05239).
+# This file only wires: configuration, schema validation, the rule modules and named targets.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/ica.smk"
+include: "workflow/rules/mask.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets,
+    default_target: True
+
+
+rule comparison:
+    input:
+        comparison_tables,

@@ -1,0 +1,345 @@
+"""Evaluation with lm-evaluation-harness: embedded tasks built from held-out text, hub tasks.
+
+The embedded tasks need no network: ``fnprune_mc`` (pick a passage's true continuation among
+four, the others being continuations of other passages) and ``fnprune_ppl`` (document-level
+rolling log-likelihood, as lm-eval's ``wikitext``). Hub tasks (``wikitext``, the zero-shot
+suite) run through the same call, :func:`run_lm_eval`, on a model object.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+from .io import atomic_path, sha256_of_strings, write_json
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+HUB_TASKS = (*ZERO_SHOT_TASKS, "wikitext")
+MC_TASK, PPL_TASK = "fnprune_mc", "fnprune_ppl"
+TEMPLATES = Path(__file__).parent / "tasks"
+
+_CUT = re.compile(r"(?<=\S) (?=\S)")
+_CHUNK_ID = re.compile(r"(.*)#(\d+)")
+
+
+class TaskUnavailableError(RuntimeError):
+    """An lm-eval task whose dataset could not be loaded."""
+
+
+def _read_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                records.append({"id": str(rec["id"]), "text": rec["text"]})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'id' and 'text' ({e})") from None
+    return records
+
+
+def _last_cut(cuts: list[int], lo: int, hi: int) -> int | None:
+    """The last word boundary in ``(lo, hi]``."""
+    i = bisect.bisect_right(cuts, hi) - 1
+    return cuts[i] if i >= 0 and cuts[i] > lo else None
+
+
+def passage_windows(text: str, passage_chars: int, continuation_chars: int) -> list[tuple[str, str]]:
+    """Consecutive ``(context, continuation)`` pairs of a text, both cut at single spaces."""
+    cuts = [m.start() for m in _CUT.finditer(text)]
+    out, start = [], 0
+    while True:
+        a = _last_cut(cuts, start + passage_chars // 2, start + passage_chars)
+        if a is None:
+            return out
+        b = _last_cut(cuts, a + 1 + continuation_chars // 2, a + 1 + continuation_chars)
+        if b is None:
+            return out
+        out.append((text[start:a], text[a + 1:b]))
+        start = b + 1
+
+
+def _passages(records: Iterable[dict], passage_chars: int, continuation_chars: int) -> list[dict]:
+    seen: set[str] = set()
+    out = []
+    for rec in records:
+        for k, (context, gold) in enumerate(passage_windows(rec["text"], passage_chars, continuation_chars)):
+            if gold not in seen:
+                seen.add(gold)
+                out.append({"id": f"{rec['id']}@{k}", "source": rec["id"], "context": context, "gold": gold})
+    return out
+
+
+def mc_items(passages: list[dict], n_choices: int, n_items: int | None, seed: int) -> list[dict]:
+    """Multiple-choice items; the distractors are the continuations of passages of other records."""
+    rng = np.random.default_rng(seed)
+    chosen = range(len(passages))
+    if n_items is not None and n_items < len(passages):
+        chosen = sorted(rng.choice(len(passages), size=n_items, replace=False).tolist())
+    items = []
+    for i in chosen:
+        p = passages[i]
+        others = [j for j, q in enumerate(passages) if q["source"] != p["source"]]
+        if len(others) < n_choices - 1:
+            raise ValueError(f"passage {p['id']}: only {len(others)} passages of other records, "
+                             f"{n_choices - 1} distractors needed; give more held-out text")
+        picked = [passages[j] for j in rng.choice(others, size=n_choices - 1, replace=False).tolist()]
+        label = int(rng.integers(n_choices))
+        picked.insert(label, p)
+        items.append({"id": p["id"], "context": p["context"], "choices": [q["gold"] for q in picked],
+                      "label": label, "sources": [q["source"] for q in picked]})
+    return items
+
+
+def ppl_documents(records: Iterable[dict]) -> list[dict]:
+    """Records joined back into documents: consecutive chunks ``<doc>#<i>`` of one document."""
+    docs: list[dict] = []
+    last: tuple[str, int] | None = None
+    for rec in records:
+        m = _CHUNK_ID.fullmatch(rec["id"])
+        key = (m.group(1), int(m.group(2))) if m else None
+        if key and last and key == (last[0], last[1] + 1):
+            docs[-1]["text"] += "\n\n" + rec["text"]
+        else:
+            docs.append({"id": key[0] if key else rec["id"], "text": rec["text"]})
+        last = key
+    return docs
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_task_yaml(name: str, data: Path, out_dir: Path) -> Path:
+    cfg = yaml.safe_load((TEMPLATES / f"{name}.yaml").read_text())
+    cfg["dataset_kwargs"] = {"data_files": {"test": str(data.resolve())}}
+    path = out_dir / f"{name}.yaml"
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def write_embedded_tasks(test_jsonl: str | Path, validation_jsonl: str | Path, out_dir: str | Path,
+                         seed: int = 0, n_choices: int = 4, passage_chars: int = 384,
+                         continuation_chars: int = 48, n_items: int | None = None) -> dict:
+    """Write the data and lm-eval YAMLs of ``fnprune_mc`` and ``fnprune_ppl`` into ``out_dir``.
+
+    Multiple-choice passages come from the validation and test splits (windows of
+    ``passage_chars`` context and ``continuation_chars`` continuation); perplexity documents
+    from the test split only. Returns the paths, item counts and sha256 of the data.
+    """
+    if n_choices < 2:
+        raise ValueError(f"n_choices={n_choices}: need at least 2")
+    out_dir = Path(out_dir).resolve()
+    test, validation = _read_records(test_jsonl), _read_records(validation_jsonl)
+    items = mc_items(_passages(validation + test, passage_chars, continuation_chars), n_choices, n_items, seed)
+    if not items:
+        raise ValueError(f"{test_jsonl}, {validation_jsonl}: no passage of {passage_chars}+"
+                         f"{continuation_chars} characters; lower passage_chars")
+    docs = ppl_documents(test)
+    if not docs:
+        raise ValueError(f"{test_jsonl}: empty test split, nothing to compute perplexity on")
+    info: dict[str, Any] = {"dir": str(out_dir), "seed": seed, "tasks": {}}
+    for name, rows in ((MC_TASK, items), (PPL_TASK, docs)):
+        data = out_dir / f"{name}.jsonl"
+        sha = _write_jsonl(data, rows)
+        info["tasks"][name] = {"yaml": str(_write_task_yaml(name, data, out_dir)), "data": str(data),
+                               "items": len(rows), "sha256": sha}
+    info["tasks"][MC_TASK].update(n_choices=n_choices, passage_chars=passage_chars,
+                                  continuation_chars=continuation_chars)
+    info["sha256"] = sha256_of_strings([t["sha256"] for t in info["tasks"].values()])
+    write_json(out_dir / "manifest.json", info)
+    log.info("embedded tasks in %s: %d multiple-choice items, %d perplexity documents",
+             out_dir, len(items), len(docs))
+    return info
+
+
+def _local_task_names(include_path: str | Path | None) -> set[str]:
+    if include_path is None:
+        return set()
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=str(include_path), include_defaults=False).all_tasks)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_task_names() -> frozenset[str]:
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
+def _check_names(names: Sequence[str], known: set[str] | frozenset[str], include_path: str | Path | None) -> None:
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    hints = []
+    for n in unknown:
+        close = difflib.get_close_matches(n, known, n=3, cutoff=0.6)
+        hints.append(f"{n!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    where = f" or in {include_path}" if include_path else ""
+    raise ValueError(f"unknown lm-eval task(s): {'; '.join(hints)}. Not in lm-eval's task registry{where}.")
+
+
+def _check_list(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"tasks: expected a non-empty list of lm-eval task names, got {names!r}")
+    return list(names)
+
+
+def validate_task_names(names: Sequence[str], include_path: str | Path | None = None) -> None:
+    """Raise ``ValueError`` naming every task lm-eval does not know, with close matches."""
+    names = _check_list(names)
+    local = _local_task_names(include_path)
+    if not set(names) <= local:
+        _check_names(names, local | _default_task_names(), include_path)
+
+
+def _task_manager(names: Sequence[str], include_path: str | Path | None):
+    """lm-eval's own tasks are indexed (seconds) only when a name needs them."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    _check_names(names, set(manager.all_tasks), include_path)
+    return manager
+
+
+def _unavailable(name: str, err: Exception) -> TaskUnavailableError:
+    import datasets
+
+    offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
+    how = (f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set, so only the local "
+           f"datasets cache ({datasets.config.HF_DATASETS_CACHE}) is used. " if offline else "")
+    return TaskUnavailableError(
+        f"lm-eval task {name!r} is unavailable: its dataset could not be loaded "
+        f"({type(err).__name__}: {err}). {how}To make it available, run once with the Hugging Face "
+        f"hub reachable (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0) to fill the datasets cache, or copy "
+        f"a filled cache to HF_HOME on this machine; or drop {name!r} from the task list "
+        f"(the embedded tasks {MC_TASK} and {PPL_TASK} need no network).")
+
+
+def _load_tasks(manager, names: Sequence[str]) -> list:
+    """Task (and group) objects, each loaded alone so a failure names its task."""
+    objs: list = []
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except Exception as e:  # noqa: BLE001 - re-raised naming the task
+            raise _unavailable(name, e) from e
+        groups = loaded.get("groups") or {}
+        objs.extend([groups[name]] if name in groups else loaded["tasks"].values())
+    return objs
+
+
+def _jsonable(obj: Any) -> Any:
+    """lm-eval's results as plain JSON: callables by name, non-finite floats as null."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    return str(obj)
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float, np.number)) and not isinstance(x, bool) else None
+
+
+def task_metrics(task_results: dict) -> dict[str, dict]:
+    """``{metric: {"value", "stderr"}}`` from one task's entry of lm-eval's ``results``."""
+    out = {}
+    for key, value in task_results.items():
+        metric, _, filt = key.partition(",")
+        if not filt or metric.endswith("_stderr") or _number(value) is None:
+            continue
+        name = metric if filt == "none" else key
+        out[name] = {"value": _number(value), "stderr": _number(task_results.get(f"{metric}_stderr,{filt}"))}
+    return out
+
+
+def summarise(raw: dict, expected: Iterable[str]) -> dict:
+    """Metrics per task, the mean accuracy and versions; every expected task must be present."""
+    results = raw.get("results", {})
+    missing = [t for t in expected if t not in results]
+    if missing:
+        raise RuntimeError(f"lm-eval returned no results for task(s) {', '.join(missing)}")
+    tasks = {t: task_metrics(r) for t, r in results.items()}
+    acc_tasks = [t for t in expected if "acc" in tasks[t]]
+    return {
+        "tasks": tasks,
+        "mean_acc": float(np.mean([tasks[t]["acc"]["value"] for t in acc_tasks])) if acc_tasks else None,
+        "mean_acc_tasks": acc_tasks,
+        "n_samples": {t: n.get("effective") for t, n in raw.get("n-samples", {}).items()},
+        "versions": {"lm_eval": metadata.version("lm_eval"),
+                     "tasks": {t: _jsonable(v) for t, v in raw.get("versions", {}).items()}},
+    }
+
+
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, batch_size: int | str = "auto",
+                limit: int | float | None = None, include_path: str | Path | None = None,
+                raw_out: str | Path | None = None, device: str | None = None,
+                max_batch_size: int | None = None, max_length: int | None = None) -> dict:
+    """Evaluate a model object on lm-eval tasks; write lm-eval's raw results to ``raw_out``.
+
+    ``batch_size`` is an int or ``"auto"`` (largest batch up to ``max_batch_size``: 64 on a
+    GPU, 8 on CPU). ``max_length`` defaults to the model's maximum positions.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    t0 = time.time()
+    names = _check_list(tasks)
+    manager = _task_manager(names, include_path)
+    loaded = _load_tasks(manager, names)
+    if device is not None:
+        model = model.to(device)
+    if max_batch_size is None:
+        max_batch_size = 64 if model.device.type == "cuda" else 8
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
+              max_length=max_length)
+    raw = simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
+                          task_manager=manager, log_samples=False, device=str(model.device))
+    if raw is None:
+        raise RuntimeError("lm-eval returned no results (not the main process)")
+    raw = _jsonable(raw)
+    if raw_out is not None:
+        write_json(raw_out, raw)
+    out = summarise(raw, [t.task_name if hasattr(t, "task_name") else t.name for t in loaded])
+    out["config"] = {"num_fewshot": num_fewshot, "batch_size": batch_size,
+                     "batch_sizes": raw.get("config", {}).get("batch_sizes", []),
+                     "max_batch_size": max_batch_size, "max_length": lm.max_length, "limit": limit,
+                     "device": str(model.device)}
+    out["wall_s"] = time.time() - t0
+    log.info("lm-eval %s: mean acc %s in %.0f s", ", ".join(names), out["mean_acc"], out["wall_s"])
+    return out

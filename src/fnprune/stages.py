@@ -1,0 +1,264 @@
+"""One function per workflow stage, called by the thin scripts in ``workflow/scripts/``.
+
+Each takes plain paths and config dicts (never the ``snakemake`` object), so tests and users
+can call a stage directly. Each writes its outputs atomically and records its wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import read_json, setup_logging, versions, write_json
+
+log = logging.getLogger(__name__)
+
+
+def setup(log_file: str | None, threads: int = 1) -> None:
+    """Log to the rule's log file and use exactly the rule's threads."""
+    setup_logging(log_file)
+    torch.set_num_threads(max(1, int(threads)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _load(model_spec: dict, source: str, device: str = "auto"):
+    from .modeling import load_base, load_tokenizer
+
+    kw = dict(revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
+    if model_spec["source"] == "train":
+        kw = {}
+    model = load_base(source, dtype=model_spec["dtype"], device=device, **kw)
+    tok = load_tokenizer(source, **kw)
+    return model, tok
+
+
+def corpus(spec: dict, out_dir: str) -> None:
+    from .corpus import build_corpus
+
+    build_corpus(spec, out_dir)
+
+
+def train(train_split: str, validation_split: str, spec: dict, out_dir: str, seed: int) -> None:
+    from .corpus import read_split
+    from .train import train_embedded_model
+
+    train_embedded_model(read_split(train_split), read_split(validation_split), spec, out_dir, seed)
+
+
+def calibration_batches(calib_split: str, spec: dict, seed: int, out: str) -> None:
+    from .corpus import read_split
+    from .extract import make_batches
+    from .io import sha256_of_strings
+
+    batches = make_batches(read_split(calib_split), spec["batch_size"], spec["n_batches"], seed)
+    write_json(out, {"seed": seed, "batch_size": spec["batch_size"], "n_batches": spec["n_batches"],
+                     "sha256": sha256_of_strings([t for b in batches for t in b]), "batches": batches})
+
+
+def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: str, stats: str,
+            device: str = "auto") -> None:
+    from .io import atomic_dir
+    from .extract import extract_batch
+
+    spec = model_spec["calibration"]
+    texts = read_json(batches)["batches"][batch]
+    model, tok = _load(model_spec, source, device)
+    n_layers = model_spec["num_layers"]
+    with atomic_dir(shard_dir) as tmp:
+        paths = [tmp / f"L{layer}.npy" for layer in range(n_layers)]
+        extract_batch(model, tok, texts, paths, stats, spec["max_length"], spec["micro_batch_size"],
+                      spec["shard_dtype"])
+
+
+def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str) -> None:
+    from .ica import ica_batch
+    from .io import save_npz
+    from .modeling import resolve_device
+
+    paths = [Path(shard_dir) / f"L{layer}.npy" for layer in range(n_layers)]
+    res = ica_batch(paths, k, backend, seed, ica_spec["max_iter"], ica_spec["tol"],
+                    resolve_device(ica_spec["device"]))
+    save_npz(out, **res, k=np.array(k), seed=np.array(seed))
+
+
+def _shape(model_spec: dict, source: str) -> dict:
+    from .modeling import load_config, shape_info
+
+    kw = {} if model_spec["source"] == "train" else dict(
+        revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
+    info = shape_info(load_config(source, **kw))
+    if info["n_layers"] != model_spec["num_layers"]:
+        raise ValueError(f"models.*.num_layers is {model_spec['num_layers']} but {source} has "
+                         f"{info['n_layers']} layers")
+    return info
+
+
+def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float, k: int,
+             backend: str, out: str) -> None:
+    from .mask import describe_mask, n_to_drop, prunable_layers, select_global, union_neuron_scores
+
+    t0 = time.time()
+    info = _shape(model_spec, source)
+    scores, ica_info = union_neuron_scores(score_files)
+    prunable = prunable_layers(info["n_layers"], model_spec["protect_first"], model_spec["protect_last"])
+    n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
+    kept, threshold = select_global(scores, prunable, n_drop, ratio, model_spec["min_keep_per_layer"])
+    rec = describe_mask(kept, info["intermediate_sizes"], info["block_params"], info["total_params"],
+                        info["neuron_params"], method=f"c{k}_{backend}", kind="ica", k=k, backend=backend,
+                        ratio_requested=ratio, threshold=threshold, n_drop=n_drop, prunable=prunable,
+                        ica=ica_info)
+    rec["wall_s"] = time.time() - t0
+    write_json(out, rec)
+    log.info("T=%.4f keeps %s neurons per layer; achieved block ratio %.4f", threshold,
+             rec["kept_counts"], rec["achieved_block_ratio"])
+
+
+def baseline_mask(method: str, stats_files: list[str], model_spec: dict, source: str, ratio: float,
+                  seed: int, out: str) -> None:
+    from .baselines import baseline_mask as compute
+    from .extract import load_stats
+
+    t0 = time.time()
+    model, _ = _load(model_spec, source, device="cpu")
+    rec = compute(method, model, load_stats(stats_files), ratio, model_spec["protect_first"],
+                  model_spec["protect_last"], seed, model_spec["min_keep_per_layer"])
+    rec["wall_s"] = time.time() - t0
+    write_json(out, rec)
+
+
+def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias: bool, target: str,
+          out_dir: str, device: str = "auto") -> None:
+    from .extract import load_stats
+    from .modeling import apply_mask, save_pruned
+
+    t0 = time.time()
+    rec = read_json(mask)
+    model, tok = _load(model_spec, source, device)
+    stats = load_stats(stats_files) if (bias or stats_files) else None
+    down_mean = stats["down_mean"] if bias else None
+    o_mean = stats["o_mean"] if bias else None
+    apply_mask(model, rec, down_mean=down_mean, o_mean=o_mean)
+    sidecar = {
+        "target": target,
+        "source_model": model_spec.get("hf_id", source),
+        "source_revision": model_spec.get("revision"),
+        "trust_remote_code": model_spec.get("trust_remote_code", False),
+        "method": rec["method"], "k": rec.get("k"), "backend": rec.get("backend"),
+        "bias_compensation": bias,
+        "ratio_requested": rec["ratio_requested"],
+        "achieved_block_ratio": rec["achieved_block_ratio"],
+        "threshold": rec.get("threshold"),
+        "seed": rec.get("seed"),
+        "kept": rec["kept"],
+        "kept_heads": rec.get("kept_heads"),
+        "prune_wall_s": time.time() - t0,
+    }
+    save_pruned(model.to("cpu"), tok, out_dir, sidecar)
+
+
+def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out: str, device: str = "auto") -> None:
+    from .corpus import read_split
+    from .perplexity import token_perplexity
+
+    model, tok = _load(model_spec, model_dir_or_source, device)
+    texts = read_split(test_split)
+    ev = model_spec["eval"]
+    results = [token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"]) for seqlen in ev["ppl_seqlens"]]
+    write_json(out, {"results": results, "versions": versions()})
+
+
+def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, out: str, raw_out: str,
+            device: str = "auto") -> None:
+    from .lmeval import run_lm_eval
+
+    model, tok = _load(model_spec, model_dir_or_source, device)
+    ev = model_spec["eval"]
+    res = run_lm_eval(model, tok, ev["lm_eval_tasks"], num_fewshot=ev["num_fewshot"],
+                      batch_size=ev["lm_eval_batch_size"], limit=ev["lm_eval_limit"],
+                      include_path=tasks_dir, raw_out=raw_out)
+    write_json(out, res)
+
+
+def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: int) -> None:
+    from .lmeval import write_embedded_tasks
+
+    write_embedded_tasks(test_split, validation_split, out_dir, seed=seed)
+
+
+def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm_eval: str | None, out: str,
+            mask: str | None = None, sidecar_dir: str | None = None, batches: str | None = None,
+            stats_files: list[str] = (), training: str | None = None, seed: int = 0) -> None:
+    """Assemble one ``metrics.json`` per target from the stage outputs (no recomputation)."""
+    rec: dict = {"target": target, "model": model, "method": method, "seed": seed,
+                 "source_model": model_spec.get("hf_id", f"trained:{model}")}
+    stages: dict[str, float] = {}
+    if training:
+        tr = read_json(Path(training) / "training.json")
+        rec["base_model"] = {"parameters": tr["parameters"], "validation_ppl": tr["validation_ppl"]}
+        stages["train_model"] = tr["wall_s"]
+    if batches:
+        b = read_json(batches)
+        rec["calibration"] = {"texts": sum(len(x) for x in b["batches"]), "batches": b["n_batches"],
+                              "batch_size": b["batch_size"], "sha256": b["sha256"]}
+    if stats_files:
+        n_tok, ext = 0, 0.0
+        for f in stats_files:
+            with np.load(f) as z:
+                n_tok += int(z["n_tokens"])
+                ext += float(z["wall_s"])
+        rec.setdefault("calibration", {})["tokens"] = n_tok
+        stages["extract"] = ext
+    if mask:
+        m = read_json(mask)
+        rec.update({
+            "ratio_requested": m["ratio_requested"],
+            "achieved_block_ratio": m["achieved_block_ratio"],
+            "achieved_total_ratio": m["achieved_total_ratio"],
+            "threshold": m.get("threshold"),
+            "k": m.get("k"), "backend": m.get("backend"),
+            "kept_neurons_per_layer": m["kept_counts"],
+            "intermediate_sizes": m["intermediate_sizes"],
+            "kept_heads_per_layer": [len(h) for h in m["kept_heads"]] if m.get("kept_heads") else None,
+        })
+        if "ica" in m:
+            rec["ica"] = {k: m["ica"][k] for k in ("batches_used", "nonconverged_fraction", "n_iter")}
+            stages["ica"] = m["ica"]["ica_wall_s"]
+        stages["mask"] = m["wall_s"]
+    else:
+        rec.update({"ratio_requested": 0.0, "achieved_block_ratio": 0.0, "achieved_total_ratio": 0.0})
+    if sidecar_dir:
+        side = read_json(Path(sidecar_dir) / "fnprune.json")
+        rec["bias_compensation"] = side["bias_compensation"]
+        rec["parameters"] = side["parameters"]
+        stages["prune"] = side["prune_wall_s"]
+    p = read_json(ppl)
+    rec["perplexity"] = {f"{r['protocol']}@{r['seqlen']}": r["ppl"] for r in p["results"]}
+    rec["perplexity_detail"] = p["results"]
+    stages["perplexity"] = sum(r["wall_s"] for r in p["results"])
+    if lm_eval:
+        le = read_json(lm_eval)
+        rec["lm_eval"] = le["tasks"]
+        rec["lm_eval_mean_acc"] = le.get("mean_acc")
+        rec["lm_eval_versions"] = le.get("versions")
+        stages["lm_eval"] = le.get("wall_s", math.nan)
+    rec["stage_wall_s"] = stages
+    rec["versions"] = versions()
+    write_json(out, rec)
+
+
+def comparison(metrics_files: list[str], out_md: str, out_csv: str) -> None:
+    from .tables import comparison_table
+
+    rows = [read_json(f) for f in metrics_files]
+    md, csv = comparison_table(rows)
+    from .io import atomic_path
+
+    for path, text in ((out_md, md), (out_csv, csv)):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)

@@ -1,0 +1,175 @@
+"""lm-eval wrapper: embedded tasks, evaluation of a model object, task names, offline failures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fnprune.corpus import chunk_document
+from fnprune.lmeval import (HUB_TASKS, MC_TASK, PPL_TASK, passage_windows, ppl_documents, run_lm_eval,
+                            validate_task_names, write_embedded_tasks)
+from fnprune.train import build_model, train_tokenizer
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "max_position": 256}
+SMALL = {"passage_chars": 160, "continuation_chars": 48}
+
+
+def _records(names: list[str]) -> list[dict]:
+    from pydoc_data.topics import topics
+
+    return [{"id": f"topic:{n}#{i}", "text": c}
+            for n in names for i, c in enumerate(chunk_document(topics[n], 600, 200))]
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    d = tmp_path_factory.mktemp("corpus")
+    return {"test": _write(d / "test.jsonl", _records(names[:6])),
+            "validation": _write(d / "validation.jsonl", _records(names[6:10])),
+            "train": _write(d / "train.jsonl", _records(names[10:40]))}
+
+
+@pytest.fixture(scope="module")
+def tasks(corpus, tmp_path_factory) -> dict:
+    return write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path_factory.mktemp("tasks"),
+                                seed=0, n_items=24, **SMALL)
+
+
+def _jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_windows_cut_at_single_spaces():
+    text = " ".join(f"w{i}" for i in range(200))
+    windows = passage_windows(text, 40, 12)
+    assert len(windows) > 5
+    for context, cont in windows:
+        assert 20 < len(context) <= 40 and 6 < len(cont) <= 12
+        assert f"{context} {cont}" in text and not cont.startswith(" ") and not context.endswith(" ")
+
+
+def test_ppl_documents_join_consecutive_chunks_only():
+    recs = [{"id": "a#0", "text": "x"}, {"id": "a#1", "text": "y"}, {"id": "a#3", "text": "z"},
+            {"id": "test:7", "text": "w"}]
+    assert ppl_documents(recs) == [{"id": "a", "text": "x\n\ny"}, {"id": "a", "text": "z"},
+                                   {"id": "test:7", "text": "w"}]
+
+
+def test_embedded_tasks_deterministic(corpus, tasks, tmp_path):
+    again = write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path / "a", seed=0, n_items=24, **SMALL)
+    other = write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path / "b", seed=1, n_items=24, **SMALL)
+    assert again["sha256"] == tasks["sha256"]
+    assert other["tasks"][MC_TASK]["sha256"] != tasks["tasks"][MC_TASK]["sha256"]
+    assert other["tasks"][PPL_TASK]["sha256"] == tasks["tasks"][PPL_TASK]["sha256"]
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+def test_mc_items_one_gold_distractors_from_other_passages(tasks):
+    items = _jsonl(tasks["tasks"][MC_TASK]["data"])
+    assert len(items) == tasks["tasks"][MC_TASK]["items"] == 24
+    for it in items:
+        assert len(it["choices"]) == 4 == len(set(it["choices"]))
+        own = it["id"].rsplit("@", 1)[0]
+        assert [s == own for s in it["sources"]].count(True) == 1
+        assert it["sources"][it["label"]] == own
+    assert len({it["label"] for it in items}) > 1
+
+
+def test_task_yaml_points_to_data(tasks):
+    import yaml
+
+    for name in (MC_TASK, PPL_TASK):
+        cfg = yaml.safe_load(Path(tasks["tasks"][name]["yaml"]).read_text())
+        assert cfg["task"] == name and cfg["dataset_path"] == "json"
+        data = Path(cfg["dataset_kwargs"]["data_files"]["test"])
+        assert data.is_absolute() and data == Path(tasks["tasks"][name]["data"])
+    docs = _jsonl(tasks["tasks"][PPL_TASK]["data"])
+    assert len(docs) == tasks["tasks"][PPL_TASK]["items"] and all(d["text"] for d in docs)
+
+
+@pytest.fixture(scope="module")
+def tiny(corpus):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tok = train_tokenizer([r["text"] for r in _jsonl(corpus["train"])], 300)
+    return build_model(TINY, tok), tok
+
+
+def test_run_lm_eval_embedded(tiny, tasks, tmp_path):
+    model, tok = tiny
+    raw_out = tmp_path / "raw.json"
+    out = run_lm_eval(model, tok, [MC_TASK, PPL_TASK], batch_size="auto", include_path=tasks["dir"],
+                      raw_out=raw_out)
+    mc, ppl = out["tasks"][MC_TASK], out["tasks"][PPL_TASK]
+    assert set(mc) >= {"acc", "acc_norm"} and 0 <= mc["acc"]["value"] <= 1
+    assert all(math.isfinite(mc[m][k]) for m in ("acc", "acc_norm") for k in ("value", "stderr"))
+    assert set(ppl) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert all(math.isfinite(v["value"]) and v["value"] > 0 for v in ppl.values())
+    assert out["mean_acc"] == mc["acc"]["value"] and out["mean_acc_tasks"] == [MC_TASK]
+    assert out["n_samples"][MC_TASK] == 24
+    assert set(out["versions"]["tasks"]) == {MC_TASK, PPL_TASK} and out["versions"]["lm_eval"]
+    assert out["config"]["num_fewshot"] == 0 and out["config"]["batch_size"] == "auto"
+    assert out["config"]["batch_sizes"] and out["wall_s"] > 0
+
+    def strict(c: str):
+        raise ValueError(c)
+
+    raw = json.loads(raw_out.read_text(), parse_constant=strict)
+    assert raw["results"][MC_TASK]["acc,none"] == mc["acc"]["value"]
+
+
+def test_run_lm_eval_fixed_batch_and_limit(tiny, tasks):
+    model, tok = tiny
+    out = run_lm_eval(model, tok, [MC_TASK], batch_size=4, limit=8, include_path=tasks["dir"])
+    assert out["n_samples"][MC_TASK] == 8 and out["config"]["limit"] == 8
+
+
+def test_hub_task_names_validate():
+    validate_task_names(list(HUB_TASKS))
+
+
+def test_misspelt_task_name_fails():
+    with pytest.raises(ValueError, match="'hellaswg'.*hellaswag"):
+        validate_task_names(["arc_easy", "hellaswg"])
+
+
+def test_embedded_names_validate_without_registry(tasks):
+    validate_task_names([MC_TASK, PPL_TASK], include_path=tasks["dir"])
+    with pytest.raises(ValueError, match="fnprune_mcq"):
+        validate_task_names(["fnprune_mcq"], include_path=tasks["dir"])
+
+
+def test_hub_task_offline_fails_naming_it(tmp_path):
+    script = textwrap.dedent("""
+        from fnprune.lmeval import TaskUnavailableError, run_lm_eval
+        try:
+            run_lm_eval(None, None, ["piqa"])
+        except TaskUnavailableError as e:
+            raise SystemExit(f"UNAVAILABLE {e}")
+    """)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_DATASETS_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "UNAVAILABLE lm-eval task 'piqa'" in proc.stderr
+    assert "HF_DATASETS_OFFLINE=0" in proc.stderr

@@ -1,0 +1,132 @@
+# Helper functions of the workflow: config access, the path grammar and input functions.
+import fnprune.config as fconfig
+
+fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+MODELS = list(config["models"])
+SPLITS = ["train", "calib", "validation", "test"]
+BACKEND = config["ica"]["backend"]
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    corpus="|".join(config["corpora"]),
+    ratio=r"\d+",
+    k=r"\d+",
+    batch=r"\d+",
+    backend="torch|exact|nilearn",
+    baseline="|".join(fconfig.BASELINES),
+    method=fconfig.METHOD_PATTERN,
+    target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
+
+
+def mspec(model):
+    return config["models"][model]
+
+
+def corpus_of(model):
+    return mspec(model)["corpus"]
+
+
+def split_file(corpus, split):
+    return f"results/data/{corpus}/{split}.jsonl"
+
+
+def trained_dir(model):
+    return f"results/models/{model}"
+
+
+def model_input(model):
+    """The model directory as a DAG input when the workflow trains it, else nothing."""
+    return [trained_dir(model)] if mspec(model)["source"] == "train" else []
+
+
+def model_source(model):
+    """What the stages load: the trained directory, a local directory or a hub id."""
+    return trained_dir(model) if mspec(model)["source"] == "train" else mspec(model)["hf_id"]
+
+
+def batch_ids(model):
+    return range(mspec(model)["calibration"]["n_batches"])
+
+
+def stats_files(model):
+    return [f"results/{model}/acts/b{b}.stats.npz" for b in batch_ids(model)]
+
+
+def ica_files(model, backend, k):
+    return [f"results/{model}/ica/{backend}_c{k}/b{b}.npz" for b in batch_ids(model)]
+
+
+def target_info(wildcards):
+    return fconfig.parse_target(wildcards.target, MODELS, BACKEND)
+
+
+def method_info(wildcards):
+    return fconfig.parse_method(wildcards.method, BACKEND)
+
+
+def mask_file(model, ratio, method):
+    return f"results/{model}/masks/r{ratio}_{fconfig.parse_method(method, BACKEND)['selector']}.json"
+
+
+def target_name(model, ratio, method):
+    return f"{model}_dense" if method == "dense" else f"{model}_r{ratio}_{method}"
+
+
+def all_targets(wildcards):
+    t = config["targets"]
+    out = [f"results/{m}_dense/metrics.json" for m in t["models"]]
+    out += [f"results/{target_name(m, r, meth)}/metrics.json"
+            for m in t["models"] for r in t["ratios"] for meth in t["methods"]]
+    return out
+
+
+def comparison_tables(wildcards):
+    return [f"results/{m}_comparison.md" for m in config["targets"]["models"]]
+
+
+def comparison_metrics(wildcards):
+    c = config["comparison"]
+    out = [f"results/{wildcards.model}_dense/metrics.json"]
+    out += [f"results/{target_name(wildcards.model, r, meth)}/metrics.json"
+            for r in c["ratios"] for meth in c["methods"]]
+    return out
+
+
+def eval_model(wildcards):
+    """The model a target evaluates: its pruned directory, or the base model for dense."""
+    t = target_info(wildcards)
+    if t["dense"]:
+        return model_input(t["model"])
+    return [f"results/{wildcards.target}/model"]
+
+
+def eval_source(wildcards):
+    t = target_info(wildcards)
+    return model_source(t["model"]) if t["dense"] else f"results/{wildcards.target}/model"
+
+
+def lm_eval_tasks_dir(wildcards):
+    """The generated embedded task directory, when the model's tasks include fnprune's own."""
+    t = target_info(wildcards)
+    tasks = mspec(t["model"])["eval"]["lm_eval_tasks"]
+    if any(x.startswith("fnprune_") for x in tasks):
+        return [f"results/data/{corpus_of(t['model'])}/lm_eval_tasks"]
+    return []
+
+
+def metrics_inputs(wildcards):
+    t = target_info(wildcards)
+    m = t["model"]
+    inp = {"ppl": f"results/{wildcards.target}/ppl.json"}
+    if mspec(m)["eval"]["lm_eval_tasks"]:
+        inp["lm_eval"] = f"results/{wildcards.target}/lm_eval.json"
+    if mspec(m)["source"] == "train":
+        inp["training"] = trained_dir(m)
+    if not t["dense"]:
+        inp["batches"] = f"results/{m}/calib/batches.json"
+        inp["mask"] = mask_file(m, t["ratio_pct"], t["method"])
+        inp["model"] = f"results/{wildcards.target}/model"
+        inp["stats"] = stats_files(m)
+    return inp

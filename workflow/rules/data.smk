@@ -1,0 +1,62 @@
+# Text corpora, the embedded model's training, and the calibration batches.
+
+
+rule corpus:
+    output:
+        splits=expand("results/data/{{corpus}}/{split}.jsonl", split=SPLITS),
+        manifest="results/data/{corpus}/manifest.json",
+    log:
+        "results/logs/corpus/{corpus}.log",
+    params:
+        spec=lambda w: config["corpora"][w.corpus],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/corpus.py"
+
+
+rule train_model:
+    input:
+        train=lambda w: split_file(corpus_of(w.model), "train"),
+        validation=lambda w: split_file(corpus_of(w.model), "validation"),
+    output:
+        directory("results/models/{model}"),
+    log:
+        "results/logs/train/{model}.log",
+    benchmark:
+        "results/benchmarks/train/{model}.tsv"
+    params:
+        spec=lambda w: mspec(w.model)["train"],
+        seed=config["seed"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/train.py"
+
+
+rule calibration_batches:
+    input:
+        calib=lambda w: split_file(corpus_of(w.model), "calib"),
+    output:
+        "results/{model}/calib/batches.json",
+    log:
+        "results/logs/calib/{model}.log",
+    params:
+        spec=lambda w: mspec(w.model)["calibration"],
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/calibration.py"

@@ -1,0 +1,87 @@
+# Evaluation of every target (dense or pruned): both perplexity protocols and lm-eval tasks.
+
+
+rule lm_eval_tasks:
+    input:
+        test=lambda w: split_file(w.corpus, "test"),
+        validation=lambda w: split_file(w.corpus, "validation"),
+    output:
+        directory("results/data/{corpus}/lm_eval_tasks"),
+    log:
+        "results/logs/lm_eval_tasks/{corpus}.log",
+    params:
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/lm_eval_tasks.py"
+
+
+rule perplexity:
+    input:
+        unpack(lambda w: {"model": eval_model(w), "test": split_file(corpus_of(target_info(w)["model"]), "test")}),
+    output:
+        "results/{target}/ppl.json",
+    log:
+        "results/logs/perplexity/{target}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{target}.tsv"
+    params:
+        spec=lambda w: mspec(target_info(w)["model"]),
+        source=eval_source,
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/perplexity.py"
+
+
+rule lm_eval:
+    input:
+        unpack(lambda w: {"model": eval_model(w), "tasks": lm_eval_tasks_dir(w)}),
+    output:
+        summary="results/{target}/lm_eval.json",
+        raw="results/{target}/lm_eval_raw.json",
+    log:
+        "results/logs/lm_eval/{target}.log",
+    benchmark:
+        "results/benchmarks/lm_eval/{target}.tsv"
+    params:
+        spec=lambda w: mspec(target_info(w)["model"]),
+        source=eval_source,
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=600,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/lm_eval.py"
+
+
+rule metrics:
+    input:
+        unpack(metrics_inputs),
+    output:
+        "results/{target}/metrics.json",
+    log:
+        "results/logs/metrics/{target}.log",
+    params:
+        target=lambda w: target_info(w),
+        spec=lambda w: mspec(target_info(w)["model"]),
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/metrics.py"

@@ -1,0 +1,25 @@
+# The calibration pass: one hooked forward pass per batch writes per-layer activation shards
+# (large, temporary) and the batch's statistics (small, kept) for every later stage.
+
+
+rule extract:
+    input:
+        unpack(lambda w: {"batches": f"results/{w.model}/calib/batches.json", "model": model_input(w.model)}),
+    output:
+        shards=temp(directory("results/{model}/acts/b{batch}")),
+        stats="results/{model}/acts/b{batch}.stats.npz",
+    log:
+        "results/logs/extract/{model}_b{batch}.log",
+    benchmark:
+        "results/benchmarks/extract/{model}_b{batch}.tsv"
+    params:
+        spec=lambda w: mspec(w.model),
+        source=lambda w: model_source(w.model),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/extract.py"

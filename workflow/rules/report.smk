@@ -1,0 +1,19 @@
+# Tables built only from metrics.json files.
+
+
+rule comparison_table:
+    input:
+        comparison_metrics,
+    output:
+        md=report("results/{model}_comparison.md", caption="../report/comparison.rst", category="Tables"),
+        csv="results/{model}_comparison.csv",
+    log:
+        "results/logs/comparison/{model}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/comparison.py"

@@ -1,0 +1,5 @@
+from fnprune import stages
+
+stages.setup(snakemake.log[0], snakemake.threads)
+stages.calibration_batches(snakemake.input.calib, snakemake.params.spec, snakemake.params.seed,
+                           snakemake.output[0])

@@ -1,0 +1,6 @@
+from pathlib import Path
+
+from fnprune import stages
+
+stages.setup(snakemake.log[0], snakemake.threads)
+stages.corpus(snakemake.params.spec, str(Path(snakemake.output.manifest).parent))

@@ -1,0 +1,5 @@
+from fnprune import stages
+
+stages.setup(snakemake.log[0], snakemake.threads)
+stages.extract(snakemake.input.batches, int(snakemake.wildcards.batch), snakemake.params.spec,
+               snakemake.params.source, snakemake.output.shards, snakemake.output.stats)

@@ -1,0 +1,5 @@
+from fnprune import stages
+
+stages.setup(snakemake.log[0], snakemake.threads)
+stages.lm_eval_tasks(snakemake.input.test, snakemake.input.validation, snakemake.output[0],
+                     snakemake.params.seed)

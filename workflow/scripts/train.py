@@ -1,0 +1,5 @@
+from fnprune import stages
+
+stages.setup(snakemake.log[0], snakemake.threads)
+stages.train(snakemake.input.train, snakemake.input.validation, snakemake.params.spec,
+             snakemake.output[0], snakemake.params.seed)
