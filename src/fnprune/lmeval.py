@@ -109,10 +109,13 @@ def mc_items(passages: list[dict], n_choices: int, n_items: int | None, seed: in
 
 
 def ppl_documents(records: Iterable[dict]) -> list[dict]:
-    """Records joined back into documents: consecutive chunks ``<doc>#<i>`` of one document."""
+    """Non-blank records joined back into documents: consecutive chunks ``<doc>#<i>`` of one document."""
     docs: list[dict] = []
     last: tuple[str, int] | None = None
     for rec in records:
+        if not rec["text"].strip():
+            last = None
+            continue
         m = _CHUNK_ID.fullmatch(rec["id"])
         key = (m.group(1), int(m.group(2))) if m else None
         if key and last and key == (last[0], last[1] + 1):
@@ -255,6 +258,10 @@ def _load_tasks(manager, names: Sequence[str]) -> list:
     return objs
 
 
+def _leaf_names(objs: list) -> list[str]:
+    return [t.task_name for o in objs for t in (o.get_all_tasks() if hasattr(o, "get_all_tasks") else [o])]
+
+
 def _jsonable(obj: Any) -> Any:
     """lm-eval's results as plain JSON: callables by name, non-finite floats as null."""
     if isinstance(obj, dict):
@@ -312,18 +319,22 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
                 max_batch_size: int | None = None, max_length: int | None = None) -> dict:
     """Evaluate a model object on lm-eval tasks; write lm-eval's raw results to ``raw_out``.
 
-    ``batch_size`` is an int or ``"auto"`` (largest batch up to ``max_batch_size``: 64 on a
-    GPU, 8 on CPU). ``max_length`` defaults to the model's maximum positions.
+    Every task is loaded before the model is touched; one that cannot be raises
+    :class:`TaskUnavailableError` naming it. ``batch_size`` is an int or ``"auto"`` (largest
+    batch up to ``max_batch_size``: 64 on a GPU, 8 on CPU). ``max_length`` defaults to the
+    model's maximum positions. ``mean_acc`` is the mean ``acc`` of the tasks that report one.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from .modeling import resolve_device
 
     t0 = time.time()
     names = _check_list(tasks)
     manager = _task_manager(names, include_path)
     loaded = _load_tasks(manager, names)
     if device is not None:
-        model = model.to(device)
+        model = model.to(resolve_device(device))
     if max_batch_size is None:
         max_batch_size = 64 if model.device.type == "cuda" else 8
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
@@ -335,7 +346,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
     raw = _jsonable(raw)
     if raw_out is not None:
         write_json(raw_out, raw)
-    out = summarise(raw, [t.task_name if hasattr(t, "task_name") else t.name for t in loaded])
+    out = summarise(raw, _leaf_names(loaded))
     out["config"] = {"num_fewshot": num_fewshot, "batch_size": batch_size,
                      "batch_sizes": raw.get("config", {}).get("batch_sizes", []),
                      "max_batch_size": max_batch_size, "max_length": lm.max_length, "limit": limit,

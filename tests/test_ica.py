@@ -1,0 +1,90 @@
+"""CanICA backends on synthetic data with planted sparse networks."""
+
+import numpy as np
+import pytest
+import torch
+
+from fnprune.ica import canica, exact_subspace, fastica_cube, load_shard, spatial_subspace, zscore_columns
+from fnprune.synthetic import auroc, planted_networks
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_networks(n_tokens=1200, n_signals=800, n_networks=6, network_size=20, noise=1.0, seed=3)
+
+
+def test_torch_backend_recovers_planted_neurons(planted):
+    x, member = planted
+    res = canica(x, k=12, backend="torch", seed=0)
+    assert res.converged
+    keep = res.scores > np.sort(res.scores)[-int(member.sum() * 1.05)]
+    recall = (keep & member).sum() / member.sum()
+    precision = (keep & member).sum() / keep.sum()
+    assert recall >= 0.95 and precision >= 0.9, (recall, precision)
+
+
+@pytest.mark.parametrize("backend", ["exact", "nilearn"])
+def test_reference_backends_see_the_same_networks(planted, backend):
+    x, member = planted
+    ours = canica(x, k=12, backend="torch", seed=0)
+    ref = canica(x, k=12, backend=backend, seed=0)
+    assert auroc(ref.scores, member) > 0.97
+    assert abs(auroc(ours.scores, member) - auroc(ref.scores, member)) < 0.01
+
+
+def test_same_seed_same_scores(planted):
+    x, _ = planted
+    a = canica(x, k=10, backend="torch", seed=5)
+    b = canica(x, k=10, backend="torch", seed=5)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_randomized_subspace_matches_exact_when_spectrum_has_a_gap():
+    rng = np.random.default_rng(0)
+    low = rng.standard_normal((500, 8)) @ rng.standard_normal((8, 300)) * 5
+    x = zscore_columns(torch.tensor(low + 0.1 * rng.standard_normal((500, 300)), dtype=torch.float32))
+    v, info = spatial_subspace(x, 8, seed=0)
+    ve = exact_subspace(x, 8)
+    cos = torch.linalg.svdvals(v.T.double() @ ve.double())
+    assert info["subspace"] == "randomized"
+    assert float(cos.min()) > 0.999
+
+
+def test_flat_spectrum_falls_back_to_exact():
+    x = zscore_columns(torch.randn(400, 300, generator=torch.Generator().manual_seed(0)))
+    v, info = spatial_subspace(x, 20, seed=0, max_power_iter=3, tol=1e-6)
+    assert info["subspace"] == "exact-fallback"
+    ve = exact_subspace(x, 20)
+    assert float(torch.linalg.svdvals(v.T.double() @ ve.double()).min()) > 0.999
+
+
+def test_fastica_reports_non_convergence():
+    x = torch.randn(6, 2000, generator=torch.Generator().manual_seed(1))
+    _, converged, n_iter = fastica_cube(x, seed=0, max_iter=2, tol=1e-12)
+    assert not converged and n_iter == 2
+
+
+def test_k_larger_than_data_is_refused(planted):
+    x, _ = planted
+    with pytest.raises(ValueError, match="components k=2000"):
+        canica(x[:100], k=2000)
+
+
+def test_constant_signal_keeps_unit_std():
+    x = torch.randn(50, 4)
+    x[:, 2] = 3.0
+    z = zscore_columns(x)
+    assert torch.all(z[:, 2] == 0) and torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("corrupt", ["truncated", "nan", "shape"])
+def test_bad_shards_are_named(tmp_path, corrupt):
+    path = tmp_path / "L0.npy"
+    arr = np.ones((10, 8), dtype=np.float16)
+    if corrupt == "nan":
+        arr[3, 3] = np.nan
+    np.save(path, arr)
+    if corrupt == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="L0.npy"):
+        load_shard(path, n_signals=6 if corrupt == "shape" else 8)

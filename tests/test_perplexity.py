@@ -1,0 +1,49 @@
+"""The FLAP-protocol perplexity against a direct computation."""
+
+import math
+
+import pytest
+import torch
+
+from fnprune.perplexity import token_perplexity, windows
+from fnprune.train import build_model, train_tokenizer
+
+TEXTS = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7} times." for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    torch.manual_seed(0)
+    tok = train_tokenizer(TEXTS, 300)
+    spec = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_position=64)
+    return build_model(spec, tok).eval(), tok
+
+
+def test_matches_direct_computation(model_and_tok):
+    model, tok = model_and_tok
+    ids = tok("\n\n".join(TEXTS), add_special_tokens=False)["input_ids"]
+    seqlen = 16
+    n = len(ids) // seqlen
+    nlls = []
+    with torch.no_grad():
+        for w in range(n):
+            x = torch.tensor([ids[w * seqlen:(w + 1) * seqlen]])
+            logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
+            nlls.append(-sum(logp[t, x[0, t + 1]].item() for t in range(seqlen - 1)) / (seqlen - 1))
+    expected = math.exp(sum(nlls) / len(nlls))
+    got = token_perplexity(model, tok, TEXTS, seqlen=seqlen, batch_size=3)
+    assert got["windows"] == n
+    assert got["ppl"] == pytest.approx(expected, rel=1e-5)
+    assert got["protocol"] == "flap_token_ppl"
+
+
+def test_seqlen_beyond_model_length_is_refused(model_and_tok):
+    model, tok = model_and_tok
+    with pytest.raises(ValueError, match="max_position_embeddings 64"):
+        token_perplexity(model, tok, TEXTS, seqlen=128)
+
+
+def test_windows_drop_partial_tail(model_and_tok):
+    _, tok = model_and_tok
+    w = windows(tok, TEXTS, 10)
+    assert w.shape[1] == 10
