@@ -132,6 +132,7 @@ def describe_mask(kept: list[np.ndarray], sizes: list[int], block_params: int, t
         "kept_counts": [len(k) for k in kept],
         "removed_block_params": int(removed),
         "block_params": int(block_params),
+        "neuron_params": int(neuron_params),
         "achieved_block_ratio": removed / block_params,
         "achieved_total_ratio": removed / total_params,
         "kept": [k.tolist() for k in kept],

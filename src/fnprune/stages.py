@@ -220,6 +220,8 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
             "ratio_requested": m["ratio_requested"],
             "achieved_block_ratio": m["achieved_block_ratio"],
             "achieved_total_ratio": m["achieved_total_ratio"],
+            "block_params": m["block_params"],
+            "neuron_params": m["neuron_params"],
             "threshold": m.get("threshold"),
             "k": m.get("k"), "backend": m.get("backend"),
             "kept_neurons_per_layer": m["kept_counts"],

@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+CONFIGS = [str(REPO / "config" / "config.yaml"), str(REPO / "config" / "micro.yaml")]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real snakemake on the repository's Snakefile in ``workdir`` with the micro config."""
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
+           "--configfile", *CONFIGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """The micro workflow run once for the session: dense, ICA and ICA+bias targets."""
+    wd = tmp_path_factory.mktemp("micro")
+    targets = ["results/micro_dense/metrics.json", "results/micro_r20_c8/metrics.json",
+               "results/micro_r20_c8_bias/metrics.json"]
+    proc = snakemake(wd, *targets, "--notemp")
+    return wd, proc

@@ -1,0 +1,82 @@
+"""The workflow end to end on the micro configuration: lint, dry run, real run, caching."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def jobs_of(dry_run_stdout: str) -> dict[str, int]:
+    table = re.search(r"Job stats:\n(.*?)\n\n", dry_run_stdout, re.S)
+    if not table:
+        return {}
+    rows = [l.split() for l in table.group(1).splitlines()[2:]]
+    return {r[0]: int(r[1]) for r in rows if len(r) == 2 and r[0] != "total"}
+
+
+def test_lint_is_clean(tmp_path):
+    proc = snakemake(tmp_path, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_dry_run_lists_every_stage(tmp_path):
+    proc = snakemake(tmp_path, "-n", "results/micro_r20_c8_bias/metrics.json")
+    jobs = jobs_of(proc.stdout)
+    for rule in ("corpus", "train_model", "calibration_batches", "extract", "ica", "mask_ica", "prune",
+                 "perplexity", "lm_eval", "lm_eval_tasks", "metrics"):
+        assert rule in jobs, (rule, proc.stdout[-3000:])
+    assert jobs["extract"] == 2 and jobs["ica"] == 2
+
+
+def test_micro_run_metrics(micro_run):
+    wd, _ = micro_run
+    dense = json.loads((wd / "results/micro_dense/metrics.json").read_text())
+    ica = json.loads((wd / "results/micro_r20_c8/metrics.json").read_text())
+    bias = json.loads((wd / "results/micro_r20_c8_bias/metrics.json").read_text())
+    assert ica["neuron_params"] == 3 * 48
+    assert abs(ica["achieved_block_ratio"] - 0.2) <= ica["neuron_params"] / ica["block_params"]
+    assert ica["kept_neurons_per_layer"][0] == 96 and ica["kept_neurons_per_layer"][-1] == 96
+    assert ica["threshold"] > 0 and ica["k"] == 8
+    assert bias["kept_neurons_per_layer"] == ica["kept_neurons_per_layer"]
+    assert bias["bias_compensation"] and not ica["bias_compensation"]
+    for m in (dense, ica, bias):
+        ppl = m["perplexity"]["flap_token_ppl@64"]
+        assert np.isfinite(ppl) and ppl > 1
+        assert set(m["lm_eval"]) == {"fnprune_mc", "fnprune_ppl"}
+        assert all(np.isfinite(v["value"]) for t in m["lm_eval"].values() for v in t.values()
+                   if v["value"] is not None)
+        assert {"perplexity", "lm_eval"} <= set(m["stage_wall_s"])
+    assert {"extract", "ica", "mask", "prune", "train_model"} <= set(ica["stage_wall_s"])
+    assert dense["perplexity"]["flap_token_ppl@64"] < ica["perplexity"]["flap_token_ppl@64"]
+    side = json.loads((wd / "results/micro_r20_c8/model/fnprune.json").read_text())
+    assert side["method"] == "c8_torch" and len(side["kept"]) == 4 and "versions" in side
+
+
+def test_changing_the_ratio_reuses_extraction_and_ica(micro_run):
+    wd, _ = micro_run
+    proc = snakemake(wd, "-n", "results/micro_r30_c8/metrics.json")
+    jobs = jobs_of(proc.stdout)
+    assert "extract" not in jobs and "ica" not in jobs and "train_model" not in jobs, jobs
+    assert jobs.get("mask_ica") == 1 and jobs.get("prune") == 1
+
+
+def test_rerun_does_nothing(micro_run):
+    wd, _ = micro_run
+    proc = snakemake(wd, "-n", "results/micro_r20_c8/metrics.json", "results/micro_dense/metrics.json")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
+def test_loaded_pruned_model_has_per_layer_sizes(micro_run):
+    from fnprune import load_pruned
+
+    wd, _ = micro_run
+    model = load_pruned(wd / "results/micro_r20_c8/model", device="cpu")
+    sizes = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    metrics = json.loads((wd / "results/micro_r20_c8/metrics.json").read_text())
+    assert sizes == metrics["kept_neurons_per_layer"]
