@@ -130,3 +130,9 @@ def metrics_inputs(wildcards):
         inp["model"] = f"results/{wildcards.target}/model"
         inp["stats"] = stats_files(m)
     return inp
+
+
+def gpus_of_model(wildcards):
+    """GPUs a model's heavy rules ask for (resources gpu; the SLURM profile turns it into --gpus)."""
+    model = target_info(wildcards)["model"] if "target" in wildcards.keys() else wildcards.model
+    return mspec(model)["gpus"]

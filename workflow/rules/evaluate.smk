@@ -37,6 +37,7 @@ rule perplexity:
     resources:
         mem_mb=16000,
         runtime=60,
+        gpu=gpus_of_model,
     conda:
         "../../envs/fnprune.yaml"
     script:
@@ -60,6 +61,7 @@ rule lm_eval:
     resources:
         mem_mb=16000,
         runtime=600,
+        gpu=gpus_of_model,
     conda:
         "../../envs/fnprune.yaml"
     script:

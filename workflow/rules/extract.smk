@@ -19,6 +19,7 @@ rule extract:
     resources:
         mem_mb=8000,
         runtime=120,
+        gpu=gpus_of_model,
     conda:
         "../../envs/fnprune.yaml"
     script:

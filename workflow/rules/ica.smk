@@ -18,6 +18,7 @@ rule ica:
     resources:
         mem_mb=8000,
         runtime=120,
+        gpu=gpus_of_model,
     conda:
         "../../envs/fnprune.yaml"
     script:
