@@ -19,21 +19,29 @@ from .ica import BACKENDS
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
-ICA_METHOD = re.compile(rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?P<bias>_bias)?")
-METHOD_PATTERN = rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?(?:_bias)?|{'|'.join(BASELINES)})"
+ICA_METHOD = re.compile(rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?:_b(?P<batches>\d+))?(?P<bias>_bias)?")
+METHOD_PATTERN = rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?(?:_b\d+)?(?:_bias)?|{'|'.join(BASELINES)})"
 
 
 def parse_method(method: str, default_backend: str = "torch") -> dict:
-    """``c16_nilearn_bias`` -> {kind: ica, k: 16, backend: nilearn, bias: True, selector: c16_nilearn}."""
+    """``c16_nilearn_b2_bias`` -> {kind: ica, k: 16, backend: nilearn, batches: 2, bias: True, ...}.
+
+    ``_b<n>`` builds the union mask from the first ``n`` calibration batches only (the
+    calibration-size ablation, at no extra extraction or ICA cost); without it, all batches.
+    """
     m = ICA_METHOD.fullmatch(method)
     if m:
         backend = m["backend"] or default_backend
-        return {"kind": "ica", "k": int(m["k"]), "backend": backend, "bias": bool(m["bias"]),
-                "selector": f"c{m['k']}_{backend}"}
+        batches = int(m["batches"]) if m["batches"] else None
+        if batches == 0:
+            raise ValueError(f"method {method!r}: _b<n> needs at least one batch")
+        suffix = f"_b{batches}" if batches else ""
+        return {"kind": "ica", "k": int(m["k"]), "backend": backend, "batches": batches,
+                "bias": bool(m["bias"]), "selector": f"c{m['k']}_{backend}{suffix}"}
     if method in BASELINES:
-        return {"kind": "baseline", "k": None, "backend": None, "bias": method.startswith("flap"),
-                "selector": method}
-    raise ValueError(f"method {method!r}: expected c<k>[_<backend>][_bias] with backend in "
+        return {"kind": "baseline", "k": None, "backend": None, "batches": None,
+                "bias": method.startswith("flap"), "selector": method}
+    raise ValueError(f"method {method!r}: expected c<k>[_<backend>][_b<n>][_bias] with backend in "
                      f"{', '.join(BACKENDS)}, or one of {', '.join(BASELINES)}")
 
 
@@ -115,8 +123,9 @@ def check(config: dict) -> None:
             problems.append(f"models.{name}.protect_first + protect_last: "
                             f"{m['protect_first']} + {m['protect_last']} leaves no prunable layer of "
                             f"{m['num_layers']}")
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", name):
-            problems.append(f"models.{name}: a model slug must be letters and digits (it is a path part)")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or re.search(r"_(r\d|dense)", name):
+            problems.append(f"models.{name}: a model slug is letters, digits and '_' (it is a path "
+                            f"part) and holds no '_r<digit>' or '_dense', which the path grammar uses")
     for section in ("targets", "comparison"):
         for method in config[section].get("methods", []):
             try:

@@ -100,7 +100,7 @@ def _shape(model_spec: dict, source: str) -> dict:
 
 
 def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float, k: int,
-             backend: str, out: str) -> None:
+             backend: str, out: str, method: str | None = None) -> None:
     from .mask import describe_mask, n_to_drop, prunable_layers, select_global, union_neuron_scores
 
     t0 = time.time()
@@ -110,7 +110,7 @@ def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float
     n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
     kept, threshold = select_global(scores, prunable, n_drop, ratio, model_spec["min_keep_per_layer"])
     rec = describe_mask(kept, info["intermediate_sizes"], info["block_params"], info["total_params"],
-                        info["neuron_params"], method=f"c{k}_{backend}", kind="ica", k=k, backend=backend,
+                        info["neuron_params"], method=method or f"c{k}_{backend}", kind="ica", k=k, backend=backend,
                         ratio_requested=ratio, threshold=threshold, n_drop=n_drop, prunable=prunable,
                         ica=ica_info)
     rec["wall_s"] = time.time() - t0

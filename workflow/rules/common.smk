@@ -14,6 +14,7 @@ wildcard_constraints:
     ratio=r"\d+",
     k=r"\d+",
     batch=r"\d+",
+    nb=r"(_b\d+)?",
     backend="torch|exact|nilearn",
     baseline="|".join(fconfig.BASELINES),
     method=fconfig.METHOD_PATTERN,
@@ -54,8 +55,15 @@ def stats_files(model):
     return [f"results/{model}/acts/b{b}.stats.npz" for b in batch_ids(model)]
 
 
-def ica_files(model, backend, k):
-    return [f"results/{model}/ica/{backend}_c{k}/b{b}.npz" for b in batch_ids(model)]
+def ica_files(model, backend, k, nb=""):
+    """ICA score files of every batch, or of the first n batches for a ``_b{n}`` mask."""
+    ids = list(batch_ids(model))
+    if nb:
+        n = int(nb[2:])
+        if n > len(ids):
+            raise ValueError(f"mask from {n} batches, but models.{model}.calibration.n_batches is {len(ids)}")
+        ids = ids[:n]
+    return [f"results/{model}/ica/{backend}_c{k}/b{b}.npz" for b in ids]
 
 
 def target_info(wildcards):

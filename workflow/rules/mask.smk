@@ -3,11 +3,11 @@
 
 rule mask_ica:
     input:
-        unpack(lambda w: {"scores": ica_files(w.model, w.backend, w.k), "model": model_input(w.model)}),
+        unpack(lambda w: {"scores": ica_files(w.model, w.backend, w.k, w.nb), "model": model_input(w.model)}),
     output:
-        "results/{model}/masks/r{ratio}_c{k}_{backend}.json",
+        "results/{model}/masks/r{ratio}_c{k}_{backend}{nb}.json",
     log:
-        "results/logs/mask/{model}_r{ratio}_c{k}_{backend}.log",
+        "results/logs/mask/{model}_r{ratio}_c{k}_{backend}{nb}.log",
     params:
         spec=lambda w: mspec(w.model),
         source=lambda w: model_source(w.model),
