@@ -39,22 +39,24 @@ def test_same_seed_same_scores(planted):
     np.testing.assert_array_equal(a.scores, b.scores)
 
 
-def test_randomized_subspace_matches_exact_when_spectrum_has_a_gap():
+@pytest.mark.parametrize("shape", [(500, 300), (300, 500)], ids=["tall", "wide"])
+def test_subspace_iteration_matches_exact(shape):
     rng = np.random.default_rng(0)
-    low = rng.standard_normal((500, 8)) @ rng.standard_normal((8, 300)) * 5
-    x = zscore_columns(torch.tensor(low + 0.1 * rng.standard_normal((500, 300)), dtype=torch.float32))
-    v, info = spatial_subspace(x, 8, seed=0)
-    ve = exact_subspace(x, 8)
+    t, n = shape
+    low = rng.standard_normal((t, 8)) @ rng.standard_normal((8, n)) * 5
+    raw = torch.tensor(low + 0.5 * rng.standard_normal((t, n)) + 3.0, dtype=torch.float32)
+    v, info = spatial_subspace(raw, 12, seed=0)
+    ve = exact_subspace(zscore_columns(raw), 12)
     cos = torch.linalg.svdvals(v.T.double() @ ve.double())
-    assert info["subspace"] == "randomized"
-    assert float(cos.min()) > 0.999
+    assert info["subspace"] == "gram-subspace-iteration"
+    assert float(cos.mean()) > 0.9999 and v.shape == (n, 12)
 
 
 def test_flat_spectrum_falls_back_to_exact():
-    x = zscore_columns(torch.randn(400, 300, generator=torch.Generator().manual_seed(0)))
-    v, info = spatial_subspace(x, 20, seed=0, max_power_iter=3, tol=1e-6)
-    assert info["subspace"] == "exact-fallback"
-    ve = exact_subspace(x, 20)
+    x = torch.randn(400, 300, generator=torch.Generator().manual_seed(0))
+    v, info = spatial_subspace(x, 20, seed=0, max_iter=3, tol=1e-9)
+    assert info["subspace"] == "gram-eigh"
+    ve = exact_subspace(zscore_columns(x), 20)
     assert float(torch.linalg.svdvals(v.T.double() @ ve.double()).min()) > 0.999
 
 

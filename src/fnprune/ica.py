@@ -2,9 +2,10 @@
 
 Three backends compute the same decomposition of a (tokens x signals) matrix ``X``:
 
-- ``torch``: z-score, top-``k`` spatial subspace by randomized subspace iteration whose
-  convergence is checked (principal angles between successive iterates) with an exact
-  fall-back, then FastICA (parallel, ``cube``) iterated in float64. CPU or CUDA.
+- ``torch``: z-score (block by block, no copy), the Gram matrix of the smaller dimension, its
+  top-``k`` eigenvectors by subspace iteration run to convergence (principal angles between
+  successive iterates) with an exact ``eigh`` fall-back, then FastICA (parallel, ``cube``)
+  iterated in float64. CPU or CUDA.
 - ``exact``: the authors' way and the correctness reference: full SVD of the signal matrix,
   then scikit-learn's float64 FastICA.
 - ``nilearn``: ``nilearn.decomposition.CanICA`` on the signals wrapped as a NIfTI volume of
@@ -52,55 +53,104 @@ def _zscore_rows(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean(1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
 
 
-def _ritz(a: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k left singular vectors of ``a`` (N x T) within the range of ``q`` (N x l)."""
-    b = q.T @ a
-    ub, _, _ = torch.linalg.svd(b, full_matrices=False)
-    return q @ ub[:, :k]
+def column_moments(x: torch.Tensor, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and sample std (1 for constant columns), column block by column block."""
+    t, n = x.shape
+    mean = torch.empty(n, dtype=torch.float32, device=x.device)
+    std = torch.empty(n, dtype=torch.float32, device=x.device)
+    for j in range(0, n, block):
+        xb = x[:, j:j + block].to(torch.float32)
+        mean[j:j + block] = xb.mean(0)
+        std[j:j + block] = xb.std(0) if t > 1 else torch.ones(xb.shape[1], device=x.device)
+    std[std <= 0] = 1.0
+    return mean, std
+
+
+def _zblock(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+    return (x[:, j0:j1].to(torch.float32) - mean[j0:j1]) / std[j0:j1]
 
 
 def exact_subspace(xz: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k spatial components (N x k) through the smaller Gram matrix, exactly."""
-    t, n = xz.shape
-    xd = xz.double()
-    if t <= n:
-        evals, evecs = torch.linalg.eigh(xd @ xd.T)            # (T x T)
-        u = evecs[:, -k:].flip(1)
-        v = xd.T @ u
-        v = v / torch.linalg.norm(v, dim=0, keepdim=True)
+    """Top-k spatial components (N x k) of an already z-scored matrix, by eigh of its Gram matrix."""
+    ones = torch.ones(xz.shape[1], dtype=torch.float32, device=xz.device)
+    zeros = torch.zeros_like(ones)
+    g, tall = _gram(xz, zeros, ones)
+    evals, evecs = torch.linalg.eigh(g.double())
+    u = evecs[:, -k:].flip(1).to(torch.float32)
+    return u if tall else _spatial_from_temporal(xz, zeros, ones, u)
+
+
+def _gram(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, block: int = 4096) -> tuple[torch.Tensor, bool]:
+    """Gram matrix of the z-scored data in its smaller dimension; ``tall`` when that is signals."""
+    t, n = x.shape
+    tall = t > n
+    m = n if tall else t
+    g = torch.zeros(m, m, dtype=torch.float32, device=x.device)
+    if tall:
+        for i in range(0, t, block):
+            zb = (x[i:i + block].to(torch.float32) - mean) / std
+            g.addmm_(zb.T, zb)
     else:
-        evals, evecs = torch.linalg.eigh(xd.T @ xd)            # (N x N)
-        v = evecs[:, -k:].flip(1)
-    return v.to(xz.dtype)
+        for j in range(0, n, block):
+            zb = _zblock(x, mean, std, j, j + block)
+            g.addmm_(zb, zb.T)
+    return g, tall
 
 
-def spatial_subspace(xz: torch.Tensor, k: int, seed: int, oversample: int | None = None,
-                     max_power_iter: int = 8, tol: float = 1e-3) -> tuple[torch.Tensor, dict]:
-    """Top-k spatial subspace (N x k, orthonormal columns) of the (T x N) matrix ``xz``.
+def _spatial_from_temporal(x, mean, std, u: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Spatial singular vectors ``Z^T u / ||Z^T u||`` from temporal ones, column block by block."""
+    n = x.shape[1]
+    v = torch.empty(n, u.shape[1], dtype=torch.float32, device=x.device)
+    for j in range(0, n, block):
+        v[j:j + block] = _zblock(x, mean, std, j, j + block).T @ u
+    return v / torch.linalg.norm(v, dim=0, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
-    Randomized subspace iteration on ``A = xz.T``; after each power step the Ritz subspace is
-    compared with the previous one (mean cosine of the principal angles). It is accepted once
-    ``1 - mean cos < tol``; if it has not settled after ``max_power_iter`` steps (a spectrum
-    flat around ``k``), the exact Gram-matrix route is taken instead.
+
+def top_eigvecs(g: torch.Tensor, k: int, seed: int, oversample: int | None = None,
+                max_iter: int = 100, tol: float = 1e-6) -> tuple[torch.Tensor, dict]:
+    """Top-k eigenvectors of a symmetric PSD matrix by block subspace iteration.
+
+    Iterations cost ``m^2 l`` (cheap next to forming ``g``), so they run until the Ritz subspace
+    stops moving: ``1 - mean cos(principal angles)`` between successive iterates below ``tol``.
+    If it has not settled after ``max_iter`` steps (a spectrum flat around ``k``), a float64
+    ``eigh`` gives the exact answer instead.
     """
-    t, n = xz.shape
-    l = min(k + (oversample if oversample is not None else max(10, k // 2)), t, n)
-    a = xz.T                                                    # (N x T) view
+    m = g.shape[0]
+    l = min(m, k + (oversample if oversample is not None else max(16, k // 2)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(t, l, generator=gen, dtype=xz.dtype).to(xz.device)
-    q, _ = torch.linalg.qr(a @ omega)
+    q, _ = torch.linalg.qr(torch.randn(m, l, generator=gen).to(g))
     prev = None
-    for it in range(1, max_power_iter + 1):
-        q, _ = torch.linalg.qr(a @ (a.T @ q))
-        cur = _ritz(a, q, k)
+    for it in range(1, max_iter + 1):
+        q, _ = torch.linalg.qr(g @ q)
+        if it % 2 and it > 1:
+            continue
+        h = q.T @ g @ q
+        w, s = torch.linalg.eigh(h.double())
+        cur = q @ s[:, -k:].flip(1).to(q.dtype)
         if prev is not None:
-            cos = torch.linalg.svdvals(prev.T @ cur).clamp(max=1.0)
-            gap = 1.0 - float(cos.mean())
+            gap = 1.0 - float(torch.linalg.svdvals(prev.T @ cur).clamp(max=1.0).mean())
             if gap < tol:
-                return cur, {"subspace": "randomized", "power_iter": it, "subspace_gap": gap}
+                return cur, {"subspace": "gram-subspace-iteration", "power_iter": it, "subspace_gap": gap}
         prev = cur
-    log.info("randomized subspace did not settle in %d power steps; exact fall-back", max_power_iter)
-    return exact_subspace(xz, k), {"subspace": "exact-fallback", "power_iter": max_power_iter}
+    log.info("subspace iteration did not settle in %d steps; exact eigh", max_iter)
+    evals, evecs = torch.linalg.eigh(g.double())
+    return evecs[:, -k:].flip(1).to(g.dtype), {"subspace": "gram-eigh", "power_iter": max_iter}
+
+
+def spatial_subspace(x: torch.Tensor, k: int, seed: int, mean: torch.Tensor | None = None,
+                     std: torch.Tensor | None = None, **kw) -> tuple[torch.Tensor, dict]:
+    """Top-k spatial subspace (N x k, orthonormal columns) of the z-scored (T x N) matrix.
+
+    ``x`` is z-scored on the fly, block by block (``mean``/``std`` per column, computed when
+    not given), so no z-scored copy of the signal matrix is ever held. The Gram matrix of the
+    smaller dimension is formed once; its top-k eigenvectors come from :func:`top_eigvecs`.
+    """
+    if mean is None or std is None:
+        mean, std = column_moments(x)
+    g, tall = _gram(x, mean, std)
+    u, info = top_eigvecs(g, k, seed, **kw)
+    del g
+    return (u if tall else _spatial_from_temporal(x, mean, std, u)), info
 
 
 def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
@@ -148,8 +198,7 @@ def _finish(sources: torch.Tensor | np.ndarray, keep_maps: bool) -> tuple[np.nda
 def canica_torch(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, max_iter: int = 300,
                  tol: float = 1e-4, device: str = "cpu", keep_maps: bool = False) -> ICAResult:
     t0 = time.time()
-    xz = zscore_columns(torch.as_tensor(x).to(device=device, dtype=torch.float32))
-    v, info = spatial_subspace(xz, k, seed)
+    v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seed)
     sources, converged, n_iter = fastica_cube(v.T, seed, max_iter=max_iter, tol=tol)
     scores, maps = _finish(sources, keep_maps)
     info["wall_s"] = time.time() - t0

@@ -23,8 +23,10 @@ def planted_networks(n_tokens: int, n_signals: int, n_networks: int, network_siz
         weights = rng.uniform(0.5, 1.5, size=network_size) * rng.choice([-1.0, 1.0], size=network_size)
         course = rng.laplace(size=n_tokens)
         x[:, idx] += np.outer(course, weights).astype(np.float32)
-    for _ in range(n_background):
-        x += np.outer(rng.standard_normal(n_tokens), rng.standard_normal(n_signals) * 0.3).astype(np.float32)
+    if n_background:
+        courses = rng.standard_normal((n_tokens, n_background)).astype(np.float32)
+        maps = (rng.standard_normal((n_background, n_signals)) * 0.3).astype(np.float32)
+        x += courses @ maps
     return x, member
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -58,3 +60,230 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
             cells.append(s)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", buf.getvalue()
+
+
+BASELINE_LABELS = {"random": "Random", "magnitude": "Magnitude", "wanda_sp": "Wanda-sp", "flap": "FLAP",
+                   "flap_mlp": "FLAP (MLP only)"}
+LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte")
+
+
+def method_label(method: str) -> str:
+    """Display name of a method or mask selector: ``c16_b2_bias`` -> ``ICA k=16, 2 batches +bias``."""
+    from .config import ICA_METHOD
+
+    if method == "dense":
+        return "Dense"
+    if method in BASELINE_LABELS:
+        return BASELINE_LABELS[method]
+    m = ICA_METHOD.fullmatch(method)
+    if not m:
+        return method
+    label = f"ICA k={m['k']}"
+    if m["backend"]:
+        label += f" ({m['backend']})"
+    if m["batches"]:
+        label += f", {m['batches']} batch{'es' if int(m['batches']) > 1 else ''}"
+    return label + (" +bias" if m["bias"] else "")
+
+
+def ratio_pct(record: dict) -> int:
+    """The requested pruning ratio in percent (0 for the dense model)."""
+    return round(100 * (record.get("ratio_requested") or 0.0))
+
+
+def batches_used(record: dict) -> int | None:
+    ica = record.get("ica")
+    return len(ica["batches_used"]) if ica else None
+
+
+def calibration_texts(record: dict) -> int | None:
+    """Calibration texts behind an ICA mask: the batches it used times the texts per batch."""
+    n, cal = batches_used(record), record.get("calibration")
+    return n * cal["batch_size"] if n is not None and cal else None
+
+
+def full_calibration(record: dict) -> bool:
+    """Whether an ICA mask used every calibration batch (no ``_b{n}`` subset)."""
+    return batches_used(record) == (record.get("calibration") or {}).get("batches")
+
+
+def nonconverged_fraction(record: dict) -> float | None:
+    return (record.get("ica") or {}).get("nonconverged_fraction")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(s in metric for s in LOWER_IS_BETTER)
+
+
+def metric_value(record: dict, key: str) -> float | None:
+    """A metric of a record by column key: ``ppl:{protocol}@{seqlen}``, ``{task}:{metric}``, ``mean_acc``."""
+    if key == "mean_acc":
+        return record.get("lm_eval_mean_acc")
+    group, name = key.split(":", 1)
+    if group == "ppl":
+        return (record.get("perplexity") or {}).get(name)
+    return ((record.get("lm_eval") or {}).get(group) or {}).get(name, {}).get("value")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column: CSV key, display label, direction and display scale."""
+
+    key: str
+    label: str
+    lower_better: bool
+    percent: bool = False
+    digits: int = 2
+
+    def display(self, value: float | None) -> str:
+        return _fmt(value * 100 if self.percent and value is not None else value, self.digits)
+
+
+def _ordered(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _ppl_label(key: str) -> str:
+    protocol, _, seqlen = key.partition("@")
+    return f"PPL@{seqlen}" if protocol == "flap_token_ppl" else key
+
+
+def metric_columns(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_perplexity")) -> list[Column]:
+    """Every perplexity protocol, one metric per lm-eval task (first of ``task_metrics`` it has), mean acc."""
+    cols = [Column(f"ppl:{k}", _ppl_label(k), True)
+            for k in _ordered(k for r in records for k in r.get("perplexity") or {})]
+    for task in _ordered(t for r in records for t in r.get("lm_eval") or {}):
+        available = _ordered(m for r in records for m in ((r.get("lm_eval") or {}).get(task) or {}))
+        metric = next((m for m in task_metrics if m in available), available[0])
+        lower = lower_is_better(metric)
+        cols.append(Column(f"{task}:{metric}", f"{task} {metric}", lower, percent=not lower,
+                           digits=3 if metric == "bits_per_byte" else 2))
+    if any(r.get("lm_eval_mean_acc") is not None for r in records):
+        cols.append(Column("mean_acc", "mean acc", False, percent=True))
+    return cols
+
+
+def order_records(records: list[dict]) -> list[dict]:
+    """Models in order of appearance; per model dense first, then ratios ascending, methods in order."""
+    models = _ordered(r["model"] for r in records)
+    methods = _ordered(r["method"] for r in records)
+    return sorted(records, key=lambda r: (models.index(r["model"]), r["method"] != "dense", ratio_pct(r),
+                                          methods.index(r["method"])))
+
+
+def best_cells(records: list[dict], columns: list[Column]) -> set[tuple[int, int]]:
+    """(row, column) of the best value per block (model x ratio) and column; dense rows never count."""
+    cells = {(i, j): ((r["model"], ratio_pct(r), j), metric_value(r, c.key))
+             for i, r in enumerate(records) if r["method"] != "dense" for j, c in enumerate(columns)}
+    best: dict[tuple, float] = {}
+    for (_, j), (block, v) in cells.items():
+        if v is not None and (block not in best or (v < best[block] if columns[j].lower_better else v > best[block])):
+            best[block] = v
+    return {pos for pos, (block, v) in cells.items() if v is not None and v == best[block]}
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+    return buf.getvalue()
+
+
+def _markdown(header: list[str], rows: list[list[str]], right: int) -> str:
+    align = ["---"] * right + ["---:"] * (len(header) - right)
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def _tex(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        s = s.replace(a, b)
+    return s
+
+
+def _arrow(c: Column, tex: bool) -> str:
+    if tex:
+        return r" $\downarrow$" if c.lower_better else r" $\uparrow$"
+    return " ↓" if c.lower_better else " ↑"
+
+
+MAIN_IDS = ["model", "ratio_requested", "method", "achieved_block_ratio"]
+
+
+def main_table(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_perplexity")) -> dict[str, str]:
+    """The paper's main table as CSV, Markdown and LaTeX (booktabs); best value per block in bold.
+
+    Rows are model x ratio x method (dense once per model, first); columns every perplexity
+    protocol, one metric per lm-eval task and the mean accuracy. A block is one model at one
+    ratio; lower is better for perplexities and bits per byte, higher for accuracies.
+    """
+    records = order_records(records)
+    cols = metric_columns(records, task_metrics)
+    bold = best_cells(records, cols)
+    raw = [[r["model"], r.get("ratio_requested"), r["method"], r.get("achieved_block_ratio"),
+            *(metric_value(r, c.key) for c in cols)] for r in records]
+    return {"csv": _csv(MAIN_IDS + [c.key for c in cols], raw),
+            "md": _main_markdown(records, cols, bold), "tex": _main_latex(records, cols, bold)}
+
+
+def _id_cells(r: dict) -> list[str]:
+    ratio = "-" if r["method"] == "dense" else f"{ratio_pct(r)}%"
+    return [r["model"], ratio, method_label(r["method"]), _fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1)]
+
+
+def _main_markdown(records: list[dict], cols: list[Column], bold: set[tuple[int, int]]) -> str:
+    header = ["Model", "Ratio", "Method", "Removed %"] + [c.label + _arrow(c, False) for c in cols]
+    rows = []
+    for i, r in enumerate(records):
+        cells = [c.display(metric_value(r, c.key)) for c in cols]
+        rows.append(_id_cells(r) + [f"**{s}**" if (i, j) in bold else s for j, s in enumerate(cells)])
+    return _markdown(header, rows, 3)
+
+
+def _main_latex(records: list[dict], cols: list[Column], bold: set[tuple[int, int]]) -> str:
+    header = ["Model", "Ratio", "Method", r"Removed \%"] + [_tex(c.label) + _arrow(c, True) for c in cols]
+    lines = [r"\begin{tabular}{lrl" + "r" * (1 + len(cols)) + "}", r"\toprule", " & ".join(header) + r" \\",
+             r"\midrule"]
+    prev: tuple | None = None
+    for i, r in enumerate(records):
+        model, ratio, method, removed = (_tex(s) for s in _id_cells(r))
+        block = (r["model"], ratio_pct(r))
+        if prev is not None and block != prev:
+            lines.append(r"\midrule")
+        cells = [_tex(c.display(metric_value(r, c.key))) for c in cols]
+        cells = [rf"\textbf{{{s}}}" if (i, j) in bold else s for j, s in enumerate(cells)]
+        first_of_model = prev is None or prev[0] != r["model"]
+        lines.append(" & ".join([model if first_of_model else "", ratio if block != prev else "", method,
+                                 removed, *cells]) + r" \\")
+        prev = block
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+ABLATION_IDS = ["model", "ratio_requested", "method", "k", "calibration_texts", "batches", "threshold",
+                "achieved_block_ratio", "nonconverged_fraction"]
+
+
+def ablation_table(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_perplexity")) -> dict[str, str]:
+    """The ablation targets (k and calibration size) as CSV and Markdown, with threshold and convergence."""
+    models = _ordered(r["model"] for r in records)
+    records = sorted(records, key=lambda r: (models.index(r["model"]), r["method"] != "dense", ratio_pct(r),
+                                             r.get("k") or 0, calibration_texts(r) or 0))
+    cols = metric_columns(records, task_metrics)
+    ids = [[r["model"], r.get("ratio_requested"), r["method"], r.get("k"), calibration_texts(r), batches_used(r),
+            r.get("threshold"), r.get("achieved_block_ratio"), nonconverged_fraction(r)] for r in records]
+    raw = [row + [metric_value(r, c.key) for c in cols] for row, r in zip(ids, records)]
+    header = ["Model", "Ratio", "Method", "k", "Texts", "Batches", "T", "Removed %", "Non-conv. %"]
+    rows = [[r["model"], "-" if r["method"] == "dense" else f"{ratio_pct(r)}%", method_label(r["method"]),
+             _int(r.get("k")), _int(calibration_texts(r)), _int(batches_used(r)), _fmt(r.get("threshold"), 3),
+             _fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1), _pct(nonconverged_fraction(r))]
+            + [c.display(metric_value(r, c.key)) for c in cols] for r in records]
+    header += [c.label + _arrow(c, False) for c in cols]
+    return {"csv": _csv(ABLATION_IDS + [c.key for c in cols], raw), "md": _markdown(header, rows, 3)}
+
+
+def _int(x: int | None) -> str:
+    return "-" if x is None else str(x)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else _fmt(100 * x, 1)

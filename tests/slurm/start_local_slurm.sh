@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Source: /work/shared/reference/local-slurm/start_local_slurm.sh (the project's tested
 # local-SLURM recipe; its README lists versions, timings and pitfalls). Copied for
-# tests/test_slurm.py; changes: this header, the pointer to the profile below.
+# tests/test_slurm.py; changes: this header, the pointer to the profile below and the
+# SLURM_MIN_JOB_AGE override.
 #
 # Start a real single-node SLURM cluster on localhost (Debian 12 "bookworm",
 # Debian's slurm-wlm 22.05 packages, no systemd needed, no cgroups).
@@ -19,6 +20,9 @@
 #   SLURM_CLUSTER_NAME        (default: localci)
 #   SLURM_PARTITION_NAME      (default: debug)
 #   SLURM_WAIT_S              seconds to wait for the node to become idle (default: 60)
+#   SLURM_MIN_JOB_AGE         seconds squeue keeps showing finished jobs (default: 300;
+#                             must stay >= 3 x the profile's
+#                             slurm-init-seconds-before-status-checks)
 #   SLURM_ACCOUNTS            comma-separated accounts to create for user root
 #                             (only with accounting; needed if a profile sets
 #                             slurm_account, which the plugin validates via sacctmgr)
@@ -36,13 +40,14 @@ WITH_ACCOUNTING=${SLURM_WITH_ACCOUNTING:-0}
 CLUSTER=${SLURM_CLUSTER_NAME:-localci}
 PARTITION=${SLURM_PARTITION_NAME:-debug}
 WAIT_S=${SLURM_WAIT_S:-60}
+MIN_JOB_AGE=${SLURM_MIN_JOB_AGE:-300}
 ACCOUNTS=${SLURM_ACCOUNTS:-}
 DB_PASS=slurmdbpass  # local-only MariaDB user, bound to 127.0.0.1 / unix socket
 
 for arg in "$@"; do
   case "$arg" in
     --with-accounting) WITH_ACCOUNTING=1 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -51,6 +56,7 @@ log() { echo "[start_local_slurm] $*"; }
 die() { echo "[start_local_slurm] ERROR: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root"
+[[ "$MIN_JOB_AGE" =~ ^[0-9]+$ ]] || die "SLURM_MIN_JOB_AGE must be a number of seconds"
 T0=$(date +%s)
 
 # ---------------------------------------------------------------- helpers
@@ -150,9 +156,9 @@ JobAcctGatherType=jobacct_gather/none
 ${ACCT_LINES}
 JobCompType=jobcomp/none
 ReturnToService=2
-# keep finished jobs visible to squeue for 5 min (needed by the snakemake
+# keep finished jobs visible to squeue for a while (needed by the snakemake
 # slurm plugin when it polls with squeue instead of sacct)
-MinJobAge=300
+MinJobAge=${MIN_JOB_AGE}
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM} State=UNKNOWN
 PartitionName=${PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -1,0 +1,270 @@
+"""The paper's tables and ablation figures (``snakemake paper``): grids, mask analyses, stages.
+
+A grid (``paper.grids.{name}`` in the configuration) names the models, ratios and methods of the
+main table and the two ablations of its ICA method (``ablation_method``): the number of
+components ``k`` (every calibration batch) and the calibration size (the union of the first
+``n`` batches, the ``_b{n}`` targets, at the method's ``k``). Tables and figures are built only
+from ``metrics.json`` files; the overlap and stability figures also read mask JSONs and the
+per-batch ICA scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from .config import ICA_METHOD, parse_method
+from .io import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+METRIC_FIGURES = ("components", "calibration", "threshold", "kept_per_layer")
+FIGURES = METRIC_FIGURES + ("overlap", "stability")
+TABLES = ("main_table.csv", "main_table.md", "main_table.tex", "ablation_table.csv", "ablation_table.md")
+
+
+class Target(NamedTuple):
+    """One ``metrics.json`` target: ``ratio`` is None for the dense model."""
+
+    model: str
+    ratio: int | None
+    method: str
+
+
+def grid_spec(config: dict, grid: str) -> dict:
+    grids = config.get("paper", {}).get("grids", {})
+    if grid not in grids:
+        raise ValueError(f"paper.grids: no grid {grid!r} (configured: {', '.join(grids) or 'none'})")
+    return grids[grid]
+
+
+def variant(method: str, k: int | None = None, batches: int | None = None) -> str:
+    """The ICA method ``method`` with another ``k`` or from the first ``batches`` batches.
+
+    ``variant("c16_bias", k=8) == "c8_bias"``; ``variant("c16", batches=2) == "c16_b2"``.
+    """
+    m = ICA_METHOD.fullmatch(method)
+    if not m or m["batches"]:
+        raise ValueError(f"ablation method {method!r}: expected c<k>[_<backend>][_bias] (no _b<n>)")
+    name = f"c{k or m['k']}" + (f"_{m['backend']}" if m["backend"] else "")
+    name += f"_b{batches}" if batches else ""
+    return name + ("_bias" if m["bias"] else "")
+
+
+def _dense(model: str) -> Target:
+    return Target(model, None, "dense")
+
+
+def _unique(targets: Sequence[Target]) -> list[Target]:
+    return list(dict.fromkeys(targets))
+
+
+def main_targets(config: dict, grid: str) -> list[Target]:
+    """Dense and every ratio x method of every model of the grid."""
+    g = grid_spec(config, grid)
+    return [t for m in g["models"]
+            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["methods"]]]
+
+
+def component_targets(config: dict, grid: str, model: str) -> list[Target]:
+    """Dense and the ablation method at every ratio and number of components (all batches)."""
+    g = grid_spec(config, grid)
+    return [_dense(model)] + [Target(model, r, variant(g["ablation_method"], k=k))
+                              for r in g["ratios"] for k in g["components"]]
+
+
+def calibration_targets(config: dict, grid: str, model: str) -> list[Target]:
+    """Dense and the ablation method at every ratio and calibration size.
+
+    The union of all batches is the plain method (no ``_b{n}``), so it shares the main targets.
+    """
+    g = grid_spec(config, grid)
+    n_all = config["models"][model]["calibration"]["n_batches"]
+    return [_dense(model)] + [Target(model, r, variant(g["ablation_method"], batches=n if n < n_all else None))
+                              for r in g["ratios"] for n in g["calibration_batches"]]
+
+
+def threshold_targets(config: dict, grid: str, model: str) -> list[Target]:
+    """Every ICA target of both ablations: the threshold each needed at each ratio."""
+    both = component_targets(config, grid, model) + calibration_targets(config, grid, model)
+    return _unique([t for t in both if t.method != "dense"])
+
+
+def kept_targets(config: dict, grid: str, model: str) -> list[Target]:
+    """Dense and every method of the grid at its focus ratio."""
+    g = grid_spec(config, grid)
+    return [_dense(model)] + [Target(model, g["focus_ratio"], meth) for meth in g["methods"]]
+
+
+def ablation_targets(config: dict, grid: str) -> list[Target]:
+    g = grid_spec(config, grid)
+    return _unique([t for m in g["models"]
+                    for t in component_targets(config, grid, m) + calibration_targets(config, grid, m)])
+
+
+def figure_targets(config: dict, grid: str, model: str, figure: str) -> list[Target]:
+    """The targets whose metrics one figure of ``model`` reads (``figure`` in METRIC_FIGURES)."""
+    parts = {"components": component_targets, "calibration": calibration_targets,
+             "threshold": threshold_targets, "kept_per_layer": kept_targets}
+    return parts[figure](config, grid, model)
+
+
+def overlap_masks(config: dict, grid: str, model: str) -> list[Target]:
+    """One target per distinct mask among the grid's methods at its focus ratio (``_bias`` shares one)."""
+    g = grid_spec(config, grid)
+    backend = config["ica"]["backend"]
+    first = {}
+    for meth in g["methods"]:
+        first.setdefault(parse_method(meth, backend)["selector"], meth)
+    return [Target(model, g["focus_ratio"], meth) for meth in first.values()]
+
+
+def stability_target(config: dict, grid: str, model: str) -> tuple[Target, int, str]:
+    """The ablation method's mask at the focus ratio, its ``k`` and backend (for its ICA scores)."""
+    g = grid_spec(config, grid)
+    info = parse_method(g["ablation_method"], config["ica"]["backend"])
+    return Target(model, g["focus_ratio"], g["ablation_method"]), info["k"], info["backend"]
+
+
+def check_grids(config: dict) -> None:
+    """Checks of every grid that the schema cannot express; each names the key at fault."""
+    problems = []
+    for name, g in config.get("paper", {}).get("grids", {}).items():
+        key = f"paper.grids.{name}"
+        problems += [f"{key}.models: {m!r} is not a key of models" for m in g["models"] if m not in config["models"]]
+        for meth in g["methods"]:
+            try:
+                parse_method(meth)
+            except ValueError as e:
+                problems.append(f"{key}.methods: {e}")
+        try:
+            variant(g["ablation_method"])
+        except ValueError as e:
+            problems.append(f"{key}.ablation_method: {e}")
+        if g["focus_ratio"] not in g["ratios"]:
+            problems.append(f"{key}.focus_ratio: {g['focus_ratio']} is not one of ratios {g['ratios']}")
+        for m in (m for m in g["models"] if m in config["models"]):
+            n_all = config["models"][m]["calibration"]["n_batches"]
+            problems += [f"{key}.calibration_batches: {n} exceeds models.{m}.calibration.n_batches ({n_all})"
+                         for n in g["calibration_batches"] if n > n_all]
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def prunable_of(mask: dict) -> list[bool]:
+    """Prunable layers of a mask record (ICA masks list them; baselines give the protected counts)."""
+    if "prunable" in mask:
+        return list(mask["prunable"])
+    n = len(mask["kept"])
+    return [mask.get("protect_first", 0) <= i < n - mask.get("protect_last", 0) for i in range(n)]
+
+
+def overlap_by_layer(masks: list[dict]) -> tuple[list[tuple[str, str]], list[int], np.ndarray]:
+    """Jaccard index of the kept neurons of every pair of masks in every prunable layer.
+
+    Returns the method pairs, the layers and a (pairs x layers) array.
+    """
+    layers = [i for i in range(len(masks[0]["kept"])) if any(prunable_of(m)[i] for m in masks)]
+    pairs = list(itertools.combinations(range(len(masks)), 2))
+    values = np.array([[jaccard(masks[a]["kept"][i], masks[b]["kept"][i]) for i in layers] for a, b in pairs])
+    return [(masks[a]["method"], masks[b]["method"]) for a, b in pairs], layers, values.reshape(len(pairs), len(layers))
+
+
+def batch_keep_counts(scores: Sequence[np.ndarray], threshold: float) -> np.ndarray:
+    """How many batches keep each neuron: (layers x neurons) counts of batch scores above ``threshold``.
+
+    ``scores`` holds one (layers x 2*intermediate) array of max |z| per signal for each batch; a
+    neuron's score is the larger of its gate and up signals'.
+    """
+    counts = None
+    for s in scores:
+        half = s.shape[1] // 2
+        kept = (np.maximum(s[:, :half], s[:, half:]) > threshold).astype(np.int64)
+        counts = kept if counts is None else counts + kept
+    if counts is None:
+        raise ValueError("no ICA score files to count kept neurons from")
+    return counts
+
+
+def load_scores(files: Sequence[str | Path]) -> list[np.ndarray]:
+    out = []
+    for f in files:
+        with np.load(f) as z:
+            out.append(z["scores"])
+    return out
+
+
+def _write(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def tables(main_files: Sequence[str], ablation_files: Sequence[str], task_metrics: Sequence[str],
+           out: dict[str, str]) -> None:
+    """The main table (``main_csv``, ``main_md``, ``main_tex``) and the ablation table (``ablation_csv``,
+    ``ablation_md``) from metrics files."""
+    from .tables import ablation_table, main_table
+
+    main = main_table([read_json(f) for f in main_files], task_metrics)
+    ablation = ablation_table([read_json(f) for f in ablation_files], task_metrics)
+    for fmt, text in main.items():
+        _write(out[f"main_{fmt}"], text)
+    for fmt, text in ablation.items():
+        _write(out[f"ablation_{fmt}"], text)
+
+
+def metrics_figure(figure: str, metrics_files: Sequence[str], png: str, pdf: str, k: int | None = None) -> None:
+    """One figure of METRIC_FIGURES from metrics files; ``k`` is the ablation method's (threshold)."""
+    from . import plots
+
+    records = [read_json(f) for f in metrics_files]
+    draw = {"components": plots.components_figure, "calibration": plots.calibration_figure,
+            "kept_per_layer": plots.kept_per_layer_figure}
+    fig = plots.threshold_figure(records, k) if figure == "threshold" else draw[figure](records)
+    plots.save(fig, png, pdf)
+
+
+def overlap(mask_files: Sequence[str], model: str, png: str, pdf: str) -> None:
+    from . import plots
+
+    masks = [read_json(f) for f in mask_files]
+    pairs, layers, values = overlap_by_layer(masks)
+    ratio = round(100 * masks[0]["ratio_requested"])
+    plots.save(plots.overlap_figure(pairs, layers, values, f"{model}, {ratio}% of block parameters removed"),
+               png, pdf)
+
+
+def stability(mask_file: str, score_files: Sequence[str], model: str, png: str, pdf: str) -> None:
+    """How many calibration batches keep each neuron, at the union mask's threshold."""
+    from . import plots
+
+    mask = read_json(mask_file)
+    counts = batch_keep_counts(load_scores(score_files), mask["threshold"])
+    title = (f"{model}, {round(100 * mask['ratio_requested'])}% removed, T = {mask['threshold']:.2f}, "
+             f"{len(score_files)} batches")
+    plots.save(plots.stability_figure(counts, prunable_of(mask), len(score_files), mask["method"], title), png, pdf)
+
+
+def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], out: str) -> None:
+    """A Markdown report of the grid: both tables and every PNG figure (linked relative to ``out``)."""
+    from .plots import FIGURE_TITLES
+
+    base = Path(out).parent
+    lines = [f"# fnprune paper results: grid `{grid}`", "",
+             "Built only from `metrics.json` files (and mask JSONs and ICA scores for overlap and stability).",
+             "", "## Main table", "", Path(main_md).read_text(), "## Ablations", "", Path(ablation_md).read_text()]
+    for model, figs in itertools.groupby(figures, key=lambda f: Path(f).parent.name):
+        lines += [f"## Figures: {model}", ""]
+        for f in figs:
+            rel = Path(f).relative_to(base)
+            lines += [f"### {FIGURE_TITLES[Path(f).stem]}", "", f"![{Path(f).stem}]({rel.as_posix()})", ""]
+    _write(out, "\n".join(lines))
