@@ -40,7 +40,8 @@ def load_input(args) -> tuple[np.ndarray, np.ndarray | None]:
     if args.real:
         x = np.load(Path(args.real) / f"L{args.layer}.npy").astype(np.float32)
         return x, None
-    cache = OUT / f"planted_{args.tokens}x{args.signals}_n{args.networks}_bg{args.background}_s{args.data_seed}.npz"
+    cache = OUT / (f"planted_{args.tokens}x{args.signals}_n{args.networks}x{args.network_size}_"
+                   f"bg{args.background}_noise{args.noise}_s{args.data_seed}.npz")
     if not cache.exists():
         OUT.mkdir(parents=True, exist_ok=True)
         x, member = synthetic(args)
@@ -123,35 +124,37 @@ def compare(args) -> None:
 def gpu_layers(args) -> None:
     import torch
 
-    from fnprune.ica import canica_torch
+    from fnprune.ica import canica_torch, canica_torch_layers
     from fnprune.synthetic import auroc
 
     x, member = synthetic(args)
     xs = torch.from_numpy(x).cuda()
     canica_torch(xs[:, :2048], 16, seed=0, device="cuda")            # warm-up (CUDA context, kernels)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    per_layer = []
-    for layer in range(args.layers):
-        res = canica_torch(xs, args.k, seed=layer, device="cuda")
-        per_layer.append((res.info["wall_s"], res.n_iter, res.converged, res.info["subspace"]))
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t0
-    print(f"GPU {torch.cuda.get_device_name()}: {args.layers} layers of {args.tokens} tokens x {args.signals} "
-          f"signals, k={args.k}: {total:.2f} s total, {total / args.layers:.3f} s per layer")
-    print("iterations:", [p[1] for p in per_layer], "all converged:", all(p[2] for p in per_layer),
-          "subspace:", sorted({p[3] for p in per_layer}))
-    print(f"planted AUROC (last layer): {auroc(res.scores, member):.4f}; peak GPU memory "
-          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    for name, batched in (("layer by layer", False), ("layers batched", True)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        seeds = [1000 * layer for layer in range(args.layers)]
+        if batched:
+            res = canica_torch_layers([xs] * args.layers, args.k, seeds, device="cuda")
+        else:
+            res = [canica_torch(xs, args.k, seed=s, device="cuda") for s in seeds]
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        print(f"GPU {torch.cuda.get_device_name()} ({name}): {args.layers} layers of {args.tokens} tokens x "
+              f"{args.signals} signals, k={args.k}: {total:.2f} s total, {total / args.layers:.3f} s per layer")
+        print("  iterations:", [r.n_iter for r in res], "all converged:", all(r.converged for r in res),
+              "subspace:", sorted({r.info["subspace"] for r in res}))
+        print(f"  planted AUROC (layer 0): {auroc(res[0].scores, member):.4f}; peak GPU memory "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=5000)
     p.add_argument("--signals", type=int, default=22016)
-    p.add_argument("--networks", type=int, default=100)
-    p.add_argument("--network-size", type=int, default=40)
-    p.add_argument("--background", type=int, default=300)
+    p.add_argument("--networks", type=int, default=128)
+    p.add_argument("--network-size", type=int, default=15)
+    p.add_argument("--background", type=int, default=96)
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--k", type=int, default=128)

@@ -17,6 +17,7 @@ maps (the score a key-neuron threshold ``T`` is applied to).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -154,38 +155,51 @@ def spatial_subspace(x: torch.Tensor, k: int, seed: int, mean: torch.Tensor | No
 
 
 def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
-    s, u = torch.linalg.eigh(w @ w.T)
+    """``(W W^T)^{-1/2} W`` for one (k x k) or a batch (L x k x k) of unmixing matrices."""
+    s, u = torch.linalg.eigh(w @ w.transpose(-1, -2))
     s = s.clamp(min=torch.finfo(w.dtype).tiny)
-    return (u * s.rsqrt()) @ u.T @ w
+    return (u * s.rsqrt().unsqueeze(-2)) @ u.transpose(-1, -2) @ w
 
 
-def fastica_cube(x: torch.Tensor, seed: int, max_iter: int = 300, tol: float = 1e-4
-                 ) -> tuple[torch.Tensor, bool, int]:
-    """Parallel FastICA with the ``cube`` non-linearity, in float64.
+def fastica_cube(x: torch.Tensor, seed: int | list[int], max_iter: int = 300, tol: float = 1e-4
+                 ) -> tuple[torch.Tensor, bool | list[bool], int | list[int]]:
+    """Parallel FastICA with the ``cube`` non-linearity, in float64 (scikit-learn's ``_ica_par``).
 
-    ``x`` is (k x N): k mixtures, N samples. Returns the (k x N) sources, whether the update
-    reached ``tol`` and the number of iterations. The algorithm is scikit-learn's ``_ica_par``.
+    ``x`` is (k x N): k mixtures, N samples; or a batch (L x k x N) of independent problems
+    (one per layer) with one seed each, iterated together so a GPU runs one kernel per step for
+    all of them. A problem that reached ``tol`` stops changing while the others go on. Returns
+    the sources, whether each reached ``tol`` and its number of iterations.
     """
-    x = x.double()
-    k, n = x.shape
-    xc = x - x.mean(1, keepdim=True)
-    d, e = torch.linalg.eigh(xc @ xc.T / n)
+    single = x.dim() == 2
+    x = (x.unsqueeze(0) if single else x).double()
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    n_prob, k, n = x.shape
+    xc = x - x.mean(-1, keepdim=True)
+    d, e = torch.linalg.eigh(xc @ xc.transpose(-1, -2) / n)
     d = d.clamp(min=torch.finfo(torch.float64).eps * float(d.max()))
-    xw = ((e * d.rsqrt()).T @ xc).contiguous()                  # whitened, (k x N)
-    w0 = np.random.RandomState(seed).standard_normal((k, k))
+    xw = ((e * d.rsqrt().unsqueeze(-2)).transpose(-1, -2) @ xc).contiguous()   # whitened
+    w0 = np.stack([np.random.RandomState(sd).standard_normal((k, k)) for sd in seeds])
     w = _sym_decorrelation(torch.from_numpy(w0).to(xw))
-    converged, it = False, 0
+    active = torch.ones(n_prob, dtype=torch.bool, device=xw.device)
+    n_iter = torch.full((n_prob,), max_iter, dtype=torch.long, device=xw.device)
     for it in range(1, max_iter + 1):
         wx = w @ xw
         g = wx * wx * wx
-        g_prime_mean = 3.0 * (wx * wx).mean(1)
-        w1 = _sym_decorrelation(g @ xw.T / n - g_prime_mean[:, None] * w)
-        lim = float((torch.abs(torch.einsum("ij,ij->i", w1, w)) - 1).abs().max())
-        w = w1
-        if lim < tol:
-            converged = True
+        g_prime_mean = 3.0 * (wx * wx).mean(-1)
+        w1 = _sym_decorrelation(g @ xw.transpose(-1, -2) / n - g_prime_mean.unsqueeze(-1) * w)
+        lim = (torch.einsum("lij,lij->li", w1, w).abs() - 1).abs().amax(-1)
+        w = torch.where(active[:, None, None], w1, w)
+        done = active & (lim < tol)
+        n_iter[done] = it
+        active &= ~done
+        if not bool(active.any()):
             break
-    return w @ xw, converged, it
+    sources = w @ xw
+    converged = (~active).tolist()
+    iters = n_iter.tolist()
+    if single:
+        return sources[0], converged[0], iters[0]
+    return sources, converged, iters
 
 
 def _finish(sources: torch.Tensor | np.ndarray, keep_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -195,14 +209,38 @@ def _finish(sources: torch.Tensor | np.ndarray, keep_maps: bool) -> tuple[np.nda
     return scores, (z.float().cpu().numpy() if keep_maps else None)
 
 
+def canica_torch_layers(xs, k: int, seeds: list[int], max_iter: int = 300, tol: float = 1e-4,
+                        device: str = "cpu", keep_maps: bool = False) -> list[ICAResult]:
+    """The torch backend on several layers: subspaces one by one, FastICA of all of them at once.
+
+    ``xs`` is an iterable of (tokens x signals) matrices (arrays, tensors, or callables that
+    load one), consumed one at a time so only one signal matrix is held.
+    """
+    t0 = time.time()
+    vs, infos = [], []
+    for x, seed in zip(xs, seeds):
+        x = x() if callable(x) else x
+        ts = time.time()
+        v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seed)
+        del x
+        vs.append(v.T.contiguous())
+        info["subspace_s"] = time.time() - ts
+        infos.append(info)
+    ti = time.time()
+    sources, converged, n_iter = fastica_cube(torch.stack(vs), seeds, max_iter=max_iter, tol=tol)
+    ica_s = (time.time() - ti) / len(vs)
+    out = []
+    for src, conv, it, info in zip(sources, converged, n_iter, infos):
+        scores, maps = _finish(src, keep_maps)
+        info["wall_s"] = info["subspace_s"] + ica_s
+        out.append(ICAResult(scores, conv, it, maps, info))
+    log.debug("torch CanICA of %d layers in %.2f s", len(out), time.time() - t0)
+    return out
+
+
 def canica_torch(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, max_iter: int = 300,
                  tol: float = 1e-4, device: str = "cpu", keep_maps: bool = False) -> ICAResult:
-    t0 = time.time()
-    v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seed)
-    sources, converged, n_iter = fastica_cube(v.T, seed, max_iter=max_iter, tol=tol)
-    scores, maps = _finish(sources, keep_maps)
-    info["wall_s"] = time.time() - t0
-    return ICAResult(scores, converged, n_iter, maps, info)
+    return canica_torch_layers([x], k, [seed], max_iter, tol, device, keep_maps)[0]
 
 
 def canica_exact(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, max_iter: int = 300,
@@ -282,20 +320,26 @@ def load_shard(path: str | Path, n_signals: int | None = None) -> np.ndarray:
 
 def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, max_iter: int = 300,
               tol: float = 1e-4, device: str = "cpu") -> dict[str, np.ndarray]:
-    """CanICA of every layer shard of one calibration batch; per-layer scores and convergence."""
+    """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
+
+    Layer ``l`` uses seed ``seed + 1000 * l``. On CUDA the torch backend iterates the FastICA
+    of all layers together (one batched problem); elsewhere layer by layer, bounding memory.
+    """
     from tqdm import tqdm
 
-    scores, converged, n_iter, wall = [], [], [], []
-    for layer, path in enumerate(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5)):
-        x = load_shard(path)
-        res = canica(x, k, backend, seed=seed + 1000 * layer, max_iter=max_iter, tol=tol, device=device)
+    seeds = [seed + 1000 * layer for layer in range(len(shard_paths))]
+    if backend == "torch" and str(device).startswith("cuda"):
+        results = canica_torch_layers([functools.partial(load_shard, p) for p in shard_paths], k, seeds,
+                                      max_iter, tol, device)
+    else:
+        results = [canica(load_shard(p), k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device)
+                   for p, sd in zip(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5), seeds)]
+    for layer, (path, res) in enumerate(zip(shard_paths, results)):
         if not res.converged:
             log.warning("%s: FastICA did not converge in %d iterations (tol %g)", path, max_iter, tol)
-        log.info("layer %d: %d tokens x %d signals, k=%d, %s, iterations %d, %.2f s", layer,
-                 x.shape[0], x.shape[1], k, res.info.get("subspace"), res.n_iter, res.info["wall_s"])
-        scores.append(res.scores)
-        converged.append(res.converged)
-        n_iter.append(res.n_iter)
-        wall.append(res.info["wall_s"])
-    return {"scores": np.stack(scores), "converged": np.array(converged),
-            "n_iter": np.array(n_iter), "wall_s": np.array(wall)}
+        log.info("layer %d: k=%d, %s, iterations %d, %.2f s", layer, k, res.info.get("subspace"),
+                 res.n_iter, res.info["wall_s"])
+    return {"scores": np.stack([r.scores for r in results]),
+            "converged": np.array([r.converged for r in results]),
+            "n_iter": np.array([r.n_iter for r in results]),
+            "wall_s": np.array([r.info["wall_s"] for r in results])}

@@ -222,14 +222,17 @@ def tables(main_files: Sequence[str], ablation_files: Sequence[str], task_metric
         _write(out[f"ablation_{fmt}"], text)
 
 
-def metrics_figure(figure: str, metrics_files: Sequence[str], png: str, pdf: str, k: int | None = None) -> None:
-    """One figure of METRIC_FIGURES from metrics files; ``k`` is the ablation method's (threshold)."""
+def metrics_figure(figure: str, metrics_files: Sequence[str], png: str, pdf: str, ablation_method: str) -> None:
+    """One figure of METRIC_FIGURES from metrics files (the threshold figure needs the ablation method's k)."""
     from . import plots
 
     records = [read_json(f) for f in metrics_files]
     draw = {"components": plots.components_figure, "calibration": plots.calibration_figure,
             "kept_per_layer": plots.kept_per_layer_figure}
-    fig = plots.threshold_figure(records, k) if figure == "threshold" else draw[figure](records)
+    if figure == "threshold":
+        fig = plots.threshold_figure(records, parse_method(ablation_method)["k"])
+    else:
+        fig = draw[figure](records)
     plots.save(fig, png, pdf)
 
 
@@ -239,8 +242,8 @@ def overlap(mask_files: Sequence[str], model: str, png: str, pdf: str) -> None:
     masks = [read_json(f) for f in mask_files]
     pairs, layers, values = overlap_by_layer(masks)
     ratio = round(100 * masks[0]["ratio_requested"])
-    plots.save(plots.overlap_figure(pairs, layers, values, f"{model}, {ratio}% of block parameters removed"),
-               png, pdf)
+    title = f"{model}: overlap of kept neurons, {ratio}% of block parameters removed"
+    plots.save(plots.overlap_figure(pairs, layers, values, title), png, pdf)
 
 
 def stability(mask_file: str, score_files: Sequence[str], model: str, png: str, pdf: str) -> None:

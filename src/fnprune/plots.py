@@ -28,6 +28,8 @@ FIGURE_TITLES = {
 }
 
 Getter = Callable[[dict], float | None]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+STYLES = ("-", "--", "-.", ":")
 
 
 def save(fig: Figure, png: str | Path, pdf: str | Path) -> None:
@@ -167,7 +169,8 @@ def kept_per_layer_figure(records: Sequence[dict]) -> Figure:
     ax = fig.subplots()
     for i, r in enumerate(first.values()):
         kept, sizes = np.array(r["kept_neurons_per_layer"]), np.array(r["intermediate_sizes"])
-        ax.plot(np.arange(len(kept)), 100 * kept / sizes, marker="o", color=f"C{i}", label=method_label(r["method"]))
+        ax.plot(np.arange(len(kept)), 100 * kept / sizes, marker=MARKERS[i % len(MARKERS)], ls=STYLES[i % len(STYLES)],
+                color=f"C{i}", label=method_label(r["method"]))
     ax.axhline(100, color="k", ls="--", lw=1, label="dense")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("transformer block (layer index)")
@@ -182,10 +185,10 @@ def kept_per_layer_figure(records: Sequence[dict]) -> Figure:
 
 def overlap_figure(pairs: Sequence[tuple[str, str]], layers: Sequence[int], values: np.ndarray, title: str) -> Figure:
     """Heatmap of the Jaccard index of kept neurons: a row per pair of methods, a column per layer."""
-    fig = Figure(figsize=(max(6.0, 3.5 + 0.45 * len(layers)), max(3.0, 1.5 + 0.35 * len(pairs))),
+    fig = Figure(figsize=(max(7.0, 4.0 + 0.45 * len(layers)), max(3.0, 1.5 + 0.35 * len(pairs))),
                  layout="constrained")
     ax = fig.subplots()
-    ax.set_title(f"Jaccard index of kept neurons: {title}")
+    ax.set_title(title)
     if not pairs:
         ax.text(0.5, 0.5, "a single method: no pair to compare", ha="center", va="center")
         ax.set_axis_off()
@@ -197,7 +200,7 @@ def overlap_figure(pairs: Sequence[tuple[str, str]], layers: Sequence[int], valu
     if values.size <= 400:
         for (i, j), v in np.ndenumerate(values):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
-    fig.colorbar(im, ax=ax, label="Jaccard index (1 = same kept neurons)")
+    fig.colorbar(im, ax=ax, label="Jaccard index of kept neurons")
     return fig
 
 

@@ -51,6 +51,7 @@ def build_model(spec: dict, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
+        architectures=["LlamaForCausalLM"],
         vocab_size=len(tokenizer),
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],

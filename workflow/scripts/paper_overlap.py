@@ -1,0 +1,5 @@
+from fnprune import paper
+from fnprune.io import setup_logging
+
+setup_logging(snakemake.log[0])
+paper.overlap(list(snakemake.input), snakemake.wildcards.model, snakemake.output.png, snakemake.output.pdf)

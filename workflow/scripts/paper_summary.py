@@ -1,0 +1,6 @@
+from fnprune import paper
+from fnprune.io import setup_logging
+
+setup_logging(snakemake.log[0])
+paper.summary(snakemake.wildcards.grid, snakemake.input.main, snakemake.input.ablation,
+              list(snakemake.input.figures), snakemake.output[0])
