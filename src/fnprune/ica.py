@@ -155,8 +155,13 @@ def spatial_subspace(x: torch.Tensor, k: int, seed: int, mean: torch.Tensor | No
 
 
 def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
-    """``(W W^T)^{-1/2} W`` for one (k x k) or a batch (L x k x k) of unmixing matrices."""
-    s, u = torch.linalg.eigh(w @ w.transpose(-1, -2))
+    """``(W W^T)^{-1/2} W`` for one (k x k) or a batch (L x k x k) of unmixing matrices.
+
+    The small eigendecomposition runs on the CPU: CUDA's solver fails on the nearly repeated
+    eigenvalues of ``W W^T`` (it is close to the identity once FastICA settles).
+    """
+    s, u = torch.linalg.eigh((w @ w.transpose(-1, -2)).cpu())
+    s, u = s.to(w.device), u.to(w.device)
     s = s.clamp(min=torch.finfo(w.dtype).tiny)
     return (u * s.rsqrt().unsqueeze(-2)) @ u.transpose(-1, -2) @ w
 

@@ -135,8 +135,14 @@ class Column:
     percent: bool = False
     digits: int = 2
 
+    def shown(self, value: float | None) -> float | None:
+        """The value as displayed (percent, rounded): best values are compared at this precision."""
+        if value is None or math.isnan(value):
+            return None
+        return round(value * 100 if self.percent else value, self.digits)
+
     def display(self, value: float | None) -> str:
-        return _fmt(value * 100 if self.percent and value is not None else value, self.digits)
+        return _fmt(self.shown(value), self.digits)
 
 
 def _ordered(items: Iterable[str]) -> list[str]:
@@ -172,8 +178,8 @@ def order_records(records: list[dict]) -> list[dict]:
 
 
 def best_cells(records: list[dict], columns: list[Column]) -> set[tuple[int, int]]:
-    """(row, column) of the best value per block (model x ratio) and column; dense rows never count."""
-    cells = {(i, j): ((r["model"], ratio_pct(r), j), metric_value(r, c.key))
+    """(row, column) of the best displayed value per block (model x ratio) and column; dense never counts."""
+    cells = {(i, j): ((r["model"], ratio_pct(r), j), c.shown(metric_value(r, c.key)))
              for i, r in enumerate(records) if r["method"] != "dense" for j, c in enumerate(columns)}
     best: dict[tuple, float] = {}
     for (_, j), (block, v) in cells.items():
