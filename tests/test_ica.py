@@ -104,3 +104,32 @@ def test_batched_fastica_equals_one_by_one(planted):
     for a, b in zip(together, alone):
         assert a.n_iter == b.n_iter and a.converged == b.converged
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["keep", "retry", "skip", "fail"])
+def test_nonconvergence_policy(tmp_path, planted, policy):
+    from fnprune.ica import ica_batch
+    from fnprune.mask import union_neuron_scores
+
+    x, _ = planted
+    paths = []
+    for layer in range(2):
+        paths.append(tmp_path / f"L{layer}.npy")
+        np.save(paths[-1], x[:, layer * 400:(layer + 1) * 400].astype(np.float16))
+    if policy == "fail":
+        with pytest.raises(RuntimeError, match="L0.npy: FastICA did not converge"):
+            ica_batch(paths, 8, "torch", 0, max_iter=2, on_nonconvergence=policy)
+        return
+    res = ica_batch(paths, 8, "torch", 0, max_iter=2, on_nonconvergence=policy, retries=2)
+    assert not res["converged"].any()
+    assert res["attempts"].tolist() == ([3, 3] if policy == "retry" else [1, 1])
+    assert res["skipped"].tolist() == [policy == "skip"] * 2
+    from fnprune.io import save_npz
+
+    save_npz(tmp_path / "b0.npz", **res)
+    if policy == "skip":
+        with pytest.raises(ValueError, match=r"layers \[0, 1\]: FastICA was skipped in every batch"):
+            union_neuron_scores([tmp_path / "b0.npz"])
+    else:
+        _, info = union_neuron_scores([tmp_path / "b0.npz"])
+        assert info["nonconverged_fraction"] == 1.0 and info["complete"]

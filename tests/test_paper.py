@@ -184,3 +184,11 @@ def test_summary_links_tables_and_figures(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "grid `toy_grid`" in text and "**23.00**" in text and "![overlap](toy/overlap.png)" in text
     assert Path(out["main_tex"]).read_text().startswith(r"\begin{tabular}")
+
+
+def test_ties_at_display_precision_are_all_bold():
+    recs = records(MAIN[:3])
+    recs[1]["lm_eval"]["fnprune_ppl"]["bits_per_byte"]["value"] = 2.1004
+    recs[2]["lm_eval"]["fnprune_ppl"]["bits_per_byte"]["value"] = 2.1001
+    rows = md_rows(tables.main_table(recs, ["acc", "bits_per_byte"])["md"])
+    assert [r[6] for r in rows] == ["2.000", "**2.100**", "**2.100**"]

@@ -323,15 +323,26 @@ def load_shard(path: str | Path, n_signals: int | None = None) -> np.ndarray:
     return x
 
 
+NONCONVERGENCE_POLICIES = ("keep", "retry", "skip", "fail")
+
+
 def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, max_iter: int = 300,
-              tol: float = 1e-4, device: str = "cpu") -> dict[str, np.ndarray]:
+              tol: float = 1e-4, device: str = "cpu", on_nonconvergence: str = "keep",
+              retries: int = 2) -> dict[str, np.ndarray]:
     """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
 
     Layer ``l`` uses seed ``seed + 1000 * l``. On CUDA the torch backend iterates the FastICA
     of all layers together (one batched problem); elsewhere layer by layer, bounding memory.
+    A layer whose FastICA does not reach ``tol`` is handled by ``on_nonconvergence``: ``keep``
+    its maps (recorded; what the authors' code does), ``retry`` with new seeds up to
+    ``retries`` times, ``skip`` it (this batch then does not vote for that layer's neurons), or
+    ``fail``.
     """
     from tqdm import tqdm
 
+    if on_nonconvergence not in NONCONVERGENCE_POLICIES:
+        raise ValueError(f"ica.on_nonconvergence: expected one of {', '.join(NONCONVERGENCE_POLICIES)}, "
+                         f"got {on_nonconvergence!r}")
     seeds = [seed + 1000 * layer for layer in range(len(shard_paths))]
     if backend == "torch" and str(device).startswith("cuda"):
         results = canica_torch_layers([functools.partial(load_shard, p) for p in shard_paths], k, seeds,
@@ -339,12 +350,28 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
     else:
         results = [canica(load_shard(p), k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device)
                    for p, sd in zip(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5), seeds)]
+    attempts = np.ones(len(results), dtype=np.int64)
+    skipped = np.zeros(len(results), dtype=bool)
     for layer, (path, res) in enumerate(zip(shard_paths, results)):
+        if not res.converged and on_nonconvergence == "retry":
+            for attempt in range(1, retries + 1):
+                res = canica(load_shard(path), k, backend, seed=seeds[layer] + 100 * attempt,
+                             max_iter=max_iter, tol=tol, device=device)
+                attempts[layer] += 1
+                if res.converged:
+                    break
+            results[layer] = res
         if not res.converged:
-            log.warning("%s: FastICA did not converge in %d iterations (tol %g)", path, max_iter, tol)
-        log.info("layer %d: k=%d, %s, iterations %d, %.2f s", layer, k, res.info.get("subspace"),
-                 res.n_iter, res.info["wall_s"])
+            msg = f"{path}: FastICA did not converge in {max_iter} iterations (tol {tol})"
+            if on_nonconvergence == "fail":
+                raise RuntimeError(f"{msg}; ica.on_nonconvergence is 'fail' (use keep, retry or skip, "
+                                   f"or raise ica.max_iter)")
+            skipped[layer] = on_nonconvergence == "skip"
+            log.warning("%s; %s", msg, "this batch is skipped for the layer" if skipped[layer] else "kept")
+        log.info("layer %d: k=%d, %s, iterations %d, attempts %d, %.2f s", layer, k, res.info.get("subspace"),
+                 res.n_iter, attempts[layer], res.info["wall_s"])
     return {"scores": np.stack([r.scores for r in results]),
             "converged": np.array([r.converged for r in results]),
             "n_iter": np.array([r.n_iter for r in results]),
-            "wall_s": np.array([r.info["wall_s"] for r in results])}
+            "wall_s": np.array([r.info["wall_s"] for r in results]),
+            "attempts": attempts, "skipped": skipped}

@@ -17,36 +17,44 @@ from .io import versions
 log = logging.getLogger(__name__)
 
 
-def union_neuron_scores(score_files: list[str | Path], skip: set[int] | None = None) -> tuple[list[np.ndarray], dict]:
+def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray], dict]:
     """Neuron scores of the union mask: max over batches, and over a neuron's gate and up signals.
 
     A neuron kept by any batch (score > T in any batch) is kept by the union, so thresholding
-    these maxima at ``T`` is exactly the OR of the per-batch masks.
+    these maxima at ``T`` is exactly the OR of the per-batch masks. A (batch, layer) whose ICA
+    was skipped for non-convergence does not vote; a layer no batch voted for is an error.
     """
     best: np.ndarray | None = None
-    converged, n_iter, wall = [], [], 0.0
-    used = []
-    for b, path in enumerate(score_files):
-        if skip and b in skip:
-            continue
+    voted: np.ndarray | None = None
+    converged, n_iter, skipped, wall = [], [], [], 0.0
+    for path in score_files:
         try:
             with np.load(path) as z:
                 s, conv, it, w = z["scores"], z["converged"], z["n_iter"], float(z["wall_s"].sum())
+                skip = z["skipped"] if "skipped" in z.files else np.zeros(len(s), bool)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: unreadable ICA scores ({e}); delete it and rerun its ICA job") from None
         if not np.isfinite(s).all():
             raise ValueError(f"{path}: ICA scores hold NaN or inf")
         inter = s.shape[1] // 2
         neuron = np.maximum(s[:, :inter], s[:, inter:])
+        neuron[skip] = -np.inf
         best = neuron if best is None else np.maximum(best, neuron)
+        voted = ~skip if voted is None else voted | ~skip
         converged.append(conv.tolist())
         n_iter.append(it.tolist())
+        skipped.append(np.flatnonzero(skip).tolist())
         wall += w
-        used.append(b)
     if best is None:
         raise ValueError("no ICA score files to build a mask from")
-    info = {"batches_used": used, "converged": converged, "n_iter": n_iter, "ica_wall_s": wall,
-            "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float)))}
+    if not voted.all():
+        raise ValueError(f"layers {np.flatnonzero(~voted).tolist()}: FastICA was skipped in every batch "
+                         f"(ica.on_nonconvergence: skip); raise ica.max_iter or use retry/keep")
+    n_skipped = sum(len(x) for x in skipped)
+    info = {"batches_used": list(range(len(score_files))), "converged": converged, "n_iter": n_iter,
+            "skipped_layers_per_batch": skipped, "ica_wall_s": wall,
+            "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float))),
+            "complete": n_skipped == 0}
     return list(best), info
 
 

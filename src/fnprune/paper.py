@@ -11,7 +11,6 @@ per-batch ICA scores.
 from __future__ import annotations
 
 import itertools
-import logging
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -20,11 +19,8 @@ import numpy as np
 from .config import ICA_METHOD, parse_method
 from .io import atomic_path, read_json
 
-log = logging.getLogger(__name__)
-
 METRIC_FIGURES = ("components", "calibration", "threshold", "kept_per_layer")
 FIGURES = METRIC_FIGURES + ("overlap", "stability")
-TABLES = ("main_table.csv", "main_table.md", "main_table.tex", "ablation_table.csv", "ablation_table.md")
 
 
 class Target(NamedTuple):
@@ -210,8 +206,7 @@ def _write(path: str | Path, text: str) -> None:
 
 def tables(main_files: Sequence[str], ablation_files: Sequence[str], task_metrics: Sequence[str],
            out: dict[str, str]) -> None:
-    """The main table (``main_csv``, ``main_md``, ``main_tex``) and the ablation table (``ablation_csv``,
-    ``ablation_md``) from metrics files."""
+    """Write the main and ablation tables; ``out`` maps ``main_{csv,md,tex}``, ``ablation_{csv,md}`` to paths."""
     from .tables import ablation_table, main_table
 
     main = main_table([read_json(f) for f in main_files], task_metrics)

@@ -80,7 +80,7 @@ def _log2_ticks(ax: Axes, xs: Sequence[float]) -> None:
 
 
 def _ablation_figure(records: Sequence[dict], x_of: Getter, xlabel: str, extra_of: Getter, extra_label: str,
-                     title: str) -> Figure:
+                     title: str, extra_percent: bool = False) -> Figure:
     """One panel per metric (a line per ratio, dense dashed) and one for ``extra_of``, against ``x_of``."""
     dense = next((r for r in records if r["method"] == "dense"), None)
     pruned = [r for r in records if r["method"] != "dense"]
@@ -94,6 +94,8 @@ def _ablation_figure(records: Sequence[dict], x_of: Getter, xlabel: str, extra_o
         ax.set_ylabel(_ylabel(key))
     _lines(axes[-1], _by_ratio(pruned, x_of, extra_of))
     axes[-1].set_ylabel(extra_label)
+    if extra_percent:
+        axes[-1].set_ylim(0, max(5.0, axes[-1].get_ylim()[1]))
     xs = sorted({x_of(r) for r in pruned if x_of(r) is not None})
     for ax in axes:
         _log2_ticks(ax, xs)
@@ -120,7 +122,8 @@ def components_figure(records: Sequence[dict]) -> Figure:
     """Metrics and non-converged FastICA runs against the number of components k (all batches)."""
     return _ablation_figure(records, lambda r: r.get("k"), "ICA components per layer and batch, k (log scale)",
                             _percent(nonconverged_fraction), "non-converged FastICA runs (%)",
-                            f"{_model(records)}: number of ICA components (every calibration batch)")
+                            f"{_model(records)}: number of ICA components (every calibration batch)",
+                            extra_percent=True)
 
 
 def calibration_figure(records: Sequence[dict]) -> Figure:

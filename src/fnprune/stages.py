@@ -83,7 +83,7 @@ def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, see
 
     paths = [Path(shard_dir) / f"L{layer}.npy" for layer in range(n_layers)]
     res = ica_batch(paths, k, backend, seed, ica_spec["max_iter"], ica_spec["tol"],
-                    resolve_device(ica_spec["device"]))
+                    resolve_device(ica_spec["device"]), ica_spec["on_nonconvergence"], ica_spec["retries"])
     save_npz(out, **res, k=np.array(k), seed=np.array(seed))
 
 
@@ -229,7 +229,8 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
             "kept_heads_per_layer": [len(h) for h in m["kept_heads"]] if m.get("kept_heads") else None,
         })
         if "ica" in m:
-            rec["ica"] = {k: m["ica"][k] for k in ("batches_used", "nonconverged_fraction", "n_iter")}
+            rec["ica"] = {k: m["ica"][k] for k in ("batches_used", "nonconverged_fraction", "n_iter",
+                                                   "skipped_layers_per_batch", "complete")}
             stages["ica"] = m["ica"]["ica_wall_s"]
         stages["mask"] = m["wall_s"]
     else:

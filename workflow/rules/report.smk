@@ -32,10 +32,12 @@ rule paper_tables:
                        category="Tables", subcategory="{grid}", labels={"table": "main", "format": "Markdown"}),
         main_tex=report("results/paper/{grid}/main_table.tex", caption="../report/paper_main_table.rst",
                         category="Tables", subcategory="{grid}", labels={"table": "main", "format": "LaTeX"}),
-        ablation_csv=report("results/paper/{grid}/ablation_table.csv", caption="../report/paper_ablation_table.rst",
-                            category="Tables", subcategory="{grid}", labels={"table": "ablations", "format": "CSV"}),
-        ablation_md=report("results/paper/{grid}/ablation_table.md", caption="../report/paper_ablation_table.rst",
-                           category="Tables", subcategory="{grid}", labels={"table": "ablations", "format": "Markdown"}),
+        ablation_csv=report("results/paper/{grid}/ablation_table.csv",
+                            caption="../report/paper_ablation_table.rst", category="Tables", subcategory="{grid}",
+                            labels={"table": "ablations", "format": "CSV"}),
+        ablation_md=report("results/paper/{grid}/ablation_table.md",
+                           caption="../report/paper_ablation_table.rst", category="Tables", subcategory="{grid}",
+                           labels={"table": "ablations", "format": "Markdown"}),
     log:
         "results/logs/paper/{grid}_tables.log",
     params:
