@@ -14,11 +14,12 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 CONFIGS = [str(REPO / "config" / "config.yaml"), str(REPO / "config" / "micro.yaml")]
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real snakemake on the repository's Snakefile in ``workdir`` with the micro config."""
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
            "--configfile", *CONFIGS]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -37,6 +37,10 @@ def test_defaults_are_filled(cfg):
     (("targets", "models"), ["llama9"], "targets.models"),
     (("ica", "backend"), "jax", "ica.backend"),
     (("models", "tiny", "num_layers"), 6, "differs from train.num_layers"),
+    (("models", "tiny", "architecture"), "GPT2LMHeadModel", "models.tiny.architecture: 'GPT2LMHeadModel' is not supported"),
+    (("models", "tiny", "eval", "ppl_seqlens"), [512], "models.tiny.eval.ppl_seqlens: 512 exceeds"),
+    (("targets", "methods"), ["c2000"], "k=2000 components but model tiny has only 1024"),
+    (("models", "tiny", "calibration", "n_batches"), 0, "models.tiny.calibration.n_batches"),
 ])
 def test_errors_name_the_key(cfg, path, value, needle):
     node = cfg

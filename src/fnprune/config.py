@@ -119,6 +119,24 @@ def check(config: dict) -> None:
             elif m["train"]["num_layers"] != m["num_layers"]:
                 problems.append(f"models.{name}.num_layers: {m['num_layers']} differs from "
                                 f"train.num_layers {m['train']['num_layers']}")
+        from .adapters import REGISTRY
+
+        if m["architecture"] not in REGISTRY:
+            problems.append(f"models.{name}.architecture: {m['architecture']!r} is not supported; "
+                            f"supported: {', '.join(sorted(REGISTRY))}")
+        if m["source"] == "train" and "train" in m:
+            max_pos = m["train"]["max_position"]
+            for seqlen in m["eval"]["ppl_seqlens"]:
+                if seqlen > max_pos:
+                    problems.append(f"models.{name}.eval.ppl_seqlens: {seqlen} exceeds the model's "
+                                    f"maximum length train.max_position={max_pos}")
+            signals = 2 * m["train"]["intermediate_size"]
+            for section in ("targets", "comparison"):
+                for method in config[section].get("methods", []):
+                    k = ICA_METHOD.fullmatch(method)
+                    if k and int(k["k"]) > signals and name in config["targets"]["models"]:
+                        problems.append(f"{section}.methods: {method} asks for k={k['k']} components but "
+                                        f"model {name} has only {signals} MLP signals per layer")
         if m["protect_first"] + m["protect_last"] >= m["num_layers"]:
             problems.append(f"models.{name}.protect_first + protect_last: "
                             f"{m['protect_first']} + {m['protect_last']} leaves no prunable layer of "

@@ -348,8 +348,13 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
         results = canica_torch_layers([functools.partial(load_shard, p) for p in shard_paths], k, seeds,
                                       max_iter, tol, device)
     else:
-        results = [canica(load_shard(p), k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device)
-                   for p, sd in zip(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5), seeds)]
+        results = []
+        for p, sd in zip(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5), seeds):
+            x = load_shard(p)
+            try:
+                results.append(canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device))
+            except ValueError as e:
+                raise ValueError(f"{p}: {e}") from None
     attempts = np.ones(len(results), dtype=np.int64)
     skipped = np.zeros(len(results), dtype=bool)
     for layer, (path, res) in enumerate(zip(shard_paths, results)):

@@ -148,6 +148,7 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
         "target": target,
         "source_model": model_spec.get("hf_id", source),
         "source_revision": model_spec.get("revision"),
+        "source_commit": getattr(model.config, "_commit_hash", None),
         "trust_remote_code": model_spec.get("trust_remote_code", False),
         "method": rec["method"], "k": rec.get("k"), "backend": rec.get("backend"),
         "bias_compensation": bias,

@@ -1,0 +1,83 @@
+"""Cost of the hooked calibration pass against a plain forward pass over the same tokens.
+
+The hooked pass writes every layer's MLP signals to memory-mapped shards and accumulates the
+statistics of every later stage (down_proj and o_proj inputs). Both passes run here, same model,
+same micro-batches, alternating, best of ``--repeats``; the ratio is printed.
+
+    python benchmarks/extract_overhead.py                   # LLaMA-shaped, hidden 512, 8 layers
+    python benchmarks/extract_overhead.py --model results/models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fnprune.extract import extract_batch, tokenize_batch
+from fnprune.train import build_model, train_tokenizer
+
+
+def texts(n: int) -> list[str]:
+    from fnprune.corpus import embedded_documents
+
+    docs = [t for _, t in embedded_documents()]
+    return [d[:2000] for d in docs[:n]]
+
+
+def plain_pass(model, tok, batch: list[str], max_length: int, micro: int) -> float:
+    seqs = tokenize_batch(tok, batch, max_length)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(seqs), micro):
+            chunk = seqs[s:s + micro]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), tok.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for r, q in enumerate(chunk):
+                ids[r, :len(q)] = torch.tensor(q)
+                mask[r, :len(q)] = 1
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a saved model directory (default: a random LLaMA-shaped model)")
+    p.add_argument("--texts", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    batch = texts(args.texts)
+    if args.model:
+        from fnprune.modeling import load_base, load_tokenizer
+
+        model, tok = load_base(args.model, device="cpu"), load_tokenizer(args.model)
+    else:
+        tok = train_tokenizer(texts(200), 4096)
+        torch.manual_seed(0)
+        model = build_model(dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+                                 max_position=args.max_length), tok).eval()
+    n_layers = model.config.num_hidden_layers
+    plain, hooked = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(args.repeats):
+            plain.append(plain_pass(model, tok, batch, args.max_length, args.micro))
+            paths = [Path(d) / f"r{r}_L{i}.npy" for i in range(n_layers)]
+            t0 = time.perf_counter()
+            info = extract_batch(model, tok, batch, paths, Path(d) / f"r{r}.npz", args.max_length, args.micro)
+            hooked.append(time.perf_counter() - t0)
+    print(f"model: {args.model or 'random LLaMA hidden 512, 8 layers, 1376 MLP neurons'}; "
+          f"{info['n_texts']} texts, {info['n_tokens']} tokens, threads {args.threads}")
+    print(f"plain forward: {min(plain):.3f} s; hooked pass (shards + statistics): {min(hooked):.3f} s")
+    print(f"ratio hooked / plain: {min(hooked) / min(plain):.3f}x (target <= 1.15x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Realised speed-up of pruned models on CPU: prefill latency and decode tokens/s, dense vs pruned.
+
+Pruning removes a ratio of block parameters (MLP neurons, uniformly over layers here, so the
+shapes match what the methods produce); the ideal speed-up is the ratio of block FLOPs. With
+``--round 64`` the kept neurons per layer are rounded to a multiple of 64 (hardware-friendly).
+
+    python benchmarks/pruned_speed.py --shape llama7b-block    # one LLaMA-7B-shaped decoder block
+    python benchmarks/pruned_speed.py --model results/models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from fnprune import adapters as A
+from fnprune.mask import n_to_drop
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.model:
+        from fnprune.modeling import load_base
+
+        return load_base(args.model, device="cpu")
+    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=32,
+                      max_position_embeddings=4096)
+    with torch.device("cpu"):
+        return LlamaForCausalLM(cfg).eval()
+
+
+def prune_uniform(model, ratio: float, round_to: int):
+    model = copy.deepcopy(model)
+    ad = A.adapter_for(model)
+    blocks = A.layers(model, ad)
+    n_drop = n_to_drop(ratio, A.block_parameter_count(model), A.mlp_neuron_params(blocks[0], ad))
+    per = n_drop // len(blocks)
+    for b in blocks:
+        inter = A.intermediate_size(b, ad)
+        keep = inter - per
+        if round_to:
+            keep = max(round_to, round(keep / round_to) * round_to)
+        A.prune_mlp(b, ad, torch.arange(keep))
+    return model
+
+
+@torch.no_grad()
+def speed(model, prompt_len: int, new_tokens: int, repeats: int) -> tuple[float, float]:
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len))
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        prefill.append(time.perf_counter() - t0)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode.append(new_tokens / (time.perf_counter() - t0))
+    return min(prefill), max(decode)
+
+
+def block_flops(model) -> int:
+    return A.block_parameter_count(model)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a saved model directory (default: a LLaMA-7B-shaped block)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    p.add_argument("--round", type=int, default=0, dest="round_to")
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dense = build(args)
+    d_pre, d_dec = speed(dense, args.prompt, args.new_tokens, args.repeats)
+    print(f"model: {args.model or 'LLaMA-7B-shaped decoder block (random)'}; prompt {args.prompt} tokens, "
+          f"{args.new_tokens} decoded, threads {args.threads}, round kept to {args.round_to or 'none'}")
+    print(f"{'variant':10} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} {'ideal x':>8}")
+    print(f"{'dense':10} {d_pre:>10.4f} {d_dec:>13.1f} {1:>10.2f} {1:>9.2f} {1:>8.2f}")
+    for r in args.ratios:
+        pruned = prune_uniform(dense, r, args.round_to)
+        pre, dec = speed(pruned, args.prompt, args.new_tokens, args.repeats)
+        ideal = block_flops(dense) / block_flops(pruned)
+        print(f"{f'r{int(r * 100)}':10} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
