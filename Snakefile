@@ -6,6 +6,10 @@ min_version("9.0")
 
 
 configfile: "config/config.yaml"
+configfile: "config/paper.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -27,3 +31,13 @@ rule all:
 rule comparison:
     input:
         comparison_tables,
+
+
+rule paper:
+    input:
+        "results/paper/paper/report.md",
+
+
+rule paper_full:
+    input:
+        "results/paper/paper_full/report.md",

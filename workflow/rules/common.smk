@@ -1,7 +1,9 @@
 # Helper functions of the workflow: config access, the path grammar and input functions.
 import fnprune.config as fconfig
+import fnprune.paper as fpaper
 
 fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+fpaper.check_grids(config)
 
 MODELS = list(config["models"])
 SPLITS = ["train", "calib", "validation", "test"]
@@ -19,6 +21,7 @@ wildcard_constraints:
     baseline="|".join(fconfig.BASELINES),
     method=fconfig.METHOD_PATTERN,
     target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
+    grid="|".join(config["paper"]["grids"]),
 
 
 def mspec(model):
@@ -144,3 +147,39 @@ def gpus_of_model(wildcards):
     """GPUs a model's heavy rules ask for (resources gpu; the SLURM profile turns it into --gpus)."""
     model = target_info(wildcards)["model"] if "target" in wildcards.keys() else wildcards.model
     return mspec(model)["gpus"]
+
+
+def paper_metrics_files(targets):
+    return [f"results/{target_name(t.model, t.ratio, t.method)}/metrics.json" for t in targets]
+
+
+def paper_table_inputs(wildcards):
+    """The metrics of a paper grid's main table and of its ablations."""
+    return {"main": paper_metrics_files(fpaper.main_targets(config, wildcards.grid)),
+            "ablation": paper_metrics_files(fpaper.ablation_targets(config, wildcards.grid))}
+
+
+def paper_figure_metrics(figure):
+    """Input function of one figure of a grid's model (fnprune.paper.METRIC_FIGURES): its metrics files."""
+
+    def inputs(wildcards):
+        return paper_metrics_files(fpaper.figure_targets(config, wildcards.grid, wildcards.model, figure))
+
+    return inputs
+
+
+def paper_overlap_masks(wildcards):
+    """One mask JSON per distinct mask of a grid's methods at its focus ratio."""
+    return [mask_file(t.model, t.ratio, t.method) for t in fpaper.overlap_masks(config, wildcards.grid, wildcards.model)]
+
+
+def paper_stability_inputs(wildcards):
+    """The ablation method's mask at the focus ratio and the ICA scores of every calibration batch."""
+    t, k, backend = fpaper.stability_target(config, wildcards.grid, wildcards.model)
+    return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, backend, k)}
+
+
+def paper_figures(wildcards):
+    """The PNG of every figure of every model of a grid (each job writes its PDF beside it)."""
+    models = config["paper"]["grids"][wildcards.grid]["models"]
+    return [f"results/paper/{wildcards.grid}/{m}/{fig}.png" for m in models for fig in fpaper.FIGURES]
