@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def setup(log_file: str | None, threads: int = 1) -> None:
-    """Log to the rule's log file and use exactly the rule's threads."""
+    """Log to the rule's log file; run torch on exactly ``threads`` intra-op threads (config
+    ``torch_threads``), so results do not depend on how many cores Snakemake was given."""
     setup_logging(log_file)
     torch.set_num_threads(max(1, int(threads)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,6 +1,6 @@
 from fnprune import stages
 
-stages.setup(snakemake.log[0], snakemake.threads)
+stages.setup(snakemake.log[0], snakemake.config["torch_threads"])
 stages.baseline_mask(snakemake.wildcards.baseline, list(snakemake.input.stats), snakemake.params.spec,
                      snakemake.params.source, snakemake.params.ratio, snakemake.params.seed,
                      snakemake.output[0])

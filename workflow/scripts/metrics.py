@@ -1,6 +1,6 @@
 from fnprune import stages
 
-stages.setup(snakemake.log[0], snakemake.threads)
+stages.setup(snakemake.log[0], snakemake.config["torch_threads"])
 inp, t = snakemake.input, snakemake.params.target
 stages.metrics(snakemake.wildcards.target, t["model"], t["method"], snakemake.params.spec,
                inp.ppl, inp.get("lm_eval"), snakemake.output[0], mask=inp.get("mask"),
