@@ -143,10 +143,95 @@ def metrics_inputs(wildcards):
     return inp
 
 
+def model_of(wildcards):
+    """The model slug of a job: its ``model`` wildcard, or the model of its ``target``."""
+    return target_info(wildcards)["model"] if "target" in wildcards.keys() else wildcards.model
+
+
 def gpus_of_model(wildcards):
     """GPUs a model's heavy rules ask for (resources gpu; the SLURM profile turns it into --gpus)."""
-    model = target_info(wildcards)["model"] if "target" in wildcards.keys() else wildcards.model
-    return mspec(model)["gpus"]
+    return mspec(model_of(wildcards))["gpus"]
+
+
+def model_spec(wildcards):
+    return mspec(model_of(wildcards))
+
+
+def model_src(wildcards):
+    return model_source(model_of(wildcards))
+
+
+def train_spec(wildcards):
+    return mspec(wildcards.model)["train"]
+
+
+def calibration_spec(wildcards):
+    return mspec(wildcards.model)["calibration"]
+
+
+def corpus_spec(wildcards):
+    return config["corpora"][wildcards.corpus]
+
+
+def n_layers(wildcards):
+    return mspec(wildcards.model)["num_layers"]
+
+
+def ratio_fraction(wildcards):
+    return int(wildcards.ratio) / 100
+
+
+def model_split(split):
+    """Input function: a split file of the corpus of the job's model."""
+
+    def inputs(wildcards):
+        return split_file(corpus_of(model_of(wildcards)), split)
+
+    return inputs
+
+
+def corpus_split(split):
+    """Input function: a split file of the job's ``corpus``."""
+
+    def inputs(wildcards):
+        return split_file(wildcards.corpus, split)
+
+    return inputs
+
+
+def extract_inputs(wildcards):
+    return {"batches": f"results/{wildcards.model}/calib/batches.json", "model": model_input(wildcards.model)}
+
+
+def mask_ica_inputs(wildcards):
+    w = wildcards
+    return {"scores": ica_files(w.model, w.backend, w.k, w.nb), "model": model_input(w.model)}
+
+
+def mask_baseline_inputs(wildcards):
+    return {"stats": stats_files(wildcards.model), "model": model_input(wildcards.model)}
+
+
+def prune_inputs(wildcards):
+    w = wildcards
+    return {"mask": mask_file(w.model, w.ratio, w.method), "model": model_input(w.model),
+            "stats": stats_files(w.model) if method_info(w)["bias"] else []}
+
+
+def prune_bias(wildcards):
+    return method_info(wildcards)["bias"]
+
+
+def prune_target(wildcards):
+    return f"{wildcards.model}_r{wildcards.ratio}_{wildcards.method}"
+
+
+def perplexity_inputs(wildcards):
+    return {"model": eval_model(wildcards), "test": split_file(corpus_of(model_of(wildcards)), "test")}
+
+
+def lm_eval_inputs(wildcards):
+    return {"model": eval_model(wildcards), "tasks": lm_eval_tasks_dir(wildcards)}
 
 
 def paper_metrics_files(targets):

@@ -8,7 +8,7 @@ rule corpus:
     log:
         "results/logs/corpus/{corpus}.log",
     params:
-        spec=lambda w: config["corpora"][w.corpus],
+        spec=corpus_spec,
     threads: 1
     resources:
         mem_mb=2000,
@@ -21,8 +21,8 @@ rule corpus:
 
 rule train_model:
     input:
-        train=lambda w: split_file(corpus_of(w.model), "train"),
-        validation=lambda w: split_file(corpus_of(w.model), "validation"),
+        train=model_split("train"),
+        validation=model_split("validation"),
     output:
         directory("results/models/{model}"),
     log:
@@ -30,7 +30,7 @@ rule train_model:
     benchmark:
         "results/benchmarks/train/{model}.tsv"
     params:
-        spec=lambda w: mspec(w.model)["train"],
+        spec=train_spec,
         seed=config["seed"],
     threads: 2
     resources:
@@ -44,13 +44,13 @@ rule train_model:
 
 rule calibration_batches:
     input:
-        calib=lambda w: split_file(corpus_of(w.model), "calib"),
+        calib=model_split("calib"),
     output:
         "results/{model}/calib/batches.json",
     log:
         "results/logs/calib/{model}.log",
     params:
-        spec=lambda w: mspec(w.model)["calibration"],
+        spec=calibration_spec,
         seed=config["seed"],
     threads: 1
     resources:

@@ -3,8 +3,8 @@
 
 rule lm_eval_tasks:
     input:
-        test=lambda w: split_file(w.corpus, "test"),
-        validation=lambda w: split_file(w.corpus, "validation"),
+        test=corpus_split("test"),
+        validation=corpus_split("validation"),
     output:
         directory("results/data/{corpus}/lm_eval_tasks"),
     log:
@@ -23,7 +23,7 @@ rule lm_eval_tasks:
 
 rule perplexity:
     input:
-        unpack(lambda w: {"model": eval_model(w), "test": split_file(corpus_of(target_info(w)["model"]), "test")}),
+        unpack(perplexity_inputs),
     output:
         "results/{target}/ppl.json",
     log:
@@ -31,7 +31,7 @@ rule perplexity:
     benchmark:
         "results/benchmarks/perplexity/{target}.tsv"
     params:
-        spec=lambda w: mspec(target_info(w)["model"]),
+        spec=model_spec,
         source=eval_source,
     threads: 2
     resources:
@@ -46,7 +46,7 @@ rule perplexity:
 
 rule lm_eval:
     input:
-        unpack(lambda w: {"model": eval_model(w), "tasks": lm_eval_tasks_dir(w)}),
+        unpack(lm_eval_inputs),
     output:
         summary="results/{target}/lm_eval.json",
         raw="results/{target}/lm_eval_raw.json",
@@ -55,7 +55,7 @@ rule lm_eval:
     benchmark:
         "results/benchmarks/lm_eval/{target}.tsv"
     params:
-        spec=lambda w: mspec(target_info(w)["model"]),
+        spec=model_spec,
         source=eval_source,
     threads: 2
     resources:
@@ -76,8 +76,8 @@ rule metrics:
     log:
         "results/logs/metrics/{target}.log",
     params:
-        target=lambda w: target_info(w),
-        spec=lambda w: mspec(target_info(w)["model"]),
+        target=target_info,
+        spec=model_spec,
         seed=config["seed"],
     threads: 1
     resources:

@@ -4,7 +4,7 @@
 
 rule extract:
     input:
-        unpack(lambda w: {"batches": f"results/{w.model}/calib/batches.json", "model": model_input(w.model)}),
+        unpack(extract_inputs),
     output:
         shards=temp(directory("results/{model}/acts/b{batch}")),
         stats="results/{model}/acts/b{batch}.stats.npz",
@@ -13,8 +13,8 @@ rule extract:
     benchmark:
         "results/benchmarks/extract/{model}_b{batch}.tsv"
     params:
-        spec=lambda w: mspec(w.model),
-        source=lambda w: model_source(w.model),
+        spec=model_spec,
+        source=model_src,
     threads: 2
     resources:
         mem_mb=8000,

@@ -11,7 +11,7 @@ rule ica:
     benchmark:
         "results/benchmarks/ica/{model}_{backend}_c{k}_b{batch}.tsv"
     params:
-        n_layers=lambda w: mspec(w.model)["num_layers"],
+        n_layers=n_layers,
         ica=config["ica"],
         seed=config["seed"],
     threads: 2

@@ -3,15 +3,15 @@
 
 rule mask_ica:
     input:
-        unpack(lambda w: {"scores": ica_files(w.model, w.backend, w.k, w.nb), "model": model_input(w.model)}),
+        unpack(mask_ica_inputs),
     output:
         "results/{model}/masks/r{ratio}_c{k}_{backend}{nb}.json",
     log:
         "results/logs/mask/{model}_r{ratio}_c{k}_{backend}{nb}.log",
     params:
-        spec=lambda w: mspec(w.model),
-        source=lambda w: model_source(w.model),
-        ratio=lambda w: int(w.ratio) / 100,
+        spec=model_spec,
+        source=model_src,
+        ratio=ratio_fraction,
     threads: 1
     resources:
         mem_mb=4000,
@@ -24,15 +24,15 @@ rule mask_ica:
 
 rule mask_baseline:
     input:
-        unpack(lambda w: {"stats": stats_files(w.model), "model": model_input(w.model)}),
+        unpack(mask_baseline_inputs),
     output:
         "results/{model}/masks/r{ratio}_{baseline}.json",
     log:
         "results/logs/mask/{model}_r{ratio}_{baseline}.log",
     params:
-        spec=lambda w: mspec(w.model),
-        source=lambda w: model_source(w.model),
-        ratio=lambda w: int(w.ratio) / 100,
+        spec=model_spec,
+        source=model_src,
+        ratio=ratio_fraction,
         seed=config["seed"],
     threads: 1
     resources:

@@ -3,13 +3,7 @@
 
 rule prune:
     input:
-        unpack(
-            lambda w: {
-                "mask": mask_file(w.model, w.ratio, w.method),
-                "model": model_input(w.model),
-                "stats": stats_files(w.model) if method_info(w)["bias"] else [],
-            }
-        ),
+        unpack(prune_inputs),
     output:
         directory("results/{model}_r{ratio}_{method}/model"),
     log:
@@ -17,10 +11,10 @@ rule prune:
     benchmark:
         "results/benchmarks/prune/{model}_r{ratio}_{method}.tsv"
     params:
-        spec=lambda w: mspec(w.model),
-        source=lambda w: model_source(w.model),
-        bias=lambda w: method_info(w)["bias"],
-        target=lambda w: f"{w.model}_r{w.ratio}_{w.method}",
+        spec=model_spec,
+        source=model_src,
+        bias=prune_bias,
+        target=prune_target,
     threads: 2
     resources:
         mem_mb=32000,
