@@ -133,3 +133,16 @@ def test_nonconvergence_policy(tmp_path, planted, policy):
     else:
         _, info = union_neuron_scores([tmp_path / "b0.npz"])
         assert info["nonconverged_fraction"] == 1.0 and info["complete"]
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3])
+def test_newton_schulz_polar_factor_equals_eigh_route(cond):
+    from fnprune.ica import _polar_newton_schulz
+
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(3, 32, 32, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(3, 32, 32, generator=gen, dtype=torch.float64))
+    w = u @ torch.diag_embed(torch.logspace(0, -np.log10(cond), 32, dtype=torch.float64)) @ v
+    s, e = torch.linalg.eigh(w @ w.transpose(-1, -2))
+    expected = (e * s.rsqrt().unsqueeze(-2)) @ e.transpose(-1, -2) @ w
+    torch.testing.assert_close(_polar_newton_schulz(w), expected, rtol=0, atol=1e-10)

@@ -38,9 +38,14 @@ def test_sigkill_mid_write_loses_nothing_and_rerun_matches(micro_run, tmp_path):
     assert not any((tmp_path / "results/micro/ica").rglob("b*.npz"))
     assert "rule train_model" not in killed.stdout + killed.stderr
 
+    finished = sorted(p.name.split(".")[0] for p in acts.glob("b*.stats.npz"))
+    assert finished, "the second run should have finished at least one extraction before the ICA kill"
+
     rerun = snakemake(tmp_path, target, "--cores", "1", env=base)
     log = rerun.stdout + rerun.stderr
-    assert "rule train_model" not in log and "rule corpus" not in log and "rule extract" not in log
+    assert "rule train_model:" not in log and "rule corpus:" not in log
+    for batch in finished:
+        assert f"output: results/micro/acts/{batch}," not in log, f"{batch} was extracted again"
     ours = json.loads((tmp_path / target).read_text())
     ref = json.loads((ref_wd / target).read_text())
     assert stable(ours) == stable(ref)

@@ -86,14 +86,15 @@ def _gram(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, block: int = 4
     t, n = x.shape
     tall = t > n
     m = n if tall else t
-    g = torch.zeros(m, m, dtype=torch.float32, device=x.device)
+    dtype = torch.float64 if x.is_cuda else torch.float32
+    g = torch.zeros(m, m, dtype=dtype, device=x.device)
     if tall:
         for i in range(0, t, block):
-            zb = (x[i:i + block].to(torch.float32) - mean) / std
+            zb = ((x[i:i + block].to(torch.float32) - mean) / std).to(dtype)
             g.addmm_(zb.T, zb)
     else:
         for j in range(0, n, block):
-            zb = _zblock(x, mean, std, j, j + block)
+            zb = _zblock(x, mean, std, j, j + block).to(dtype)
             g.addmm_(zb, zb.T)
     return g, tall
 
@@ -144,22 +145,43 @@ def spatial_subspace(x: torch.Tensor, k: int, seed: int, mean: torch.Tensor | No
 
     ``x`` is z-scored on the fly, block by block (``mean``/``std`` per column, computed when
     not given), so no z-scored copy of the signal matrix is ever held. The Gram matrix of the
-    smaller dimension is formed once; its top-k eigenvectors come from :func:`top_eigvecs`.
+    smaller dimension is formed once (float32 on the CPU, float64 on CUDA, where float32
+    products may run at reduced precision); its top-k eigenvectors come from
+    :func:`top_eigvecs`.
     """
     if mean is None or std is None:
         mean, std = column_moments(x)
     g, tall = _gram(x, mean, std)
     u, info = top_eigvecs(g, k, seed, **kw)
     del g
+    u = u.to(torch.float32)
     return (u if tall else _spatial_from_temporal(x, mean, std, u)), info
+
+
+def _polar_newton_schulz(w: torch.Tensor, max_iter: int = 60, tol: float = 1e-12) -> torch.Tensor | None:
+    """``(W W^T)^{-1/2} W`` by Newton-Schulz iterations (matrix products only), or None."""
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    x = w / torch.linalg.matrix_norm(w, ord="fro", keepdim=True)
+    for _ in range(max_iter):
+        a = x @ x.transpose(-1, -2)
+        if float((a - eye).abs().amax()) < tol:
+            return x
+        x = 1.5 * x - 0.5 * a @ x
+    return None
 
 
 def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
     """``(W W^T)^{-1/2} W`` for one (k x k) or a batch (L x k x k) of unmixing matrices.
 
-    The small eigendecomposition runs on the CPU: CUDA's solver fails on the nearly repeated
-    eigenvalues of ``W W^T`` (it is close to the identity once FastICA settles).
+    On the CPU by an eigendecomposition of ``W W^T``. On CUDA by Newton-Schulz iterations:
+    the CUDA eigensolver fails on the nearly repeated eigenvalues of ``W W^T`` once FastICA
+    settles, and small eigendecompositions would cost a host round trip per step; if the
+    iterations do not settle the CPU route is taken.
     """
+    if w.is_cuda:
+        polar = _polar_newton_schulz(w)
+        if polar is not None:
+            return polar
     s, u = torch.linalg.eigh((w @ w.transpose(-1, -2)).cpu())
     s, u = s.to(w.device), u.to(w.device)
     s = s.clamp(min=torch.finfo(w.dtype).tiny)
