@@ -2,7 +2,8 @@
 
 The hooked pass writes every layer's MLP signals to memory-mapped shards and accumulates the
 statistics of every later stage (down_proj and o_proj inputs). Both passes run here, same model,
-same micro-batches, alternating, best of ``--repeats``; the ratio is printed.
+same micro-batches (tokenisation included in both), alternating, best of ``--repeats``; the
+ratio is printed.
 
     python benchmarks/extract_overhead.py                   # LLaMA-shaped, hidden 512, 8 layers
     python benchmarks/extract_overhead.py --model results/models/tiny
@@ -29,8 +30,8 @@ def texts(n: int) -> list[str]:
 
 
 def plain_pass(model, tok, batch: list[str], max_length: int, micro: int) -> float:
-    seqs = tokenize_batch(tok, batch, max_length)
     t0 = time.perf_counter()
+    seqs = tokenize_batch(tok, batch, max_length)
     with torch.no_grad():
         for s in range(0, len(seqs), micro):
             chunk = seqs[s:s + micro]

@@ -58,18 +58,20 @@ class _Recorder:
         self.o_sumsq = [torch.zeros(h, dtype=torch.float64, device=dev) for h in heads_dim]
         self.fused_act = ACT2FN[getattr(model.config, "hidden_act", "silu")] if ad.fused else None
 
+    def _moments(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column sum and sum of squares of a micro-batch's valid rows (float32, then float64)."""
+        x = self._rows(t).float()
+        return x.sum(0).double(), (x * x).sum(0).double()
+
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         t = A.batch_first(t, self.ad)
         return t.reshape(-1, t.shape[-1]).index_select(0, self.valid)
 
     def _write(self, layer: int, col0: int, t: torch.Tensor) -> None:
         rows = self._rows(t)
-        if not torch.isfinite(rows).all():
-            raise FloatingPointError(f"layer {layer}: non-finite MLP activations in the calibration "
-                                     f"pass (overflow in the model dtype? try dtype: float32)")
         n = rows.shape[0]
-        self.shards[layer][self.row:self.row + n, col0:col0 + rows.shape[1]] = (
-            rows.to("cpu", torch.float32).numpy().astype(self.shard_dtype, copy=False))
+        dest = torch.from_numpy(self.shards[layer][self.row:self.row + n, col0:col0 + rows.shape[1]])
+        dest.copy_(rows)                              # one pass: device -> host and dtype cast
 
     def attach(self, shards: list[np.ndarray]) -> None:
         self.shards = shards
@@ -92,14 +94,18 @@ class _Recorder:
                 self.handles.append(A._get(mlp, ad.up).register_forward_hook(up_hook))
 
             def down_pre(mod, args, i=i):
-                x = self._rows(args[0]).double()
-                self.down_sum[i] += x.sum(0)
-                self.down_sumsq[i] += (x * x).sum(0)
+                s, sq = self._moments(args[0])
+                if not (torch.isfinite(s).all() and torch.isfinite(sq).all()):
+                    # act(gate) * up is non-finite iff a signal is (inf * 0 is NaN)
+                    raise FloatingPointError(f"layer {i}: non-finite MLP activations in the calibration "
+                                             f"pass (overflow in the model dtype? try dtype: float32)")
+                self.down_sum[i] += s
+                self.down_sumsq[i] += sq
 
             def o_pre(mod, args, i=i):
-                x = self._rows(args[0]).double()
-                self.o_sum[i] += x.sum(0)
-                self.o_sumsq[i] += (x * x).sum(0)
+                s, sq = self._moments(args[0])
+                self.o_sum[i] += s
+                self.o_sumsq[i] += sq
             self.handles.append(A._get(mlp, ad.down).register_forward_pre_hook(down_pre))
             self.handles.append(A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(o_pre))
 
