@@ -146,3 +146,27 @@ def test_newton_schulz_polar_factor_equals_eigh_route(cond):
     s, e = torch.linalg.eigh(w @ w.transpose(-1, -2))
     expected = (e * s.rsqrt().unsqueeze(-2)) @ e.transpose(-1, -2) @ w
     torch.testing.assert_close(_polar_newton_schulz(w), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("policy", ["keep_whole", "fail"])
+def test_constant_layer_policy(tmp_path, planted, policy):
+    from fnprune.ica import ica_batch
+    from fnprune.io import save_npz
+    from fnprune.mask import select_global, union_neuron_scores
+
+    x, _ = planted
+    paths = [tmp_path / "L0.npy", tmp_path / "L1.npy"]
+    np.save(paths[0], x[:, :400].astype(np.float16))
+    np.save(paths[1], np.full((x.shape[0], 400), 0.5, dtype=np.float16))
+    if policy == "fail":
+        with pytest.raises(ValueError, match="L1.npy: every signal of this layer is constant"):
+            ica_batch(paths, 8, "torch", 0, on_constant_layer=policy)
+        return
+    res = ica_batch(paths, 8, "torch", 0, on_constant_layer=policy)
+    assert res["constant"].tolist() == [False, True] and np.isinf(res["scores"][1]).all()
+    save_npz(tmp_path / "b0.npz", **res)
+    scores, _ = union_neuron_scores([tmp_path / "b0.npz"])
+    kept, t = select_global(scores, [True, True], 50, 0.2)
+    assert len(kept[1]) == 200 and len(kept[0]) == 150 and np.isfinite(t)
+    with pytest.raises(ValueError, match="layers kept whole for constant activations"):
+        select_global(scores, [True, True], 250, 0.9)

@@ -346,11 +346,29 @@ def load_shard(path: str | Path, n_signals: int | None = None) -> np.ndarray:
 
 
 NONCONVERGENCE_POLICIES = ("keep", "retry", "skip", "fail")
+CONSTANT_LAYER_POLICIES = ("keep_whole", "fail")
+
+
+def _constant_layers(shard_paths: list[str | Path], policy: str) -> np.ndarray:
+    """Layers whose every signal is constant over the batch: no networks to find there."""
+    if policy not in CONSTANT_LAYER_POLICIES:
+        raise ValueError(f"ica.on_constant_layer: expected one of {', '.join(CONSTANT_LAYER_POLICIES)}, "
+                         f"got {policy!r}")
+    constant = np.zeros(len(shard_paths), dtype=bool)
+    for layer, path in enumerate(shard_paths):
+        x = np.load(path, mmap_mode="r")
+        constant[layer] = x.shape[0] < 2 or bool((np.asarray(x[:1]) == x).all())
+        if constant[layer]:
+            if policy == "fail":
+                raise ValueError(f"{path}: every signal of this layer is constant over the batch; "
+                                 f"ica.on_constant_layer is 'fail' (keep_whole keeps the layer unpruned)")
+            log.warning("%s: constant activations; the layer is kept whole (ica.on_constant_layer)", path)
+    return constant
 
 
 def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, max_iter: int = 300,
               tol: float = 1e-4, device: str = "cpu", on_nonconvergence: str = "keep",
-              retries: int = 2) -> dict[str, np.ndarray]:
+              retries: int = 2, on_constant_layer: str = "keep_whole") -> dict[str, np.ndarray]:
     """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
 
     Layer ``l`` uses seed ``seed + 1000 * l``. On CUDA the torch backend iterates the FastICA
@@ -358,10 +376,26 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
     A layer whose FastICA does not reach ``tol`` is handled by ``on_nonconvergence``: ``keep``
     its maps (recorded; what the authors' code does), ``retry`` with new seeds up to
     ``retries`` times, ``skip`` it (this batch then does not vote for that layer's neurons), or
-    ``fail``.
+    ``fail``. A layer whose signals are all constant has no networks: ``on_constant_layer``
+    keeps it whole (scores +inf, never pruned) or fails.
     """
     from tqdm import tqdm
 
+    constant = _constant_layers(shard_paths, on_constant_layer)
+    if constant.any():
+        live = [p for p, c in zip(shard_paths, constant) if not c]
+        res = ica_batch(live, k, backend, seed, max_iter, tol, device, on_nonconvergence, retries,
+                        on_constant_layer) if live else None
+        n_signals = np.load(shard_paths[0], mmap_mode="r").shape[1]
+        out = {"scores": np.full((len(shard_paths), n_signals), np.inf, dtype=np.float32),
+               "converged": np.ones(len(shard_paths), bool), "n_iter": np.zeros(len(shard_paths), np.int64),
+               "wall_s": np.zeros(len(shard_paths)), "attempts": np.zeros(len(shard_paths), np.int64),
+               "skipped": np.zeros(len(shard_paths), bool)}
+        if res is not None:
+            for key in out:
+                out[key][~constant] = res[key]
+        out["constant"] = constant
+        return out
     if on_nonconvergence not in NONCONVERGENCE_POLICIES:
         raise ValueError(f"ica.on_nonconvergence: expected one of {', '.join(NONCONVERGENCE_POLICIES)}, "
                          f"got {on_nonconvergence!r}")
@@ -401,4 +435,4 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
             "converged": np.array([r.converged for r in results]),
             "n_iter": np.array([r.n_iter for r in results]),
             "wall_s": np.array([r.info["wall_s"] for r in results]),
-            "attempts": attempts, "skipped": skipped}
+            "attempts": attempts, "skipped": skipped, "constant": np.zeros(len(results), bool)}

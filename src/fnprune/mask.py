@@ -34,8 +34,8 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
                 skip = z["skipped"] if "skipped" in z.files else np.zeros(len(s), bool)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: unreadable ICA scores ({e}); delete it and rerun its ICA job") from None
-        if not np.isfinite(s).all():
-            raise ValueError(f"{path}: ICA scores hold NaN or inf")
+        if np.isnan(s).any() or np.isneginf(s).any():
+            raise ValueError(f"{path}: ICA scores hold NaN or -inf")
         inter = s.shape[1] // 2
         neuron = np.maximum(s[:, :inter], s[:, inter:])
         neuron[skip] = -np.inf
@@ -100,6 +100,9 @@ def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, r
         cand_idx.append(rest)
         cand_score.append(s[rest])
     cl, ci, cs = map(np.concatenate, (cand_layer, cand_idx, cand_score))
+    if n_drop > np.isfinite(cs).sum():
+        raise ValueError(f"ratio {ratio} needs {n_drop} MLP neurons removed but only {int(np.isfinite(cs).sum())} "
+                         f"are removable (layers kept whole for constant activations are not)")
     order = np.argsort(cs, kind="stable")
     drop = order[:n_drop]
     dropped = [set() for _ in scores]

@@ -84,7 +84,8 @@ def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, see
 
     paths = [Path(shard_dir) / f"L{layer}.npy" for layer in range(n_layers)]
     res = ica_batch(paths, k, backend, seed, ica_spec["max_iter"], ica_spec["tol"],
-                    resolve_device(ica_spec["device"]), ica_spec["on_nonconvergence"], ica_spec["retries"])
+                    resolve_device(ica_spec["device"]), ica_spec["on_nonconvergence"], ica_spec["retries"],
+                    ica_spec["on_constant_layer"])
     save_npz(out, **res, k=np.array(k), seed=np.array(seed))
 
 
