@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -34,3 +35,25 @@ def micro_run(tmp_path_factory):
                "results/micro_r20_c8_bias/metrics.json"]
     proc = snakemake(wd, *targets, "--notemp")
     return wd, proc
+
+
+@torch.no_grad()
+def logits_with_fixed_inputs(model, fixed, **inputs) -> torch.Tensor:
+    """Logits of ``model`` with input channels of some linears overwritten.
+
+    ``fixed`` is a list of ``(linear, channels, values)``: the ``channels`` of that linear's
+    input are set to ``values`` (zero to drop them, a mean to compensate them).
+    """
+    def hook(idx, val):
+        def pre(mod, args):
+            x = args[0].clone()
+            x[..., idx] = val.to(x.dtype)
+            return (x,)
+        return pre
+
+    handles = [lin.register_forward_pre_hook(hook(idx, val)) for lin, idx, val in fixed]
+    try:
+        return model(**inputs).logits
+    finally:
+        for h in handles:
+            h.remove()

@@ -3,6 +3,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+
+from conftest import logits_with_fixed_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A
@@ -155,23 +157,6 @@ def flap_pruned(setup, ratio=0.3):
     return pruned, mask
 
 
-@torch.no_grad()
-def logits_with_fixed_inputs(model, fixed: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]],
-                             ids: torch.Tensor) -> torch.Tensor:
-    def hook(idx, val):
-        def pre(mod, args):
-            x = args[0].clone()
-            x[..., idx] = val.to(x.dtype)
-            return (x,)
-        return pre
-    handles = [lin.register_forward_pre_hook(hook(idx, val)) for lin, idx, val in fixed]
-    try:
-        return model(input_ids=ids).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def test_flap_pruned_model_equals_dense_with_mean_inputs(setup, tokenizer):
     model, stats = setup
     pruned, mask = flap_pruned(setup)
@@ -185,7 +170,7 @@ def test_flap_pruned_model_equals_dense_with_mean_inputs(setup, tokenizer):
     ids = torch.tensor([tokenizer(t)["input_ids"][:20] for t in texts(2, 7)])
     with torch.no_grad():
         got = pruned(input_ids=ids).logits
-    torch.testing.assert_close(got, logits_with_fixed_inputs(model, fixed, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, logits_with_fixed_inputs(model, fixed, input_ids=ids), atol=1e-5, rtol=0)
 
 
 def test_flap_pruned_model_save_load_round_trip(setup, tokenizer, tmp_path):

@@ -3,6 +3,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+
+from conftest import logits_with_fixed_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A
@@ -46,24 +48,6 @@ def o_input_means(model) -> list[np.ndarray]:
     return [s.double().numpy() for s in sums]
 
 
-@torch.no_grad()
-def logits_with_fixed_inputs(model, linears, fixed: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Logits with input channels ``fixed[layer] = (channels, values)`` of ``linears[layer]`` overwritten."""
-    def hook(idx, val):
-        def pre(mod, args):
-            x = args[0].clone()
-            x[..., idx] = val.to(x.dtype)
-            return (x,)
-        return pre
-    handles = [linears[layer].register_forward_pre_hook(hook(idx, val)) for layer, (idx, val) in fixed.items()]
-    try:
-        ids, mask = inputs()
-        return model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
 KEPT = {2: [[0, 1], [1], [0], [0, 1]], 4: [[0, 1, 2, 3], [1, 3], [0, 1, 2], [2]]}
 
 
@@ -99,7 +83,10 @@ def test_removed_heads_equal_fixed_o_inputs(n_kv, attn, compensate):
         dropped = group_channels(sorted(set(range(n_kv)) - set(keep)), n_rep, HEAD_DIM)
         value = torch.as_tensor(means[layer])[dropped] if compensate else torch.zeros(len(dropped))
         fixed[layer] = (dropped, value)
-    expected = logits_with_fixed_inputs(dense, o_projs(dense), fixed)
+    ids, mask = inputs()
+    linears = o_projs(dense)
+    expected = logits_with_fixed_inputs(dense, [(linears[layer], idx, val) for layer, (idx, val) in fixed.items()],
+                                        input_ids=ids, attention_mask=mask)
     pruned = copy.deepcopy(dense)
     prune_heads(pruned, KEPT[n_kv], means if compensate else None)
     ids, mask = inputs()

@@ -163,14 +163,20 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
     return manifest
 
 
-def read_split(path: str | Path) -> list[str]:
-    """Texts of one JSONL split file."""
+def read_records(path: str | Path) -> list[dict]:
+    """The ``{"id", "text"}`` records of one JSONL split file."""
     path = Path(path)
-    texts = []
+    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from None
-    return texts
+                rec = json.loads(line)
+                records.append({"id": str(rec["id"]), "text": rec["text"]})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'id' and 'text' ({e})") from None
+    return records
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Texts of one JSONL split file."""
+    return [r["text"] for r in read_records(path)]

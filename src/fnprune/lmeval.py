@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
+from .corpus import read_records
 from .io import atomic_path, sha256_of_strings, write_json
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,6 @@ _CHUNK_ID = re.compile(r"(.*)#(\d+)")
 
 class TaskUnavailableError(RuntimeError):
     """An lm-eval task whose dataset could not be loaded."""
-
-
-def _read_records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-                records.append({"id": str(rec["id"]), "text": rec["text"]})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'id' and 'text' ({e})") from None
-    return records
 
 
 def _last_cut(cuts: list[int], lo: int, hi: int) -> int | None:
@@ -154,7 +142,7 @@ def write_embedded_tasks(test_jsonl: str | Path, validation_jsonl: str | Path, o
     if n_choices < 2:
         raise ValueError(f"n_choices={n_choices}: need at least 2")
     out_dir = Path(out_dir).resolve()
-    test, validation = _read_records(test_jsonl), _read_records(validation_jsonl)
+    test, validation = read_records(test_jsonl), read_records(validation_jsonl)
     items = mc_items(_passages(validation + test, passage_chars, continuation_chars), n_choices, n_items, seed)
     if not items:
         raise ValueError(f"{test_jsonl}, {validation_jsonl}: no passage of {passage_chars}+"
