@@ -142,10 +142,8 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
     t0 = time.time()
     rec = read_json(mask)
     model, tok = _load(model_spec, source, device)
-    stats = load_stats(stats_files) if (bias or stats_files) else None
-    down_mean = stats["down_mean"] if bias else None
-    o_mean = stats["o_mean"] if bias else None
-    apply_mask(model, rec, down_mean=down_mean, o_mean=o_mean)
+    stats = load_stats(stats_files) if bias else {}
+    apply_mask(model, rec, down_mean=stats.get("down_mean"), o_mean=stats.get("o_mean"))
     sidecar = {
         "target": target,
         "source_model": model_spec.get("hf_id", source),
