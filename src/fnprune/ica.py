@@ -357,7 +357,9 @@ def _constant_layers(shard_paths: list[str | Path], policy: str) -> np.ndarray:
     constant = np.zeros(len(shard_paths), dtype=bool)
     for layer, path in enumerate(shard_paths):
         x = np.load(path, mmap_mode="r")
-        constant[layer] = x.shape[0] < 2 or bool((np.asarray(x[:1]) == x).all())
+        # Two rows that differ settle it without reading the shard; only a layer whose first two
+        # rows agree is scanned in full (the ICA reads every shard once more anyway).
+        constant[layer] = x.shape[0] < 2 or (np.array_equal(x[0], x[1]) and bool((np.asarray(x[:1]) == x).all()))
         if constant[layer]:
             if policy == "fail":
                 raise ValueError(f"{path}: every signal of this layer is constant over the batch; "
