@@ -16,10 +16,11 @@ CONFIGS = [str(REPO / "config" / "config.yaml"), str(REPO / "config" / "micro.ya
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True,
-              env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real snakemake on the repository's Snakefile in ``workdir`` with the micro config."""
+              env: dict | None = None, configs: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the real snakemake on the repository's Snakefile in ``workdir`` with the micro config
+    (and ``configs`` merged over it)."""
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
-           "--configfile", *CONFIGS]
+           "--configfile", *CONFIGS, *configs]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"

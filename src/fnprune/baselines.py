@@ -27,7 +27,7 @@ import torch
 
 from . import adapters as A
 from . import heads as H
-from .mask import describe_mask, n_to_drop, prunable_layers, select_global, select_uniform
+from .mask import describe_mask, n_to_drop, prunable_layers, round_kept, select_global, select_uniform
 
 METHODS = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
 
@@ -54,8 +54,9 @@ def column_abs_mean(w: torch.Tensor) -> torch.Tensor:
     return w.abs().mean(dim=0)
 
 
-def _stat(stats: Mapping[str, np.ndarray] | None, key: str, widths: Sequence[int],
-          method: str) -> list[np.ndarray]:
+def stat(stats: Mapping[str, np.ndarray] | None, key: str, widths: Sequence[int],
+         method: str) -> list[np.ndarray]:
+    """One calibration statistic per layer, checked against the model's layer widths."""
     if stats is None or key not in stats:
         raise ValueError(f"baseline {method!r} needs the calibration statistic {key!r} "
                          f"(fnprune.extract.load_stats)")
@@ -143,7 +144,7 @@ def select_weighted(units: Sequence[tuple[Sequence[np.ndarray], Sequence[int], i
 def _flap(model, stats, prunable: list[bool], target: float, ratio: float, neuron_scores: list[np.ndarray],
           neuron_params: int, min_keep: int) -> tuple[list[np.ndarray], dict]:
     geo = H.head_geometry(model)
-    o_var = _stat(stats, "o_var", [n * geo["head_dim"] for n in geo["n_heads"]], "flap")
+    o_var = stat(stats, "o_var", [n * geo["head_dim"] for n in geo["n_heads"]], "flap")
     channel = wifv_scores(model, "o", o_var)
     groups = [flap_group_scores(c, g) for c, g in zip(channel, geo["n_kv_heads"])]
     (kept, kept_groups), threshold = select_weighted(
@@ -158,11 +159,13 @@ def _flap(model, stats, prunable: list[bool], target: float, ratio: float, neuro
 
 
 def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ratio: float,
-                  protect_first: int, protect_last: int, seed: int = 0, min_keep: int = 1) -> dict:
+                  protect_first: int, protect_last: int, seed: int = 0, min_keep: int = 1,
+                  multiple: int | None = None) -> dict:
     """The mask record of baseline ``method`` for ``model`` at ``ratio`` of its block parameters.
 
     ``stats`` is :func:`fnprune.extract.load_stats` of the extraction pass (``random`` and
-    ``magnitude`` need none). Every prunable layer keeps its ``min_keep`` best neurons and, for
+    ``magnitude`` need none). ``multiple`` rounds each prunable layer's kept MLP neurons to a
+    multiple of it (:func:`fnprune.mask.round_kept`). Every prunable layer keeps its ``min_keep`` best neurons and, for
     ``flap``, its best key/value head group. The record says whether bias compensation belongs
     to the method (``down_mean`` for the MLP and, with ``kept_heads``, ``o_mean`` for ``o_proj``).
     """
@@ -185,9 +188,9 @@ def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ra
     elif method == "magnitude":
         scores = magnitude_scores(model)
     elif method == "wanda_sp":
-        scores = wanda_sp_scores(model, _stat(stats, "down_sqnorm", sizes, method))
+        scores = wanda_sp_scores(model, stat(stats, "down_sqnorm", sizes, method))
     else:
-        raw = wifv_scores(model, "down", _stat(stats, "down_var", sizes, method))
+        raw = wifv_scores(model, "down", stat(stats, "down_var", sizes, method))
         scores = [standardise(s) for s in raw]
     if fields["selection"] == "uniform":
         kept = select_uniform(scores, prunable, n_to_drop(ratio, block_params, neuron_params), ratio, min_keep)
@@ -197,5 +200,8 @@ def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ra
     else:
         kept, extra = _flap(model, stats, prunable, ratio * block_params, ratio, scores, neuron_params, min_keep)
         fields.update(extra)
+    if multiple:
+        kept = round_kept(kept, scores, prunable, multiple)
+        fields.update(method=f"{method}_m{multiple}", multiple=multiple)
     total_params = sum(p.numel() for p in model.parameters())
     return describe_mask(kept, sizes, block_params, total_params, neuron_params, **fields)

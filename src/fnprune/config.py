@@ -3,9 +3,11 @@
 Path grammar (``results/``):
 
 - ``{model}_dense`` -- the unpruned model;
-- ``{model}_r{ratio}_c{k}[_{backend}][_bias]`` -- functional-network pruning with ``k`` ICA
-  components per layer and batch, ``ratio`` percent of block parameters removed;
-- ``{model}_r{ratio}_{baseline}`` -- ``random``, ``magnitude``, ``wanda_sp``, ``flap``, ``flap_mlp``.
+- ``{model}_r{ratio}_c{k}[_{backend}][_s{seed}][_x{runs}][_b{n}][_hybrid][_{selection}][_m{multiple}][_bias]``
+  -- functional-network pruning with ``k`` ICA components per layer and batch, ``ratio``
+  percent of block parameters removed (see :func:`parse_method` for the options);
+- ``{model}_r{ratio}_{baseline}[_m{multiple}]`` -- ``random``, ``magnitude``, ``wanda_sp``,
+  ``flap``, ``flap_mlp``.
 """
 
 from __future__ import annotations
@@ -19,30 +21,92 @@ from .ica import BACKENDS
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
-ICA_METHOD = re.compile(rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?:_b(?P<batches>\d+))?(?P<bias>_bias)?")
-METHOD_PATTERN = rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?(?:_b\d+)?(?:_bias)?|{'|'.join(BASELINES)})"
+SELECTIONS = ("global", "zglobal", "uniform", "imp")
+_SEL = "|".join(s for s in SELECTIONS if s != "global")
+# The ICA job a method reads: backend, ICA seed, consensus runs (results/{model}/ica/{ica_dir}/).
+ICA_VARIANT = r"(?:_s\d+)?(?:_x\d+)?"
+ICA_SELECTOR = (rf"c\d+_(?:{'|'.join(BACKENDS)}){ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?(?:_m\d+)?")
+BASELINE_SELECTOR = rf"(?:{'|'.join(BASELINES)})(?:_m\d+)?"
+ICA_METHOD = re.compile(
+    rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?:_s(?P<seed>\d+))?(?:_x(?P<runs>\d+))?"
+    rf"(?:_b(?P<batches>\d+))?(?P<hybrid>_hybrid)?(?:_(?P<selection>{_SEL}))?(?:_m(?P<multiple>\d+))?"
+    rf"(?P<bias>_bias)?")
+BASELINE_METHOD = re.compile(rf"(?P<baseline>{'|'.join(BASELINES)})(?:_m(?P<multiple>\d+))?")
+METHOD_PATTERN = (rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?{ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?"
+                  rf"(?:_m\d+)?(?:_bias)?|{BASELINE_SELECTOR})")
+METHOD_HELP = (f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selection>][_m<multiple>][_bias] "
+               f"with backend in {', '.join(BACKENDS)} and selection in {', '.join(SELECTIONS[1:])}, or "
+               f"<baseline>[_m<multiple>] with baseline in {', '.join(BASELINES)}")
+
+
+def _positive(method: str, name: str, value: str | None, least: int = 1) -> int | None:
+    if value is None:
+        return None
+    if int(value) < least:
+        raise ValueError(f"method {method!r}: {name} must be at least {least}, got {int(value)}")
+    return int(value)
 
 
 def parse_method(method: str, default_backend: str = "torch") -> dict:
     """``c16_nilearn_b2_bias`` -> {kind: ica, k: 16, backend: nilearn, batches: 2, bias: True, ...}.
 
-    ``_b<n>`` builds the union mask from the first ``n`` calibration batches only (the
-    calibration-size ablation, at no extra extraction or ICA cost); without it, all batches.
+    Options of an ICA method, in this order:
+
+    - ``_<backend>``: torch, exact or nilearn (default: ``ica.backend``);
+    - ``_s<seed>``: ICA seed ``seed`` instead of the config's ``seed`` (seed-stability studies);
+    - ``_x<runs>``: consensus ICA, ``runs`` FastICA runs per layer and batch whose maps are
+      clustered; only networks that recur in at least half the runs vote (ICASSO-style);
+    - ``_b<n>``: the union of the first ``n`` calibration batches only (calibration-size ablation,
+      at no extra extraction or ICA cost); without it, all batches;
+    - ``_hybrid``: neuron score = per-layer z-score of the network score + per-layer z-score of
+      log FLAP fluctuation (network membership and importance together);
+    - ``_<selection>``: how the ratio is spread over layers: ``global`` (default: one threshold
+      over all prunable layers, the paper's T), ``zglobal`` (one threshold over per-layer
+      standardised scores), ``uniform`` (the same number of neurons from every layer),
+      ``imp`` (per-layer budgets that follow the layer's FLAP fluctuation mass);
+    - ``_m<multiple>``: kept neurons per layer rounded to a multiple (hardware-friendly shapes),
+      the total as close to the ratio as the rounding allows;
+    - ``_bias``: FLAP's bias compensation when pruning.
+
+    A baseline may take ``_m<multiple>`` too. ``selector`` names the mask file (all but ``_bias``),
+    ``ica_dir`` the ICA job's directory (backend, k, seed, runs).
     """
     m = ICA_METHOD.fullmatch(method)
     if m:
         backend = m["backend"] or default_backend
-        batches = int(m["batches"]) if m["batches"] else None
-        if batches == 0:
-            raise ValueError(f"method {method!r}: _b<n> needs at least one batch")
-        suffix = f"_b{batches}" if batches else ""
-        return {"kind": "ica", "k": int(m["k"]), "backend": backend, "batches": batches,
-                "bias": bool(m["bias"]), "selector": f"c{m['k']}_{backend}{suffix}"}
-    if method in BASELINES:
-        return {"kind": "baseline", "k": None, "backend": None, "batches": None,
-                "bias": method.startswith("flap"), "selector": method}
-    raise ValueError(f"method {method!r}: expected c<k>[_<backend>][_b<n>][_bias] with backend in "
-                     f"{', '.join(BACKENDS)}, or one of {', '.join(BASELINES)}")
+        k = _positive(method, "k", m["k"])
+        batches = _positive(method, "_b<n> (calibration batches)", m["batches"])
+        runs = _positive(method, "_x<runs> (consensus runs)", m["runs"], least=2)
+        multiple = _positive(method, "_m<multiple>", m["multiple"])
+        seed = int(m["seed"]) if m["seed"] is not None else None
+        ica_dir = f"{backend}_c{k}" + (f"_s{seed}" if seed is not None else "") + (f"_x{runs}" if runs else "")
+        selection = m["selection"] or "global"
+        selector = (f"c{k}_{backend}" + (f"_s{seed}" if seed is not None else "") + (f"_x{runs}" if runs else "")
+                    + (f"_b{batches}" if batches else "") + ("_hybrid" if m["hybrid"] else "")
+                    + (f"_{selection}" if selection != "global" else "") + (f"_m{multiple}" if multiple else ""))
+        return {"kind": "ica", "k": k, "backend": backend, "seed": seed, "runs": runs, "batches": batches,
+                "hybrid": bool(m["hybrid"]), "selection": selection, "multiple": multiple,
+                "bias": bool(m["bias"]), "selector": selector, "ica_dir": ica_dir,
+                "needs_stats": bool(m["hybrid"]) or selection == "imp"}
+    m = BASELINE_METHOD.fullmatch(method)
+    if m:
+        multiple = _positive(method, "_m<multiple>", m["multiple"])
+        return {"kind": "baseline", "k": None, "backend": None, "seed": None, "runs": None, "batches": None,
+                "hybrid": False, "selection": None, "multiple": multiple, "baseline": m["baseline"],
+                "bias": m["baseline"].startswith("flap"), "selector": method, "ica_dir": None,
+                "needs_stats": m["baseline"] not in ("random", "magnitude")}
+    raise ValueError(f"method {method!r}: expected {METHOD_HELP}")
+
+
+def method_name(m: re.Match, **change) -> str:
+    """Rebuild an ICA method name from its :data:`ICA_METHOD` match, with some fields changed
+    (``k``, ``batches``, ...; ``None`` removes an option)."""
+    f = {key: m[key] for key in ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")}
+    f.update(change)
+    return (f"c{f['k']}" + (f"_{f['backend']}" if f["backend"] else "") + (f"_s{f['seed']}" if f["seed"] is not None else "")
+            + (f"_x{f['runs']}" if f["runs"] else "") + (f"_b{f['batches']}" if f["batches"] else "")
+            + ("_hybrid" if f["hybrid"] else "") + (f"_{f['selection']}" if f["selection"] else "")
+            + (f"_m{f['multiple']}" if f["multiple"] else "") + ("_bias" if f["bias"] else ""))
 
 
 def parse_target(target: str, models: list[str], default_backend: str = "torch") -> dict:

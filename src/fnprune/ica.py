@@ -328,6 +328,75 @@ def canica(x, k: int, backend: str = "torch", seed: int = 0, max_iter: int = 300
     raise ValueError(f"ica backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
+def canica_runs(x, k: int, backend: str, seeds: list[int], max_iter: int = 300, tol: float = 1e-4,
+                device: str = "cpu") -> list[ICAResult]:
+    """``len(seeds)`` CanICA runs of one matrix with their maps. The torch backend computes the
+    subspace once (it does not depend on the FastICA start) and iterates every run's FastICA as
+    one batched problem; the other backends run one after another."""
+    if backend != "torch":
+        return [canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, keep_maps=True)
+                for sd in seeds]
+    t, n = x.shape
+    if not 1 <= k <= min(t, n):
+        raise ValueError(f"components k={k} must be between 1 and min(tokens, signals) = min({t}, {n})")
+    t0 = time.time()
+    v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seeds[0])
+    vt = v.T.contiguous()
+    sources, converged, n_iter = fastica_cube(vt.unsqueeze(0).expand(len(seeds), -1, -1), seeds, max_iter, tol)
+    wall = (time.time() - t0) / len(seeds)
+    out = []
+    for src, conv, it in zip(sources, converged, n_iter):
+        scores, maps = _finish(src, keep_maps=True)
+        out.append(ICAResult(scores, conv, it, maps, {**info, "wall_s": wall}))
+    return out
+
+
+def consensus_scores(runs: list[ICAResult], min_runs: int | None = None, min_similarity: float = 0.5
+                     ) -> tuple[np.ndarray, dict]:
+    """Scores from the networks that recur across FastICA runs (ICASSO-style consensus).
+
+    The ``R x k`` maps of all runs are clustered by average-linkage agglomeration on
+    ``1 - |corr|``, cut where clusters stop being alike (average ``|corr|`` between merged
+    groups below ``min_similarity``), so unrelated maps are never forced together. A cluster is
+    a recurring network when maps of at least ``min_runs`` (default: half the runs, rounded up)
+    different runs fall in it; its
+    representative is the centrotype (the member most similar to the rest). A signal's score is
+    its maximum ``|z|`` over the representatives. ICASSO's quality index of a cluster (mean
+    similarity inside minus mean similarity to the other maps) is recorded. When no cluster
+    recurs, the cluster spanning the most runs is kept, so the layer still has a network.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n_runs = len(runs)
+    if n_runs < 2 or any(r.maps is None for r in runs):
+        raise ValueError("consensus ICA needs at least two runs with their maps")
+    k = runs[0].maps.shape[0]
+    maps = np.concatenate([r.maps for r in runs]).astype(np.float64)
+    maps = (maps - maps.mean(1, keepdims=True)) / np.maximum(maps.std(1, keepdims=True), 1e-12)
+    run_of = np.repeat(np.arange(n_runs), k)
+    sim = np.clip(np.abs(maps @ maps.T) / maps.shape[1], 0.0, 1.0)
+    dist = 1.0 - sim
+    np.fill_diagonal(dist, 0.0)
+    labels = fcluster(linkage(squareform(dist, checks=False), "average"), t=1.0 - min_similarity,
+                      criterion="distance")
+    need = min_runs if min_runs is not None else -(-n_runs // 2)
+    clusters = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        others = np.flatnonzero(labels != c)
+        inside = sim[np.ix_(idx, idx)]
+        alike = (inside.sum() - len(idx)) / (len(idx) * (len(idx) - 1)) if len(idx) > 1 else 0.0
+        iq = alike - (sim[np.ix_(idx, others)].mean() if len(others) else 0.0)
+        recurs = len(set(run_of[idx].tolist())) >= need
+        clusters.append((recurs, len(set(run_of[idx].tolist())), float(iq), int(idx[np.argmax(inside.sum(1))])))
+    kept = [c for c in clusters if c[0]] or [max(clusters, key=lambda c: (c[1], c[2]))]
+    scores = np.abs(maps[[c[3] for c in kept]]).max(0).astype(np.float32)
+    info = {"clusters": len(clusters), "recurring": len(kept), "min_runs": need,
+            "quality_index": float(np.mean([c[2] for c in kept]))}
+    return scores, info
+
+
 def load_shard(path: str | Path, n_signals: int | None = None) -> np.ndarray:
     """Read an activation shard, refusing truncated, mis-shaped or non-finite ones."""
     try:
@@ -370,7 +439,7 @@ def _constant_layers(shard_paths: list[str | Path], policy: str) -> np.ndarray:
 
 def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, max_iter: int = 300,
               tol: float = 1e-4, device: str = "cpu", on_nonconvergence: str = "keep",
-              retries: int = 2, on_constant_layer: str = "keep_whole") -> dict[str, np.ndarray]:
+              retries: int = 2, on_constant_layer: str = "keep_whole", runs: int = 1) -> dict[str, np.ndarray]:
     """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
 
     Layer ``l`` uses seed ``seed + 1000 * l``. On CUDA the torch backend iterates the FastICA
@@ -380,6 +449,11 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
     ``retries`` times, ``skip`` it (this batch then does not vote for that layer's neurons), or
     ``fail``. A layer whose signals are all constant has no networks: ``on_constant_layer``
     keeps it whole (scores +inf, never pruned) or fails.
+
+    With ``runs`` > 1 (consensus ICA) every layer is decomposed ``runs`` times (seeds
+    ``seed + 1000 * l + 7919 * r``) and scored by :func:`consensus_scores`. A run that did not
+    converge leaves the ensemble unless the policy is ``keep`` (``fail`` still fails); the layer
+    counts as converged when at least two runs converged.
     """
     from tqdm import tqdm
 
@@ -387,12 +461,14 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
     if constant.any():
         live = [p for p, c in zip(shard_paths, constant) if not c]
         res = ica_batch(live, k, backend, seed, max_iter, tol, device, on_nonconvergence, retries,
-                        on_constant_layer) if live else None
+                        on_constant_layer, runs) if live else None
         n_signals = np.load(shard_paths[0], mmap_mode="r").shape[1]
         out = {"scores": np.full((len(shard_paths), n_signals), np.inf, dtype=np.float32),
                "converged": np.ones(len(shard_paths), bool), "n_iter": np.zeros(len(shard_paths), np.int64),
                "wall_s": np.zeros(len(shard_paths)), "attempts": np.zeros(len(shard_paths), np.int64),
                "skipped": np.zeros(len(shard_paths), bool)}
+        if runs > 1:
+            out.update(recurring=np.zeros(len(shard_paths), np.int64), quality_index=np.full(len(shard_paths), np.nan))
         if res is not None:
             for key in out:
                 out[key][~constant] = res[key]
@@ -402,6 +478,8 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
         raise ValueError(f"ica.on_nonconvergence: expected one of {', '.join(NONCONVERGENCE_POLICIES)}, "
                          f"got {on_nonconvergence!r}")
     seeds = [seed + 1000 * layer for layer in range(len(shard_paths))]
+    if runs > 1:
+        return _consensus_batch(shard_paths, k, backend, seeds, runs, max_iter, tol, device, on_nonconvergence)
     if backend == "torch" and str(device).startswith("cuda"):
         results = canica_torch_layers([functools.partial(load_shard, p) for p in shard_paths], k, seeds,
                                       max_iter, tol, device)
@@ -438,3 +516,33 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
             "n_iter": np.array([r.n_iter for r in results]),
             "wall_s": np.array([r.info["wall_s"] for r in results]),
             "attempts": attempts, "skipped": skipped, "constant": np.zeros(len(results), bool)}
+
+
+def _consensus_batch(shard_paths, k: int, backend: str, seeds: list[int], runs: int, max_iter: int, tol: float,
+                     device: str, on_nonconvergence: str) -> dict[str, np.ndarray]:
+    from tqdm import tqdm
+
+    out = {key: [] for key in ("scores", "converged", "n_iter", "wall_s", "attempts", "skipped", "constant",
+                               "recurring", "quality_index")}
+    for path, sd in zip(tqdm(shard_paths, desc=f"consensus ica {backend} k={k} x{runs}", mininterval=5), seeds):
+        t0 = time.time()
+        try:
+            res = canica_runs(load_shard(path), k, backend, [sd + 7919 * r for r in range(runs)], max_iter, tol,
+                              device)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        good = [r for r in res if r.converged]
+        if len(good) < len(res):
+            msg = f"{path}: {len(res) - len(good)} of {runs} FastICA runs did not converge in {max_iter} iterations"
+            if on_nonconvergence == "fail":
+                raise RuntimeError(f"{msg}; ica.on_nonconvergence is 'fail'")
+            log.warning("%s; %s", msg, "kept" if on_nonconvergence == "keep" or len(good) < 2 else "left out")
+        ensemble = res if on_nonconvergence == "keep" or len(good) < 2 else good
+        scores, info = consensus_scores(ensemble)
+        log.info("layer %s: k=%d, %d runs, %d of %d clusters recur (quality %.3f), %.2f s", Path(path).stem, k,
+                 len(ensemble), info["recurring"], info["clusters"], info["quality_index"], time.time() - t0)
+        for key, val in (("scores", scores), ("converged", len(good) >= 2), ("n_iter", max(r.n_iter for r in res)),
+                         ("wall_s", time.time() - t0), ("attempts", runs), ("skipped", False), ("constant", False),
+                         ("recurring", info["recurring"]), ("quality_index", info["quality_index"])):
+            out[key].append(val)
+    return {key: np.stack(v) if key == "scores" else np.array(v) for key, v in out.items()}

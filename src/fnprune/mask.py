@@ -132,6 +132,105 @@ def select_uniform(scores: list[np.ndarray], prunable: list[bool], n_drop: int, 
     return kept
 
 
+def standardise_layers(scores: list[np.ndarray]) -> list[np.ndarray]:
+    """Each layer's scores z-scored over its finite values (a layer kept whole stays +inf)."""
+    out = []
+    for s in scores:
+        s = np.asarray(s, dtype=np.float64)
+        fin = np.isfinite(s)
+        z = s.copy()
+        if fin.sum() > 1:
+            mu, sd = s[fin].mean(), s[fin].std()
+            z[fin] = (s[fin] - mu) / (sd if sd > 0 else 1.0)
+        out.append(z)
+    return out
+
+
+def hybrid_scores(network: list[np.ndarray], fluctuation: list[np.ndarray]) -> list[np.ndarray]:
+    """Network membership and importance together: per-layer z(network score) + z(log fluctuation).
+
+    ``network`` is the union ICA score (max |z| over maps and batches), ``fluctuation`` FLAP's
+    WIFV of ``down_proj`` (variance of its input x squared column norm). Neither dominates by
+    scale: both are standardised within the layer, so a neuron is kept for being in a network,
+    for carrying fluctuation, or for both.
+    """
+    logf = [np.log(np.maximum(np.asarray(f, dtype=np.float64), 1e-30)) for f in fluctuation]
+    return [a + b for a, b in zip(standardise_layers(network), standardise_layers(logf))]
+
+
+def importance_budgets(importance: list[float], sizes: list[int], prunable: list[bool], n_drop: int,
+                       min_keep: int = 1) -> list[int]:
+    """Neurons to drop per layer, inversely to layer importance, summing to ``n_drop``.
+
+    Layer ``l``'s share is proportional to ``size_l / importance_l`` (a layer half as important
+    as another of the same width loses twice as many neurons), capped at ``size_l - min_keep``;
+    capped layers' excess goes to the others (water-filling), rounding by largest remainder.
+    """
+    layers = [i for i, p in enumerate(prunable) if p]
+    imp = np.array([float(importance[i]) for i in layers])
+    if not np.isfinite(imp).all() or (imp <= 0).any():
+        raise ValueError(f"layer importances must be finite and positive, got {imp.tolist()}")
+    cap = np.array([sizes[i] - min_keep for i in layers], dtype=np.float64)
+    if n_drop > cap.sum():
+        raise ValueError(f"{n_drop} neurons to drop but the prunable layers hold only {int(cap.sum())} "
+                         f"removable ones (min_keep_per_layer={min_keep})")
+    weight = np.array([sizes[i] for i in layers]) / imp
+    share = np.zeros(len(layers))
+    free = np.ones(len(layers), dtype=bool)
+    left = float(n_drop)
+    while left > 1e-9 and free.any():
+        want = left * weight * free / (weight * free).sum()
+        over = free & (share + want > cap)
+        if not over.any():
+            share += want
+            break
+        left -= (cap[over] - share[over]).sum()
+        share[over] = cap[over]
+        free &= ~over
+    drops = np.floor(share).astype(int)
+    order = np.argsort(-(share - drops), kind="stable")
+    for j in order[: n_drop - int(drops.sum())]:
+        drops[j] += 1
+    out = [0] * len(sizes)
+    for i, d in zip(layers, drops):
+        out[i] = int(d)
+    return out
+
+
+def select_budgets(scores: list[np.ndarray], drops: list[int]) -> list[np.ndarray]:
+    """Drop ``drops[l]`` lowest-scoring neurons of layer ``l``."""
+    return [np.sort(np.argsort(np.asarray(s), kind="stable")[d:]).astype(np.int64) for s, d in zip(scores, drops)]
+
+
+def round_kept(kept: list[np.ndarray], scores: list[np.ndarray], prunable: list[bool], multiple: int
+               ) -> list[np.ndarray]:
+    """Round each prunable layer's kept count to a multiple of ``multiple`` (GEMM-friendly widths).
+
+    Every count goes down to a multiple (at least ``multiple``), then layers with the largest
+    remainders go up one step while that brings the total kept closer to the original total, so
+    the achieved ratio stays as close to the request as the rounding allows. A layer keeps its
+    best-scoring neurons; layers not wider than ``multiple`` and protected layers are untouched.
+    """
+    if multiple < 1:
+        raise ValueError(f"rounding multiple must be at least 1, got {multiple}")
+    counts = [len(k) for k in kept]
+    sizes = [len(s) for s in scores]
+    layers = [i for i, p in enumerate(prunable) if p and sizes[i] > multiple]
+    new = {i: max(multiple, counts[i] // multiple * multiple) for i in layers}
+    deficit = sum(counts[i] for i in layers) - sum(new.values())
+    for i in sorted(layers, key=lambda i: -(counts[i] - new[i])):
+        if deficit <= multiple / 2:
+            break
+        if new[i] + multiple <= sizes[i]:
+            new[i] += multiple
+            deficit -= multiple
+    out = list(kept)
+    for i in layers:
+        order = np.argsort(-np.asarray(scores[i]), kind="stable")
+        out[i] = np.sort(order[: new[i]]).astype(np.int64)
+    return out
+
+
 def describe_mask(kept: list[np.ndarray], sizes: list[int], block_params: int, total_params: int,
                   neuron_params: int, **fields) -> dict:
     """The mask record: kept indices, counts and achieved ratios (block and whole model)."""

@@ -16,11 +16,12 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .config import ICA_METHOD, parse_method
-from .io import atomic_path, read_json
+from .config import ICA_METHOD, method_name, parse_method
+from .io import atomic_path, read_json, write_json
 
 METRIC_FIGURES = ("components", "calibration", "threshold", "kept_per_layer")
 FIGURES = METRIC_FIGURES + ("overlap", "stability")
+SEEDS_FIGURE = "seeds"  # only for grids with stability_seeds
 
 
 class Target(NamedTuple):
@@ -45,10 +46,8 @@ def variant(method: str, k: int | None = None, batches: int | None = None) -> st
     """
     m = ICA_METHOD.fullmatch(method)
     if not m or m["batches"]:
-        raise ValueError(f"ablation method {method!r}: expected c<k>[_<backend>][_bias] (no _b<n>)")
-    name = f"c{k or m['k']}" + (f"_{m['backend']}" if m["backend"] else "")
-    name += f"_b{batches}" if batches else ""
-    return name + ("_bias" if m["bias"] else "")
+        raise ValueError(f"ablation method {method!r}: expected an ICA method without _b<n>")
+    return method_name(m, k=k or m["k"], batches=batches)
 
 
 def _dense(model: str) -> Target:
@@ -126,6 +125,27 @@ def stability_target(config: dict, grid: str, model: str) -> tuple[Target, int, 
     return Target(model, g["focus_ratio"], g["ablation_method"]), info["k"], info["backend"]
 
 
+def figures_of(config: dict, grid: str) -> tuple[str, ...]:
+    """The figures each model of a grid gets (the seeds figure needs stability_seeds)."""
+    return FIGURES + ((SEEDS_FIGURE,) if grid_spec(config, grid).get("stability_seeds") else ())
+
+
+def study_targets(config: dict, grid: str, study: str) -> list[Target]:
+    """Dense and every method of one of the grid's studies at every ratio, for every model."""
+    g = grid_spec(config, grid)
+    return [t for m in g["models"]
+            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["studies"][study]]]
+
+
+def seeds_ica_dirs(config: dict, grid: str) -> tuple[str, list[str]]:
+    """ICA directories of the ablation method: its own and one per stability seed (``_s<seed>``)."""
+    g = grid_spec(config, grid)
+    m = ICA_METHOD.fullmatch(g["ablation_method"])
+    backend = config["ica"]["backend"]
+    own = parse_method(g["ablation_method"], backend)["ica_dir"]
+    return own, [parse_method(method_name(m, seed=s), backend)["ica_dir"] for s in g["stability_seeds"]]
+
+
 def check_grids(config: dict) -> None:
     """Checks of every grid that the schema cannot express; each names the key at fault."""
     problems = []
@@ -141,6 +161,17 @@ def check_grids(config: dict) -> None:
             variant(g["ablation_method"])
         except ValueError as e:
             problems.append(f"{key}.ablation_method: {e}")
+        for study, methods in g.get("studies", {}).items():
+            for meth in methods:
+                try:
+                    parse_method(meth)
+                except ValueError as e:
+                    problems.append(f"{key}.studies.{study}: {e}")
+        if config.get("seed", 0) in g.get("stability_seeds", []):
+            problems.append(f"{key}.stability_seeds: {config['seed']} is the config's own seed; list other seeds")
+        if g.get("stability_seeds") and ICA_METHOD.fullmatch(g["ablation_method"]) and \
+                ICA_METHOD.fullmatch(g["ablation_method"])["seed"] is not None:
+            problems.append(f"{key}.stability_seeds: the ablation method {g['ablation_method']!r} fixes its own seed")
         if g["focus_ratio"] not in g["ratios"]:
             problems.append(f"{key}.focus_ratio: {g['focus_ratio']} is not one of ratios {g['ratios']}")
         for m in (m for m in g["models"] if m in config["models"]):
@@ -189,6 +220,93 @@ def batch_keep_counts(scores: Sequence[np.ndarray], threshold: float) -> np.ndar
     if counts is None:
         raise ValueError("no ICA score files to count kept neurons from")
     return counts
+
+
+def neuron_scores(batch_scores: np.ndarray) -> list[np.ndarray]:
+    """Per-layer neuron scores of one batch's (layers x 2*intermediate) signal scores."""
+    half = batch_scores.shape[1] // 2
+    return list(np.maximum(batch_scores[:, :half], batch_scores[:, half:]))
+
+
+def _kept_sets(scores: list[np.ndarray], mask: dict) -> list[set[int]]:
+    from .mask import select_global
+
+    kept, _ = select_global(scores, prunable_of(mask), mask["n_drop"], mask["ratio_requested"], mask.get("min_keep", 1))
+    return [set(k.tolist()) for k in kept]
+
+
+def _dice(a: list[set[int]], b: list[set[int]], layers: Sequence[int]) -> float:
+    inter = sum(len(a[i] & b[i]) for i in layers)
+    size = sum(len(a[i]) + len(b[i]) for i in layers)
+    return 2 * inter / size if size else 1.0
+
+
+def seed_stability(mask: dict, batch_scores: Sequence[np.ndarray], seed_scores: Sequence[np.ndarray],
+                   seeds: Sequence[int]) -> dict:
+    """How much of the mask is the calibration data and how much the FastICA start.
+
+    Every kept set is thresholded at the mask's ratio (same neuron count, one global threshold).
+    ``batch_scores``: every batch with the config's seed, in order; ``seed_scores``: batch 0 with
+    each of ``seeds``. Returns Dice to the final union as batches accumulate (1, 2, 4, ..., all),
+    each single batch's Dice to the final union, and per prunable layer the mean pairwise Dice
+    between seeds (batch 0, config seed included) and between batches (config seed).
+    """
+    layers = [i for i, p in enumerate(prunable_of(mask)) if p]
+    per_batch = [neuron_scores(s) for s in batch_scores]
+    union = per_batch[0]
+    unions = []
+    for b in per_batch:
+        union = [np.maximum(u, x) for u, x in zip(union, b)]
+        unions.append(union)
+    final = _kept_sets(unions[-1], mask)
+    n_all = len(per_batch)
+    ns = sorted({n for n in (2 ** i for i in range(n_all.bit_length())) if n <= n_all} | {n_all})
+    singles = [_kept_sets(b, mask) for b in per_batch]
+    seed_sets = [singles[0]] + [_kept_sets(neuron_scores(s), mask) for s in seed_scores]
+
+    def pairwise(sets: list[list[set[int]]]) -> list[float]:
+        pairs = list(itertools.combinations(range(len(sets)), 2))
+        return [float(np.mean([_dice(sets[a], sets[b], [i]) for a, b in pairs])) for i in layers] if pairs else []
+
+    kept = sum(len(final[i]) for i in layers)
+    total = sum(len(per_batch[0][i]) for i in layers)
+    seed_layer, batch_layer = pairwise(seed_sets), pairwise(singles)
+    return {"layers": layers, "seeds": list(seeds), "n_batches_total": n_all, "keep_fraction": kept / total,
+            "accumulation": {"n_batches": ns,
+                             "dice_to_final": [_dice(_kept_sets(unions[n - 1], mask), final, layers) for n in ns]},
+            "single_batch_dice_to_final": [_dice(s, final, layers) for s in singles],
+            "seed_dice_per_layer": seed_layer, "batch_dice_per_layer": batch_layer,
+            "seed_dice_mean": float(np.mean(seed_layer)) if seed_layer else None,
+            "batch_dice_mean": float(np.mean(batch_layer)) if batch_layer else None}
+
+
+def seeds(mask_file: str, score_files: Sequence[str], seed_files: Sequence[str], stability_seeds: Sequence[int],
+          model: str, png: str, pdf: str, out_json: str) -> None:
+    """The seeds figure and its numbers (JSON)."""
+    from . import plots
+
+    mask = read_json(mask_file)
+    res = seed_stability(mask, load_scores(score_files), load_scores(seed_files), stability_seeds)
+    res.update(method=mask["method"], ratio=mask["ratio_requested"], model=model)
+    write_json(out_json, res)
+    title = (f"{model}, {plots.method_label(mask['method'])}, {round(100 * mask['ratio_requested'])}% removed: "
+             f"seed-to-seed Dice {res['seed_dice_mean']:.3f}"
+             + (f", batch-to-batch {res['batch_dice_mean']:.3f}" if res["batch_dice_mean"] is not None else ""))
+    plots.save(plots.seeds_figure(res, title), png, pdf)
+
+
+def studies(files: dict[str, Sequence[str]], task_metrics: Sequence[str], out_md: str, out_csv: str) -> None:
+    """One table per study (dense + its methods at every ratio), Markdown and CSV with a study column."""
+    from .tables import main_table
+
+    md, csv = ["# Studies beyond the paper", ""], []
+    for study, fs in files.items():
+        t = main_table([read_json(f) for f in fs], task_metrics)
+        md += [f"## {study}", "", t["md"], ""]
+        rows = t["csv"].splitlines()
+        csv += ([f"study,{rows[0]}"] if not csv else []) + [f"{study},{r}" for r in rows[1:]]
+    _write(out_md, "\n".join(md))
+    _write(out_csv, "\n".join(csv) + "\n")
 
 
 def load_scores(files: Sequence[str | Path]) -> list[np.ndarray]:
@@ -252,7 +370,8 @@ def stability(mask_file: str, score_files: Sequence[str], model: str, png: str, 
     plots.save(plots.stability_figure(counts, prunable_of(mask), len(score_files), mask["method"], title), png, pdf)
 
 
-def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], out: str) -> None:
+def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], out: str,
+            studies_md: str | None = None) -> None:
     """A Markdown report of the grid: both tables and every PNG figure (linked relative to ``out``)."""
     from .plots import FIGURE_TITLES
 
@@ -260,6 +379,8 @@ def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], o
     lines = [f"# fnprune paper results: grid `{grid}`", "",
              "Built only from `metrics.json` files (and mask JSONs and ICA scores for overlap and stability).",
              "", "## Main table", "", Path(main_md).read_text(), "## Ablations", "", Path(ablation_md).read_text()]
+    if studies_md:
+        lines += ["", Path(studies_md).read_text().replace("# Studies", "## Studies", 1).replace("\n## ", "\n### ")]
     for model, figs in itertools.groupby(figures, key=lambda f: Path(f).parent.name):
         lines += [f"## Figures: {model}", ""]
         for f in figs:

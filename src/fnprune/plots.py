@@ -25,6 +25,7 @@ FIGURE_TITLES = {
     "kept_per_layer": "Kept neurons per layer",
     "overlap": "Mask overlap between methods",
     "stability": "Stability of the ICA mask across calibration batches",
+    "seeds": "Network stability: FastICA seeds vs calibration data",
 }
 
 Getter = Callable[[dict], float | None]
@@ -228,4 +229,32 @@ def stability_figure(counts: np.ndarray, prunable: Sequence[bool], n_batches: in
         ax.set_xlabel(f"calibration batches keeping the neuron (of {n_batches})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{method_label(method)}: {title}")
+    return fig
+
+
+def seeds_figure(result: dict, title: str) -> Figure:
+    """Left: Dice of the union of the first n batches to the final union (and each single batch).
+    Right: per layer, Dice between masks of one batch under different FastICA seeds, against
+    Dice between masks of different batches (same seed); chance is the keep fraction."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    acc, per = fig.subplots(1, 2)
+    n = result["accumulation"]["n_batches"]
+    acc.plot(n, result["accumulation"]["dice_to_final"], "o-", label="union of the first n batches")
+    acc.plot([1] * len(result["single_batch_dice_to_final"]), result["single_batch_dice_to_final"], "x",
+             color="C3", label="each single batch")
+    acc.axhline(result["keep_fraction"], color="0.5", ls=":", label="chance (keep fraction)")
+    acc.set_xlabel("calibration batches in the union")
+    acc.set_ylabel("Dice of kept neurons to the final union")
+    acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+    acc.legend(fontsize="small")
+    layers = result["layers"]
+    per.plot(layers, result["seed_dice_per_layer"], "o-", label=f"seeds on batch 0 ({len(result['seeds'])} seeds)")
+    if result["batch_dice_per_layer"]:
+        per.plot(layers, result["batch_dice_per_layer"], "s--", label="batches, same seed")
+    per.axhline(result["keep_fraction"], color="0.5", ls=":", label="chance")
+    per.set_xlabel("transformer block (layer index)")
+    per.set_ylabel("mean pairwise Dice of kept neurons")
+    per.xaxis.set_major_locator(MaxNLocator(integer=True))
+    per.legend(fontsize="small")
+    fig.suptitle(title)
     return fig

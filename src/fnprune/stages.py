@@ -77,7 +77,8 @@ def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: 
                       spec["shard_dtype"])
 
 
-def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str) -> None:
+def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str,
+        runs: int = 1) -> None:
     from .ica import ica_batch
     from .io import save_npz
     from .modeling import resolve_device
@@ -85,8 +86,8 @@ def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, see
     paths = [Path(shard_dir) / f"L{layer}.npy" for layer in range(n_layers)]
     res = ica_batch(paths, k, backend, seed, ica_spec["max_iter"], ica_spec["tol"],
                     resolve_device(ica_spec["device"]), ica_spec["on_nonconvergence"], ica_spec["retries"],
-                    ica_spec["on_constant_layer"])
-    save_npz(out, **res, k=np.array(k), seed=np.array(seed))
+                    ica_spec["on_constant_layer"], runs)
+    save_npz(out, **res, k=np.array(k), seed=np.array(seed), runs=np.array(runs))
 
 
 def _shape(model_spec: dict, source: str) -> dict:
@@ -101,35 +102,73 @@ def _shape(model_spec: dict, source: str) -> dict:
     return info
 
 
-def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float, k: int,
-             backend: str, out: str, method: str | None = None) -> None:
-    from .mask import describe_mask, n_to_drop, prunable_layers, select_global, union_neuron_scores
+def _fluctuation(model_spec: dict, source: str, stats_files: list[str]) -> list[np.ndarray]:
+    """FLAP's fluctuation (WIFV) of every ``down_proj`` input channel, from the calibration stats."""
+    from . import adapters as A
+    from .baselines import stat, wifv_scores
+    from .extract import load_stats
+
+    model, _ = _load(model_spec, source, device="cpu")
+    ad = A.adapter_for(model)
+    sizes = [A.intermediate_size(b, ad) for b in A.layers(model, ad)]
+    return wifv_scores(model, "down", stat(load_stats(stats_files), "down_var", sizes, "hybrid/imp"))
+
+
+def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float, selector: dict, out: str,
+             stats_files: list[str] = ()) -> None:
+    """The mask of an ICA method (``selector``: :func:`fnprune.config.parse_method` of its name)."""
+    from .mask import (describe_mask, hybrid_scores, importance_budgets, n_to_drop, prunable_layers,
+                       round_kept, select_budgets, select_global, select_uniform, standardise_layers,
+                       union_neuron_scores)
 
     t0 = time.time()
     info = _shape(model_spec, source)
     scores, ica_info = union_neuron_scores(score_files)
     prunable = prunable_layers(info["n_layers"], model_spec["protect_first"], model_spec["protect_last"])
     n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
-    kept, threshold = select_global(scores, prunable, n_drop, ratio, model_spec["min_keep_per_layer"])
+    min_keep = model_spec["min_keep_per_layer"]
+    sel = selector["selection"]
+    fluct = _fluctuation(model_spec, source, stats_files) if selector["needs_stats"] else None
+    if selector["hybrid"]:
+        scores = hybrid_scores(scores, fluct)
+    threshold, layer_importance = None, None
+    if sel == "global":
+        kept, threshold = select_global(scores, prunable, n_drop, ratio, min_keep)
+    elif sel == "zglobal":
+        scores = standardise_layers(scores)
+        kept, threshold = select_global(scores, prunable, n_drop, ratio, min_keep)
+    elif sel == "uniform":
+        kept = select_uniform(scores, prunable, n_drop, ratio, min_keep)
+    elif sel == "imp":
+        layer_importance = [float(np.mean(f)) for f in fluct]
+        drops = importance_budgets(layer_importance, info["intermediate_sizes"], prunable, n_drop, min_keep)
+        kept = select_budgets(scores, drops)
+    else:
+        raise ValueError(f"mask selection {sel!r}: expected global, zglobal, uniform or imp")
+    if selector["multiple"]:
+        kept = round_kept(kept, scores, prunable, selector["multiple"])
     rec = describe_mask(kept, info["intermediate_sizes"], info["block_params"], info["total_params"],
-                        info["neuron_params"], method=method or f"c{k}_{backend}", kind="ica", k=k, backend=backend,
-                        ratio_requested=ratio, threshold=threshold, n_drop=n_drop, prunable=prunable,
-                        ica=ica_info)
+                        info["neuron_params"], method=selector["selector"], kind="ica", k=selector["k"],
+                        backend=selector["backend"], ica_seed=selector["seed"], consensus_runs=selector["runs"],
+                        hybrid=selector["hybrid"], selection=sel, multiple=selector["multiple"],
+                        layer_importance=layer_importance, ratio_requested=ratio, threshold=threshold,
+                        n_drop=n_drop, prunable=prunable, min_keep=min_keep, ica=ica_info)
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
-    log.info("T=%.4f keeps %s neurons per layer; achieved block ratio %.4f", threshold,
-             rec["kept_counts"], rec["achieved_block_ratio"])
+    log.info("%s: keeps %s neurons per layer; achieved block ratio %.4f (threshold %s)", selector["selector"],
+             rec["kept_counts"], rec["achieved_block_ratio"], threshold)
 
 
 def baseline_mask(method: str, stats_files: list[str], model_spec: dict, source: str, ratio: float,
-                  seed: int, out: str) -> None:
+                  seed: int, out: str, multiple: int | None = None) -> None:
     from .baselines import baseline_mask as compute
     from .extract import load_stats
 
     t0 = time.time()
     model, _ = _load(model_spec, source, device="cpu")
-    rec = compute(method, model, load_stats(stats_files), ratio, model_spec["protect_first"],
-                  model_spec["protect_last"], seed, model_spec["min_keep_per_layer"])
+    rec = compute(method, model, load_stats(stats_files) if stats_files else None, ratio,
+                  model_spec["protect_first"], model_spec["protect_last"], seed, model_spec["min_keep_per_layer"],
+                  multiple=multiple)
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
 
@@ -228,6 +267,8 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
             "kept_neurons_per_layer": m["kept_counts"],
             "intermediate_sizes": m["intermediate_sizes"],
             "kept_heads_per_layer": [len(h) for h in m["kept_heads"]] if m.get("kept_heads") else None,
+            "mask_options": {key: m.get(key) for key in ("selection", "multiple", "hybrid", "consensus_runs",
+                                                        "ica_seed", "layer_importance")},
         })
         if "ica" in m:
             rec["ica"] = {k: m["ica"][k] for k in ("batches_used", "nonconverged_fraction", "n_iter",

@@ -67,22 +67,35 @@ BASELINE_LABELS = {"random": "Random", "magnitude": "Magnitude", "wanda_sp": "Wa
 LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte")
 
 
+SELECTION_LABELS = {"zglobal": "per-layer z", "uniform": "uniform", "imp": "importance budgets"}
+
+
 def method_label(method: str) -> str:
     """Display name of a method or mask selector: ``c16_b2_bias`` -> ``ICA k=16, 2 batches +bias``."""
-    from .config import ICA_METHOD
+    from .config import BASELINE_METHOD, ICA_METHOD
 
     if method == "dense":
         return "Dense"
-    if method in BASELINE_LABELS:
-        return BASELINE_LABELS[method]
+    b = BASELINE_METHOD.fullmatch(method)
+    if b:
+        return BASELINE_LABELS[b["baseline"]] + (f", x{b['multiple']} widths" if b["multiple"] else "")
     m = ICA_METHOD.fullmatch(method)
     if not m:
         return method
-    label = f"ICA k={m['k']}"
+    label = "Hybrid ICA+FLAP" if m["hybrid"] else "ICA"
+    label += f" k={m['k']}"
     if m["backend"]:
         label += f" ({m['backend']})"
+    if m["seed"] is not None:
+        label += f", seed {m['seed']}"
+    if m["runs"]:
+        label += f", consensus of {m['runs']}"
     if m["batches"]:
         label += f", {m['batches']} batch{'es' if int(m['batches']) > 1 else ''}"
+    if m["selection"]:
+        label += f", {SELECTION_LABELS[m['selection']]}"
+    if m["multiple"]:
+        label += f", x{m['multiple']} widths"
     return label + (" +bias" if m["bias"] else "")
 
 

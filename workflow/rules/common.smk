@@ -1,4 +1,6 @@
 # Helper functions of the workflow: config access, the path grammar and input functions.
+import re
+
 import fnprune.config as fconfig
 import fnprune.paper as fpaper
 
@@ -16,9 +18,10 @@ wildcard_constraints:
     ratio=r"\d+",
     k=r"\d+",
     batch=r"\d+",
-    nb=r"(_b\d+)?",
     backend="torch|exact|nilearn",
-    baseline="|".join(fconfig.BASELINES),
+    icav=fconfig.ICA_VARIANT,
+    ica_selector=fconfig.ICA_SELECTOR,
+    baseline_selector=fconfig.BASELINE_SELECTOR,
     method=fconfig.METHOD_PATTERN,
     target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
     grid="|".join(config["paper"]["grids"]),
@@ -58,15 +61,15 @@ def stats_files(model):
     return [f"results/{model}/acts/b{b}.stats.npz" for b in batch_ids(model)]
 
 
-def ica_files(model, backend, k, nb=""):
-    """ICA score files of every batch, or of the first n batches for a ``_b{n}`` mask."""
+def ica_files(model, ica_dir, batches=None):
+    """ICA score files (``results/{model}/ica/{ica_dir}/``) of every batch, or of the first n."""
     ids = list(batch_ids(model))
-    if nb:
-        n = int(nb[2:])
-        if n > len(ids):
-            raise ValueError(f"mask from {n} batches, but models.{model}.calibration.n_batches is {len(ids)}")
-        ids = ids[:n]
-    return [f"results/{model}/ica/{backend}_c{k}/b{b}.npz" for b in ids]
+    if batches:
+        if batches > len(ids):
+            raise ValueError(f"mask from {batches} batches (_b{batches}), but models.{model}.calibration.n_batches "
+                             f"is {len(ids)}")
+        ids = ids[:batches]
+    return [f"results/{model}/ica/{ica_dir}/b{b}.npz" for b in ids]
 
 
 def target_info(wildcards):
@@ -203,13 +206,33 @@ def extract_inputs(wildcards):
     return {"batches": f"results/{wildcards.model}/calib/batches.json", "model": model_input(wildcards.model)}
 
 
+def selector_info(wildcards):
+    """The parsed mask selector of a mask job (ICA or baseline), see fnprune.config.parse_method."""
+    sel = wildcards.ica_selector if "ica_selector" in wildcards.keys() else wildcards.baseline_selector
+    return fconfig.parse_method(sel, BACKEND)
+
+
 def mask_ica_inputs(wildcards):
-    w = wildcards
-    return {"scores": ica_files(w.model, w.backend, w.k, w.nb), "model": model_input(w.model)}
+    s = selector_info(wildcards)
+    return {"scores": ica_files(wildcards.model, s["ica_dir"], s["batches"]), "model": model_input(wildcards.model),
+            "stats": stats_files(wildcards.model) if s["needs_stats"] else []}
 
 
 def mask_baseline_inputs(wildcards):
-    return {"stats": stats_files(wildcards.model), "model": model_input(wildcards.model)}
+    s = selector_info(wildcards)
+    return {"stats": stats_files(wildcards.model) if s["needs_stats"] else [], "model": model_input(wildcards.model)}
+
+
+def ica_seed(wildcards):
+    """The ICA job's seed: ``_s<seed>`` of its directory, else the config's ``seed``."""
+    m = re.search(r"_s(\d+)", wildcards.icav)
+    return int(m[1]) if m else config["seed"]
+
+
+def ica_runs(wildcards):
+    """FastICA runs of a consensus ICA job (``_x<runs>``), 1 for plain CanICA."""
+    m = re.search(r"_x(\d+)", wildcards.icav)
+    return int(m[1]) if m else 1
 
 
 def prune_inputs(wildcards):
@@ -261,10 +284,33 @@ def paper_overlap_masks(wildcards):
 def paper_stability_inputs(wildcards):
     """The ablation method's mask at the focus ratio and the ICA scores of every calibration batch."""
     t, k, backend = fpaper.stability_target(config, wildcards.grid, wildcards.model)
-    return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, backend, k)}
+    return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, f"{backend}_c{k}")}
 
 
 def paper_figures(wildcards):
     """The PNG of every figure of every model of a grid (each job writes its PDF beside it)."""
     models = config["paper"]["grids"][wildcards.grid]["models"]
-    return [f"results/paper/{wildcards.grid}/{m}/{fig}.png" for m in models for fig in fpaper.FIGURES]
+    return [f"results/paper/{wildcards.grid}/{m}/{fig}.png" for m in models
+            for fig in fpaper.figures_of(config, wildcards.grid)]
+
+
+def paper_studies_inputs(wildcards):
+    """Metrics of every study of a grid, one named input per study."""
+    g = config["paper"]["grids"][wildcards.grid]
+    return {study: paper_metrics_files(fpaper.study_targets(config, wildcards.grid, study)) for study in g["studies"]}
+
+
+def paper_summary_inputs(wildcards):
+    inp = {"main": f"results/paper/{wildcards.grid}/main_table.md",
+           "ablation": f"results/paper/{wildcards.grid}/ablation_table.md", "figures": paper_figures(wildcards)}
+    if config["paper"]["grids"][wildcards.grid]["studies"]:
+        inp["studies"] = f"results/paper/{wildcards.grid}/studies.md"
+    return inp
+
+
+def paper_seeds_inputs(wildcards):
+    """The ablation method's focus mask, its ICA scores of every batch, and batch 0 under each extra seed."""
+    t, _, _ = fpaper.stability_target(config, wildcards.grid, wildcards.model)
+    own, seeded = fpaper.seeds_ica_dirs(config, wildcards.grid)
+    return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, own),
+            "seeds": [f"results/{t.model}/ica/{d}/b0.npz" for d in seeded]}

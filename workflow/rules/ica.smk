@@ -1,19 +1,21 @@
 # Per-batch spatial CanICA of every layer: per-signal max |z| over the k maps.
+# {icav}: "" (the config's seed), _s<seed> (another ICA seed), _x<runs> (consensus of several runs).
 
 
 rule ica:
     input:
         shards="results/{model}/acts/b{batch}",
     output:
-        "results/{model}/ica/{backend}_c{k}/b{batch}.npz",
+        "results/{model}/ica/{backend}_c{k}{icav}/b{batch}.npz",
     log:
-        "results/logs/ica/{model}_{backend}_c{k}_b{batch}.log",
+        "results/logs/ica/{model}_{backend}_c{k}{icav}_b{batch}.log",
     benchmark:
-        "results/benchmarks/ica/{model}_{backend}_c{k}_b{batch}.tsv"
+        "results/benchmarks/ica/{model}_{backend}_c{k}{icav}_b{batch}.tsv"
     params:
         n_layers=n_layers,
         ica=config["ica"],
-        seed=config["seed"],
+        seed=ica_seed,
+        runs=ica_runs,
     threads: 2
     resources:
         mem_mb=8000,

@@ -5,13 +5,14 @@ rule mask_ica:
     input:
         unpack(mask_ica_inputs),
     output:
-        "results/{model}/masks/r{ratio}_c{k}_{backend}{nb}.json",
+        "results/{model}/masks/r{ratio}_{ica_selector}.json",
     log:
-        "results/logs/mask/{model}_r{ratio}_c{k}_{backend}{nb}.log",
+        "results/logs/mask/{model}_r{ratio}_{ica_selector}.log",
     params:
         spec=model_spec,
         source=model_src,
         ratio=ratio_fraction,
+        selector=selector_info,
     threads: 1
     resources:
         mem_mb=4000,
@@ -26,13 +27,14 @@ rule mask_baseline:
     input:
         unpack(mask_baseline_inputs),
     output:
-        "results/{model}/masks/r{ratio}_{baseline}.json",
+        "results/{model}/masks/r{ratio}_{baseline_selector}.json",
     log:
-        "results/logs/mask/{model}_r{ratio}_{baseline}.log",
+        "results/logs/mask/{model}_r{ratio}_{baseline_selector}.log",
     params:
         spec=model_spec,
         source=model_src,
         ratio=ratio_fraction,
+        selector=selector_info,
         seed=config["seed"],
     threads: 1
     resources:

@@ -196,11 +196,58 @@ rule paper_stability:
         "../scripts/paper_stability.py"
 
 
+rule paper_seeds:
+    input:
+        unpack(paper_seeds_inputs),
+    output:
+        png=report("results/paper/{grid}/{model}/seeds.png", caption="../report/paper_seeds.rst",
+                   category="Masks", subcategory="{grid}",
+                   labels={"model": "{model}", "figure": "seeds vs data", "format": "PNG"}),
+        pdf=report("results/paper/{grid}/{model}/seeds.pdf", caption="../report/paper_seeds.rst",
+                   category="Masks", subcategory="{grid}",
+                   labels={"model": "{model}", "figure": "seeds vs data", "format": "PDF"}),
+        json="results/paper/{grid}/{model}/seeds.json",
+    log:
+        "results/logs/paper/{grid}_{model}_seeds.log",
+    params:
+        seeds=lookup(dpath="paper/grids/{grid}/stability_seeds", within=config),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/paper_seeds.py"
+
+
+# Studies beyond the paper (paper.grids.{grid}.studies): one table per study.
+
+
+rule paper_studies:
+    input:
+        unpack(paper_studies_inputs),
+    output:
+        md=report("results/paper/{grid}/studies.md", caption="../report/paper_studies.rst", category="Tables",
+                  subcategory="{grid}", labels={"table": "studies", "format": "Markdown"}),
+        csv="results/paper/{grid}/studies.csv",
+    log:
+        "results/logs/paper/{grid}_studies.log",
+    params:
+        task_metrics=lookup(dpath="paper/grids/{grid}/task_metrics", within=config),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/paper_studies.py"
+
+
 rule paper_summary:
     input:
-        main="results/paper/{grid}/main_table.md",
-        ablation="results/paper/{grid}/ablation_table.md",
-        figures=paper_figures,
+        unpack(paper_summary_inputs),
     output:
         report("results/paper/{grid}/report.md", caption="../report/paper_summary.rst", category="Tables",
                subcategory="{grid}", labels={"table": "summary: tables and figures", "format": "Markdown"}),

@@ -1,6 +1,7 @@
 from fnprune import stages
 
 stages.setup(snakemake.log[0], snakemake.config["torch_threads"])
-stages.baseline_mask(snakemake.wildcards.baseline, list(snakemake.input.stats), snakemake.params.spec,
+sel = snakemake.params.selector
+stages.baseline_mask(sel["baseline"], list(snakemake.input.stats), snakemake.params.spec,
                      snakemake.params.source, snakemake.params.ratio, snakemake.params.seed,
-                     snakemake.output[0])
+                     snakemake.output[0], multiple=sel["multiple"])

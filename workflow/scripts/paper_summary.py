@@ -3,4 +3,5 @@ from fnprune.io import setup_logging
 
 setup_logging(snakemake.log[0])
 paper.summary(snakemake.wildcards.grid, snakemake.input.main, snakemake.input.ablation,
-              list(snakemake.input.figures), snakemake.output[0])
+              list(snakemake.input.figures), snakemake.output[0],
+              studies_md=snakemake.input.get("studies"))
