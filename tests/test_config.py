@@ -51,6 +51,14 @@ def test_errors_name_the_key(cfg, path, value, needle):
         C.validate(cfg)
 
 
+def test_flap_on_a_fused_qkv_model_is_refused_before_any_work():
+    cfg = C.load("config/config.yaml")
+    cfg["targets"]["models"] = ["chatglm3_6b"]
+    cfg["comparison"]["methods"] = ["flap_mlp", "flap"]
+    with pytest.raises(ValueError, match="comparison.methods: flap prunes attention heads.*use flap_mlp"):
+        C.check(cfg)
+
+
 def test_target_grammar():
     t = C.parse_target("tiny_r20_c16_nilearn_bias", ["tiny"])
     assert (t["ratio"], t["k"], t["backend"], t["bias"], t["selector"]) == (0.2, 16, "nilearn", True, "c16_nilearn")

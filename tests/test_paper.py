@@ -106,8 +106,18 @@ def config():
 def test_shipped_grids_pass_the_checks(config):
     paper.check_grids(config)
     full = paper.main_targets(config, "paper_full") + paper.ablation_targets(config, "paper_full")
-    assert len(set(full)) == 3 * (1 + 3 * 7 + 3 * 2 + 3 * 3)
+    # ChatGLM3 (fused query_key_value) is excluded from FLAP's head pruning at the three ratios.
+    assert len(set(full)) == 3 * (1 + 3 * 7 + 3 * 2 + 3 * 3) - 3
+    assert Target("chatglm3_6b", 20, "flap") not in full and Target("chatglm3_6b", 20, "flap_mlp") in full
     assert Target("vicuna7b", 20, "c128_b38") in full and Target("vicuna7b", 20, "c128_b80") not in full
+
+
+def test_head_pruning_on_fused_qkv_must_be_excluded(config):
+    cfg = copy.deepcopy(config)
+    cfg["paper"]["grids"]["paper_full"]["exclude"] = {}
+    with pytest.raises(ValueError, match="paper.grids.paper_full.methods: flap prunes attention heads, which model "
+                                         "chatglm3_6b"):
+        paper.check_grids(cfg)
 
 
 def test_embedded_grid_expansion(config):

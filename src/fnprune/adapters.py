@@ -63,6 +63,11 @@ REGISTRY: dict[str, Adapter] = {
 }
 
 
+def supports_head_pruning(architecture: str) -> bool:
+    """FLAP's head pruning needs separate q/k/v projections (fused qkv models: MLP-only methods)."""
+    return REGISTRY[architecture].qkv is None
+
+
 def architecture_of(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if not archs:

@@ -125,6 +125,19 @@ def parse_target(target: str, models: list[str], default_backend: str = "torch")
                      f"with model in {', '.join(models)}")
 
 
+def head_pruning_problems(config: dict, models: list[str], method: str) -> list[str]:
+    """``flap`` prunes attention heads, which needs separate q/k/v projections: name the models
+    (fused qkv: Phi-3, ChatGLM3) it cannot run on."""
+    from .adapters import REGISTRY, supports_head_pruning
+
+    if BASELINE_METHOD.fullmatch(method) is None or BASELINE_METHOD.fullmatch(method)["baseline"] != "flap":
+        return []
+    return [f"{method} prunes attention heads, which model {m} ({config['models'][m]['architecture']}, fused "
+            f"query_key_value) does not support; use flap_mlp" for m in models
+            if m in config["models"] and config["models"][m]["architecture"] in REGISTRY
+            and not supports_head_pruning(config["models"][m]["architecture"])]
+
+
 def _with_defaults(validator_cls):
     from jsonschema import validators
 
@@ -214,6 +227,9 @@ def check(config: dict) -> None:
                 parse_method(method)
             except ValueError as e:
                 problems.append(f"{section}.methods: {e}")
+                continue
+            problems += [f"{section}.methods: {e}" for e in head_pruning_problems(config, config["targets"]["models"],
+                                                                                 method)]
     for model in config["targets"]["models"]:
         if model not in models:
             problems.append(f"targets.models: {model!r} is not a key of models ({', '.join(models)})")

@@ -72,12 +72,13 @@ def load_base(source: str, dtype: str = "float32", device: str = "auto", revisio
     return model.to(resolve_device(device)).eval()
 
 
-def shape_info(config) -> dict:
-    """Parameter counts of a dense architecture, without allocating its weights."""
+def shape_info(config, trust_remote_code: bool = False) -> dict:
+    """Parameter counts of a dense architecture, without allocating its weights (remote-code
+    architectures such as ChatGLM3 need ``trust_remote_code``, as when loading them)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     ad = A.adapter_for(model)
     blocks = A.layers(model, ad)
     return {

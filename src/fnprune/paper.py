@@ -58,11 +58,17 @@ def _unique(targets: Sequence[Target]) -> list[Target]:
     return list(dict.fromkeys(targets))
 
 
+def _runs(g: dict, model: str, method: str) -> bool:
+    """Whether ``model`` runs ``method`` in grid ``g`` (not listed under ``exclude``)."""
+    return method not in g.get("exclude", {}).get(model, [])
+
+
 def main_targets(config: dict, grid: str) -> list[Target]:
-    """Dense and every ratio x method of every model of the grid."""
+    """Dense and every ratio x method of every model of the grid (less its exclusions)."""
     g = grid_spec(config, grid)
     return [t for m in g["models"]
-            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["methods"]]]
+            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["methods"]
+                                    if _runs(g, m, meth)]]
 
 
 def component_targets(config: dict, grid: str, model: str) -> list[Target]:
@@ -92,7 +98,7 @@ def threshold_targets(config: dict, grid: str, model: str) -> list[Target]:
 def kept_targets(config: dict, grid: str, model: str) -> list[Target]:
     """Dense and every method of the grid at its focus ratio."""
     g = grid_spec(config, grid)
-    return [_dense(model)] + [Target(model, g["focus_ratio"], meth) for meth in g["methods"]]
+    return [_dense(model)] + [Target(model, g["focus_ratio"], meth) for meth in g["methods"] if _runs(g, model, meth)]
 
 
 def ablation_targets(config: dict, grid: str) -> list[Target]:
@@ -113,7 +119,7 @@ def overlap_masks(config: dict, grid: str, model: str) -> list[Target]:
     g = grid_spec(config, grid)
     backend = config["ica"]["backend"]
     first = {}
-    for meth in g["methods"]:
+    for meth in (x for x in g["methods"] if _runs(g, model, x)):
         first.setdefault(parse_method(meth, backend)["selector"], meth)
     return [Target(model, g["focus_ratio"], meth) for meth in first.values()]
 
@@ -134,7 +140,8 @@ def study_targets(config: dict, grid: str, study: str) -> list[Target]:
     """Dense and every method of one of the grid's studies at every ratio, for every model."""
     g = grid_spec(config, grid)
     return [t for m in g["models"]
-            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["studies"][study]]]
+            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["studies"][study]
+                                    if _runs(g, m, meth)]]
 
 
 def seeds_ica_dirs(config: dict, grid: str) -> tuple[str, list[str]]:
@@ -161,6 +168,15 @@ def check_grids(config: dict) -> None:
             variant(g["ablation_method"])
         except ValueError as e:
             problems.append(f"{key}.ablation_method: {e}")
+        from .config import head_pruning_problems
+
+        for meth in set(g["methods"]).union(*g.get("studies", {}).values()):
+            for m in g["models"]:
+                if _runs(g, m, meth):
+                    problems += [f"{key}.methods: {e} (or list it under {key}.exclude.{m})"
+                                 for e in head_pruning_problems(config, [m], meth)]
+        problems += [f"{key}.exclude: {m!r} is not a model of the grid" for m in g.get("exclude", {})
+                     if m not in g["models"]]
         for study, methods in g.get("studies", {}).items():
             for meth in methods:
                 try:

@@ -95,7 +95,7 @@ def _shape(model_spec: dict, source: str) -> dict:
 
     kw = {} if model_spec["source"] == "train" else dict(
         revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
-    info = shape_info(load_config(source, **kw))
+    info = shape_info(load_config(source, **kw), trust_remote_code=kw.get("trust_remote_code", False))
     if info["n_layers"] != model_spec["num_layers"]:
         raise ValueError(f"models.*.num_layers is {model_spec['num_layers']} but {source} has "
                          f"{info['n_layers']} layers")
