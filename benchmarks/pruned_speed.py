@@ -2,7 +2,8 @@
 
 Pruning removes a ratio of block parameters (MLP neurons, uniformly over layers here, so the
 shapes match what the methods produce); the ideal speed-up is the ratio of block FLOPs. With
-``--round 64`` the kept neurons per layer are rounded to a multiple of 64 (hardware-friendly).
+``--round 64`` every ratio is also run with the kept neurons per layer rounded to a multiple of
+64 (what the ``_m64`` method option does), side by side in the same run.
 
     python benchmarks/pruned_speed.py --shape llama7b-block    # one LLaMA-7B-shaped decoder block
     python benchmarks/pruned_speed.py --model results/models/tiny
@@ -74,7 +75,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a saved model directory (default: a LLaMA-7B-shaped block)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
-    p.add_argument("--round", type=int, default=0, dest="round_to")
+    p.add_argument("--round", type=int, default=0, dest="round_to",
+                   help="also run every ratio with kept neurons rounded to this multiple")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -84,14 +86,20 @@ def main() -> None:
     dense = build(args)
     d_pre, d_dec = speed(dense, args.prompt, args.new_tokens, args.repeats)
     print(f"model: {args.model or 'LLaMA-7B-shaped decoder block (random)'}; prompt {args.prompt} tokens, "
-          f"{args.new_tokens} decoded, threads {args.threads}, round kept to {args.round_to or 'none'}")
-    print(f"{'variant':10} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} {'ideal x':>8}")
-    print(f"{'dense':10} {d_pre:>10.4f} {d_dec:>13.1f} {1:>10.2f} {1:>9.2f} {1:>8.2f}")
+          f"{args.new_tokens} decoded, threads {args.threads}, best of {args.repeats}")
+    print(f"{'variant':10} {'MLP width':>9} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} "
+          f"{'ideal x':>8} {'prefill/ideal':>13}")
+    width = A.intermediate_size(A.layers(dense, A.adapter_for(dense))[0], A.adapter_for(dense))
+    print(f"{'dense':10} {width:>9} {d_pre:>10.4f} {d_dec:>13.1f} {1:>10.2f} {1:>9.2f} {1:>8.2f} {1:>13.2f}")
     for r in args.ratios:
-        pruned = prune_uniform(dense, r, args.round_to)
-        pre, dec = speed(pruned, args.prompt, args.new_tokens, args.repeats)
-        ideal = block_flops(dense) / block_flops(pruned)
-        print(f"{f'r{int(r * 100)}':10} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f}")
+        for round_to in (0, args.round_to) if args.round_to else (0,):
+            pruned = prune_uniform(dense, r, round_to)
+            pre, dec = speed(pruned, args.prompt, args.new_tokens, args.repeats)
+            ideal = block_flops(dense) / block_flops(pruned)
+            name = f"r{int(r * 100)}" + (f"_m{round_to}" if round_to else "")
+            w = A.intermediate_size(A.layers(pruned, A.adapter_for(pruned))[0], A.adapter_for(pruned))
+            print(f"{name:10} {w:>9} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f} "
+                  f"{d_pre / pre / ideal:>13.2f}")
 
 
 if __name__ == "__main__":
