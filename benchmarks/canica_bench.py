@@ -82,6 +82,7 @@ def compare(args) -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     x, member = load_input(args)
+    shape = x.shape
     del x
     runs = [("exact", 0), ("exact", 1), ("torch", 0), ("torch", 1), ("nilearn", 0)]
     results = {}
@@ -101,7 +102,8 @@ def compare(args) -> None:
 
     ref = results[("exact", 0)]["scores"]
     seed_dice = dice_top(ref, results[("exact", 1)]["scores"], args.keep)
-    print(f"\nCanICA, {'real activations ' + args.real if args.real else 'planted synthetic'}: "
+    what = f"real activations {args.real}/L{args.layer}.npy" if args.real else "planted synthetic"
+    print(f"\nCanICA, {what} ({shape[0]} tokens x {shape[1]} signals): "
           f"k={args.k}, threads={args.threads}, keep fraction {args.keep}")
     print(f"{'backend':8} {'seed':>4} {'wall s':>8} {'iters':>6} {'conv':>5} {'extra MB':>9} "
           f"{'AUROC':>7} {'Dice vs exact0':>15}  subspace")
@@ -113,6 +115,8 @@ def compare(args) -> None:
     t_exact = np.mean([results[("exact", s)]["wall_s"] for s in (0, 1)])
     t_torch = np.mean([results[("torch", s)]["wall_s"] for s in (0, 1)])
     print(f"\nexact seed-to-seed Dice: {seed_dice:.4f}")
+    print(f"torch seed-to-seed Dice: "
+          f"{dice_top(results[('torch', 0)]['scores'], results[('torch', 1)]['scores'], args.keep):.4f}")
     print(f"speedup torch vs exact: {t_exact / t_torch:.2f}x")
     if ("nilearn", 0) in results:
         print(f"speedup torch vs nilearn: {results[('nilearn', 0)]['wall_s'] / t_torch:.2f}x")
