@@ -309,7 +309,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
 
     Every task is loaded before the model is touched; one that cannot be raises
     :class:`TaskUnavailableError` naming it. ``batch_size`` is an int or ``"auto"`` (largest
-    batch up to ``max_batch_size``: 64 on a GPU, 8 on CPU). ``max_length`` defaults to the
+    batch up to ``max_batch_size``: 64 on a GPU, 32 on CPU). ``max_length`` defaults to the
     model's maximum positions. ``mean_acc`` is the mean ``acc`` of the tasks that report one.
     """
     from lm_eval import simple_evaluate
@@ -324,7 +324,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
     if device is not None:
         model = model.to(resolve_device(device))
     if max_batch_size is None:
-        max_batch_size = 64 if model.device.type == "cuda" else 8
+        max_batch_size = 64 if model.device.type == "cuda" else 32
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
               max_length=max_length)
     raw = simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,

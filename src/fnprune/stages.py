@@ -220,7 +220,8 @@ def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, o
     model, tok = _load(model_spec, model_dir_or_source, device)
     ev = model_spec["eval"]
     res = run_lm_eval(model, tok, ev["lm_eval_tasks"], num_fewshot=ev["num_fewshot"],
-                      batch_size=ev["lm_eval_batch_size"], limit=ev["lm_eval_limit"],
+                      batch_size=ev["lm_eval_batch_size"], max_batch_size=ev.get("lm_eval_max_batch_size"),
+                      limit=ev["lm_eval_limit"],
                       include_path=tasks_dir, raw_out=raw_out)
     write_json(out, res)
 
