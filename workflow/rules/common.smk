@@ -6,6 +6,7 @@ fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 fpaper.check_grids(config)
 
 MODELS = list(config["models"])
+WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
 
@@ -40,14 +41,19 @@ def trained_dir(model):
     return f"results/models/{model}"
 
 
+def weights(model):
+    """The model whose weights ``model`` loads: the base of an alias (models.*.base), else itself."""
+    return fconfig.weights_of(config, model)
+
+
 def model_input(model):
-    """The model directory as a DAG input when the workflow trains it, else nothing."""
-    return [trained_dir(model)] if mspec(model)["source"] == "train" else []
+    """The model directory as a DAG input when the workflow trains it, else nothing (an alias: its base's)."""
+    return [trained_dir(weights(model))] if mspec(model)["source"] == "train" else []
 
 
 def model_source(model):
-    """What the stages load: the trained directory, a local directory or a hub id."""
-    return trained_dir(model) if mspec(model)["source"] == "train" else mspec(model)["hf_id"]
+    """What the stages load: the trained directory, a local directory or a hub id (an alias: its base's)."""
+    return trained_dir(weights(model)) if mspec(model)["source"] == "train" else mspec(model)["hf_id"]
 
 
 def batch_ids(model):
@@ -134,7 +140,7 @@ def metrics_inputs(wildcards):
     if mspec(m)["eval"]["lm_eval_tasks"]:
         inp["lm_eval"] = f"results/{wildcards.target}/lm_eval.json"
     if mspec(m)["source"] == "train":
-        inp["training"] = trained_dir(m)
+        inp["training"] = trained_dir(weights(m))
     if not t["dense"]:
         inp["batches"] = f"results/{m}/calib/batches.json"
         inp["mask"] = mask_file(m, t["ratio_pct"], t["method"])
@@ -188,6 +194,11 @@ def model_split(split):
         return split_file(corpus_of(model_of(wildcards)), split)
 
     return inputs
+
+
+def calibration_split(wildcards):
+    """The calib split the model's calibration batches are drawn from (models.*.calibration.corpus)."""
+    return split_file(mspec(wildcards.model)["calibration"]["corpus"], "calib")
 
 
 def corpus_split(split):
