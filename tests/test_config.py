@@ -90,3 +90,31 @@ def test_alias_errors_name_the_key(cfg, alias, needle):
     with pytest.raises(ValueError, match=needle):
         C.validate(cfg)
 
+
+def _domains_check(cfg):
+    from fnprune import domains
+
+    C.validate(cfg)
+    domains.check(cfg)
+
+
+def test_shipped_domains_check(cfg):
+    _domains_check(cfg)
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("domains", "models"), ["tiny", "nope"], "domains.models: 'nope' is not a key of models"),
+    (("domains", "corpora"), ["stdlib", "nope"], "domains.corpora: 'nope' is not a key of corpora"),
+    (("domains", "methods"), ["c16_bogus"], "domains.methods"),
+    (("domains", "ratios"), [0], "domains.ratios"),
+    (("corpora", "langref", "fractions"), {"train": 0.7, "calib": 0.2, "validation": 0.05, "test": 0.05},
+     "corpora.langref: splits the documents of corpora.stdlib .* another fractions"),
+    (("corpora", "libdocs", "max_chars"), 900, "corpora.libdocs: splits the documents of corpora.stdlib"),
+])
+def test_domains_errors_name_the_key(cfg, path, value, needle):
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ValueError, match=needle):
+        _domains_check(cfg)

@@ -164,7 +164,9 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
     save_pruned(model.to("cpu"), tok, out_dir, sidecar)
 
 
-def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out: str, device: str = "auto") -> None:
+def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out: str, device: str = "auto",
+               fields: dict | None = None) -> None:
+    """Perplexity of a model on a test split at every ``eval.ppl_seqlens``; ``fields`` describe the record."""
     from .corpus import read_split
     from .perplexity import token_perplexity
 
@@ -172,7 +174,7 @@ def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out:
     texts = read_split(test_split)
     ev = model_spec["eval"]
     results = [token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"]) for seqlen in ev["ppl_seqlens"]]
-    write_json(out, {"results": results, "versions": versions()})
+    write_json(out, {**(fields or {}), "results": results, "versions": versions()})
 
 
 def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, out: str, raw_out: str,

@@ -1,9 +1,11 @@
 # Helper functions of the workflow: config access, the path grammar and input functions.
 import fnprune.config as fconfig
+import fnprune.domains as fdomains
 import fnprune.paper as fpaper
 
 fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 fpaper.check_grids(config)
+fdomains.check(config)
 
 MODELS = list(config["models"])
 WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
@@ -279,3 +281,26 @@ def paper_figures(wildcards):
     """The PNG of every figure of every model of a grid (each job writes its PDF beside it)."""
     models = config["paper"]["grids"][wildcards.grid]["models"]
     return [f"results/paper/{wildcards.grid}/{m}/{fig}.png" for m in models for fig in fpaper.FIGURES]
+
+
+def domain_tables(wildcards):
+    """One cross-domain table per model whose weights the ``domains`` sources share."""
+    return [f"results/domains/{b}_domains.md" for b in fdomains.bases(config)]
+
+
+def domain_inputs(wildcards):
+    """Every ``ppl-{corpus}.json`` of a domain table (the dense model's first) and every source's mask."""
+    d, points = config["domains"], fdomains.pruned_points(config, wildcards.model)
+    targets = [target_name(wildcards.model, None, "dense")] + [target_name(*p) for p in points]
+    return {"ppl": [f"results/{t}/ppl-{c}.json" for t in targets for c in d["corpora"]],
+            "masks": [mask_file(*p) for p in points]}
+
+
+def domain_mask_keys(wildcards):
+    """The source, ratio and method of each mask of :func:`domain_inputs`, in the same order."""
+    return [{"source": m, "ratio": r, "method": meth} for m, r, meth in fdomains.pruned_points(config, wildcards.model)]
+
+
+def domain_ppl_fields(wildcards):
+    """What a ``ppl-{corpus}.json`` records about its target and calibration besides the results."""
+    return fdomains.ppl_fields(config, wildcards.target, wildcards.corpus, BACKEND)
