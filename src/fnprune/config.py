@@ -145,10 +145,11 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
         msgs = [f"config key {'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in errors]
         raise ValueError("invalid configuration:\n  " + "\n  ".join(msgs))
     for m in config["models"].values():
-        if m["calibration"]["corpus"] is None:
-            m["calibration"]["corpus"] = m["corpus"]
-        if m["calibration"]["seed"] is None:
-            m["calibration"]["seed"] = config["seed"]
+        if "calibration" in m:
+            if m["calibration"]["corpus"] is None:
+                m["calibration"]["corpus"] = m["corpus"]
+            if m["calibration"]["seed"] is None:
+                m["calibration"]["seed"] = config["seed"]
     check(config)
     return config
 
@@ -168,7 +169,7 @@ def check(config: dict) -> None:
         if m["corpus"] not in corpora:
             problems.append(f"models.{name}.corpus: {m['corpus']!r} is not a key of corpora "
                             f"({', '.join(corpora)})")
-        if m["calibration"]["corpus"] not in corpora:
+        if m.get("calibration", {}).get("corpus", m["corpus"]) not in corpora:
             problems.append(f"models.{name}.calibration.corpus: {m['calibration']['corpus']!r} is not a key of "
                             f"corpora ({', '.join(corpora)})")
         if m["source"] in ("hub", "local") and "hf_id" not in m:

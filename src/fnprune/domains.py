@@ -50,7 +50,8 @@ def check(config: dict) -> None:
             problems.append(f"domains.methods: {e}")
     sources = [m for m in d["models"] if m in models]
     used = list(dict.fromkeys([c for c in d["corpora"] if c in corpora]
-                              + [models[m]["calibration"]["corpus"] for m in sources]))
+                              + [models[m].get("calibration", {}).get("corpus", models[m]["corpus"])
+                                 for m in sources]))
     for w in dict.fromkeys(weights_of(config, m) for m in sources):
         trained = models[w]["corpus"]
         if models[w]["source"] != "train" or trained not in corpora:
