@@ -41,3 +41,8 @@ rule paper:
 rule paper_full:
     input:
         "results/paper/paper_full/report.md",
+
+
+rule domains:
+    input:
+        domain_tables,

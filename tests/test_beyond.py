@@ -206,3 +206,19 @@ def test_micro_grid_report_has_studies_and_seeds(micro_run, tmp_path):
     assert all(c % 16 == 0 for c in m16["kept_counts"])
     ica = np.load(wd / "results" / "micro" / "ica" / "torch_c8_x2" / "b0.npz")
     assert int(ica["runs"]) == 2 and (ica["recurring"] >= 1).all()
+
+
+def test_summary_includes_studies_and_domain_tables(tmp_path):
+    for name, text in (("main.md", "| a |\n"), ("abl.md", "| b |\n"),
+                       ("studies.md", "# Studies beyond the paper\n\n## consensus\n\n| c |\n"),
+                       ("tiny_domains.md", "# Cross-domain calibration: tiny\n\n## 20% removed\n\n| d |\n")):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "tiny_domains.png").write_bytes(b"png")
+    out = tmp_path / "grid" / "report.md"
+    out.parent.mkdir()
+    paper.summary("g", str(tmp_path / "main.md"), str(tmp_path / "abl.md"), [], str(out),
+                  studies_md=str(tmp_path / "studies.md"), domains_md=[str(tmp_path / "tiny_domains.md")])
+    text = out.read_text()
+    assert "## Studies beyond the paper" in text and "### consensus" in text
+    assert "## Cross-domain calibration: tiny" in text and "### 20% removed" in text
+    assert "![tiny_domains](../tiny_domains.png)" in text

@@ -66,3 +66,63 @@ def test_target_grammar():
     assert C.parse_target("tiny_r30_flap", ["tiny"])["bias"]
     with pytest.raises(ValueError, match="expected"):
         C.parse_target("tiny_r20_c16_foo", ["tiny"])
+
+
+def test_alias_is_its_base_with_its_own_keys(cfg):
+    C.validate(cfg)
+    alias, base = cfg["models"]["tiny_langref"], cfg["models"]["tiny"]
+    assert alias["base"] == "tiny" and alias["calibration"]["corpus"] == "langref"
+    assert base["calibration"]["corpus"] == "stdlib" and base["calibration"]["seed"] == cfg["seed"]
+    assert {k: v for k, v in alias["calibration"].items() if k != "corpus"} == \
+        {k: v for k, v in base["calibration"].items() if k != "corpus"}
+    assert {k: v for k, v in alias.items() if k not in ("base", "calibration")} == \
+        {k: v for k, v in base.items() if k not in ("base", "calibration")}
+    assert C.weights_of(cfg, "tiny_langref") == "tiny" and C.weights_of(cfg, "tiny") == "tiny"
+    again = copy.deepcopy(cfg)
+    C.validate(again)
+    assert again == cfg
+
+
+@pytest.mark.parametrize("alias, needle", [
+    ({"base": "nope"}, "models.bad.base: 'nope' is not a key of models"),
+    ({"base": "bad"}, "models.bad.base: a model cannot be its own base"),
+    ({"base": "tiny_langref"}, "models.bad.base: 'tiny_langref' is itself an alias"),
+    ({"base": 3}, "models.bad.base: expected a model slug"),
+    ({"base": "tiny", "train": {"steps": 10}}, "models.bad.train: an alias shares the weights of its base 'tiny'"),
+    ({"base": "tiny", "corpus": "langref"}, "models.bad.corpus: an alias shares the weights"),
+    ({"base": "tiny", "calibration": {"corpus": "nope"}}, "models.bad.calibration.corpus: 'nope' is not a key of corpora"),
+    ({"base": "tiny", "calibration": {"n_batches": 0}}, "models.bad.calibration.n_batches"),
+])
+def test_alias_errors_name_the_key(cfg, alias, needle):
+    cfg["models"]["bad"] = alias
+    with pytest.raises(ValueError, match=needle):
+        C.validate(cfg)
+
+
+def _domains_check(cfg):
+    from fnprune import domains
+
+    C.validate(cfg)
+    domains.check(cfg)
+
+
+def test_shipped_domains_check(cfg):
+    _domains_check(cfg)
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("domains", "models"), ["tiny", "nope"], "domains.models: 'nope' is not a key of models"),
+    (("domains", "corpora"), ["stdlib", "nope"], "domains.corpora: 'nope' is not a key of corpora"),
+    (("domains", "methods"), ["c16_bogus"], "domains.methods"),
+    (("domains", "ratios"), [0], "domains.ratios"),
+    (("corpora", "langref", "fractions"), {"train": 0.7, "calib": 0.2, "validation": 0.05, "test": 0.05},
+     "corpora.langref: splits the documents of corpora.stdlib .* another fractions"),
+    (("corpora", "libdocs", "max_chars"), 900, "corpora.libdocs: splits the documents of corpora.stdlib"),
+])
+def test_domains_errors_name_the_key(cfg, path, value, needle):
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ValueError, match=needle):
+        _domains_check(cfg)

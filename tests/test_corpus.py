@@ -2,7 +2,9 @@
 
 import json
 
-from fnprune.corpus import SPLITS, build_corpus, chunk_document, read_split
+import pytest
+
+from fnprune.corpus import SPLITS, build_corpus, chunk_document, embedded_documents, read_records, read_split
 
 SPEC = {"source": "embedded", "fractions": {"train": 0.75, "calib": 0.15, "validation": 0.05, "test": 0.05},
         "max_chars": 1500, "min_chars": 200}
@@ -30,3 +32,32 @@ def test_chunks_respect_bounds():
     text = "\n\n".join("x" * 300 for _ in range(10))
     chunks = chunk_document(text, max_chars=700, min_chars=200)
     assert all(200 <= len(c) <= 700 for c in chunks) and len(chunks) == 5
+
+
+def test_embedded_parts_split_like_the_whole_corpus(tmp_path):
+    """A one-part corpus (langref: pydoc topics; libdocs: module docstrings) is the whole corpus with
+    the other part's documents removed: every split of it is a subset of the whole corpus's split,
+    so its test split is held out of a model trained on the whole corpus's train split."""
+    whole = {s: read_records(p) for s, p in _build(SPEC, tmp_path / "stdlib").items()}
+    parts = {name: {s: read_records(p) for s, p in _build({**SPEC, "parts": [name]}, tmp_path / name).items()}
+             for name in ("topics", "modules")}
+    for split in SPLITS:
+        recs = {r["id"]: r["text"] for r in whole[split]}
+        topics = {r["id"]: r["text"] for r in parts["topics"][split]}
+        modules = {r["id"]: r["text"] for r in parts["modules"][split]}
+        assert topics and modules, split
+        assert all(i.startswith("topic:") for i in topics) and all(i.startswith("module:") for i in modules)
+        assert {**topics, **modules} == recs, split
+    assert len(parts["topics"]["test"]) >= 10 and len(parts["modules"]["test"]) >= 10
+    assert len(parts["topics"]["calib"]) >= 32 and len(parts["modules"]["calib"]) >= 32
+
+
+def _build(spec, out):
+    m = build_corpus(spec, out)
+    assert m["parts"] == spec.get("parts", ["topics", "modules"])
+    return {s: out / f"{s}.jsonl" for s in SPLITS}
+
+
+def test_unknown_part_is_named():
+    with pytest.raises(ValueError, match="corpora.*.parts: \\['tutorial'\\] unknown"):
+        embedded_documents(["topics", "tutorial"])

@@ -112,6 +112,38 @@ def test_ica_backends_agree_as_well_as_seeds(micro_run):
     assert cross >= seed_level - 0.03, (cross, seed_level)
 
 
+def test_domains_on_micro_reuse_the_base_weights(micro_run):
+    """Cross-domain calibration on micro (config/micro.yaml, domains): the alias micro_langref is
+    micro's weights calibrated on the language reference, never trained; every (calibration
+    source, evaluation domain) cell of the table is a finite perplexity."""
+    import csv
+
+    from fnprune.corpus import read_split
+
+    wd, _ = micro_run
+    jobs = jobs_of(snakemake(wd, "-n", "domains").stdout)
+    assert "train_model" not in jobs, jobs
+    assert jobs["calibration_batches"] == 1 and jobs["extract"] == 2 and jobs["perplexity_domain"] == 6, jobs
+    snakemake(wd, "domains", "--notemp")
+    assert not (wd / "results/models/micro_langref").exists()
+    batches = json.loads((wd / "results/micro_langref/calib/batches.json").read_text())
+    langref = set(read_split(wd / "results/data/langref/calib.jsonl"))
+    assert batches["corpus"] == "langref" and all(t in langref for b in batches["batches"] for t in b)
+    side = json.loads((wd / "results/micro_langref_r20_c8/model/fnprune.json").read_text())
+    assert side["source_model"] == "results/models/micro"
+    rows = list(csv.DictReader(open(wd / "results/domains/micro_domains.csv")))
+    cells = {(r["source"], r["eval_corpus"]): float(r["ppl"]) for r in rows}
+    assert set(cells) == {(s, c) for s in ("micro (dense)", "micro", "micro_langref") for c in ("langref", "libdocs")}
+    assert all(np.isfinite(v) and v > 1 for v in cells.values()), cells
+    rec = json.loads((wd / "results/micro_langref_r20_c8/ppl-libdocs.json").read_text())
+    assert (rec["weights"], rec["calibration_corpus"], rec["corpus"]) == ("micro", "langref", "libdocs")
+    (overlap,) = csv.DictReader(open(wd / "results/domains/micro_domains_overlap.csv"))
+    assert (overlap["source_a"], overlap["source_b"]) == ("micro", "micro_langref") and 0 < float(overlap["dice"]) <= 1
+    assert "micro_langref" in (wd / "results/domains/micro_domains.md").read_text()
+    assert (wd / "results/domains/micro_domains.png").stat().st_size > 0
+    assert "Nothing to be done" in snakemake(wd, "-n", "domains").stdout
+
+
 def test_dense_embedded_model_beats_chance_on_its_multiple_choice_task(tmp_path):
     """The default embedded model (trained by the workflow, about 4 minutes on 2 cores) picks
     true continuations far above chance (4 choices: 0.25) once the continuation's own

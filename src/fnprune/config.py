@@ -157,16 +157,76 @@ def _copy(x):
     return yaml.safe_load(yaml.safe_dump(x))
 
 
+# Keys a model alias (``models.<slug>.base``) cannot change: they define the weights it shares.
+WEIGHT_KEYS = ("source", "hf_id", "revision", "trust_remote_code", "architecture", "num_layers", "corpus", "train")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` deep-merged with ``over`` (``over`` wins; nested dicts merge key by key)."""
+    out = _copy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else _copy(value)
+    return out
+
+
+def expand_aliases(config: dict) -> None:
+    """Replace every alias (a model with ``base``) by its base's spec deep-merged with its own keys.
+
+    An alias reuses the base's weights (the workflow never trains or downloads it again), so it
+    may not change a key of :data:`WEIGHT_KEYS`, and its base must own its weights (no chains).
+    """
+    models = config.get("models")
+    if not isinstance(models, dict):
+        return
+    problems, expanded = [], {}
+    for name, spec in models.items():
+        if not isinstance(spec, dict) or spec.get("base") is None:
+            continue
+        base, key = spec["base"], f"models.{name}.base"
+        if not isinstance(base, str):
+            problems.append(f"{key}: expected a model slug, got {base!r}")
+        elif base == name:
+            problems.append(f"{key}: a model cannot be its own base")
+        elif base not in models:
+            problems.append(f"{key}: {base!r} is not a key of models ({', '.join(models)})")
+        elif not isinstance(models[base], dict):
+            continue
+        elif models[base].get("base") is not None:
+            problems.append(f"{key}: {base!r} is itself an alias (models.{base}.base: {models[base]['base']!r}); "
+                            f"name the model that owns the weights")
+        else:
+            problems += [f"models.{name}.{k}: an alias shares the weights of its base {base!r}, so it cannot "
+                         f"change {k}; set it on models.{base} or define a model of its own"
+                         for k in WEIGHT_KEYS if k in spec and spec[k] != models[base].get(k)]
+            expanded[name] = _merge(models[base], spec)
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    models.update(expanded)
+
+
+def weights_of(config: dict, model: str) -> str:
+    """The model whose weights ``model`` uses: its base for an alias, else itself."""
+    return config["models"][model].get("base") or model
+
+
 def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
-    """Validate ``config`` against the schema (filling defaults in place), then :func:`check` it."""
+    """Expand model aliases, validate ``config`` against the schema (filling defaults in place), then
+    :func:`check` it."""
     from jsonschema import Draft202012Validator
 
     schema = yaml.safe_load(Path(schema_path).read_text())
+    expand_aliases(config)
     validator = _with_defaults(Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         msgs = [f"config key {'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in errors]
         raise ValueError("invalid configuration:\n  " + "\n  ".join(msgs))
+    for m in config["models"].values():
+        if "calibration" in m:
+            if m["calibration"]["corpus"] is None:
+                m["calibration"]["corpus"] = m["corpus"]
+            if m["calibration"]["seed"] is None:
+                m["calibration"]["seed"] = config["seed"]
     check(config)
     return config
 
@@ -186,6 +246,9 @@ def check(config: dict) -> None:
         if m["corpus"] not in corpora:
             problems.append(f"models.{name}.corpus: {m['corpus']!r} is not a key of corpora "
                             f"({', '.join(corpora)})")
+        if m.get("calibration", {}).get("corpus", m["corpus"]) not in corpora:
+            problems.append(f"models.{name}.calibration.corpus: {m['calibration']['corpus']!r} is not a key of "
+                            f"corpora ({', '.join(corpora)})")
         if m["source"] in ("hub", "local") and "hf_id" not in m:
             problems.append(f"models.{name}.hf_id: required for source {m['source']}")
         if m["source"] == "local" and "hf_id" in m and not Path(m["hf_id"]).is_dir():

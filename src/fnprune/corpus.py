@@ -40,12 +40,26 @@ zipfile zlib
 """.split())
 
 
-def embedded_documents() -> list[tuple[str, str]]:
-    """``(title, text)`` pairs: pydoc's topics and the docstrings of ``STDLIB_MODULES``."""
-    from pydoc_data.topics import topics
+# The parts of the embedded text (config ``corpora.*.parts``): pydoc's topics are the language
+# reference, the module docstrings the library documentation.
+EMBEDDED_PARTS = ("topics", "modules")
 
-    docs = [(f"topic:{name}", text) for name, text in sorted(topics.items())]
-    for modname in STDLIB_MODULES:
+
+def embedded_documents(parts: Iterable[str] = EMBEDDED_PARTS) -> list[tuple[str, str]]:
+    """``(title, text)`` pairs: pydoc's topics and/or the docstrings of ``STDLIB_MODULES``.
+
+    A document's title, and so its split (:func:`split_of`), does not depend on ``parts``: a
+    corpus of one part is the other documents removed, each split a subset of the full corpus's.
+    """
+    parts = set(parts)
+    if unknown := parts - set(EMBEDDED_PARTS):
+        raise ValueError(f"corpora.*.parts: {sorted(unknown)} unknown; expected some of {', '.join(EMBEDDED_PARTS)}")
+    docs = []
+    if "topics" in parts:
+        from pydoc_data.topics import topics
+
+        docs += [(f"topic:{name}", text) for name, text in sorted(topics.items())]
+    for modname in STDLIB_MODULES if "modules" in parts else ():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -113,7 +127,7 @@ def _hf_records(spec: dict) -> dict[str, list[dict]]:
     for split, hf_split in spec["hf_splits"].items():
         try:
             ds = datasets.load_dataset(spec["path"], spec.get("name"), split=hf_split,
-                                       revision=spec.get("revision"))
+                                       revision=spec.get("revision"), data_files=spec.get("data_files"))
         except Exception as e:  # noqa: BLE001 - re-raised with the config key that caused it
             raise RuntimeError(
                 f"corpus {spec['path']!r} (config corpora.*.path), split {hf_split!r}: could not be "
@@ -134,7 +148,7 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     source = spec["source"]
     if source == "embedded":
-        records = _records_from_documents(embedded_documents(), spec)
+        records = _records_from_documents(embedded_documents(spec.get("parts", EMBEDDED_PARTS)), spec)
     elif source == "text":
         path = Path(spec["path"])
         if not path.is_file():
@@ -148,6 +162,8 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
         raise ValueError(f"corpora.*.source: expected one of embedded, text, hf; got {source!r}")
 
     manifest = {"source": source, "splits": {}}
+    if source == "embedded":
+        manifest["parts"] = list(spec.get("parts", EMBEDDED_PARTS))
     for split in SPLITS:
         recs = records.get(split, [])
         with atomic_path(out_dir / f"{split}.jsonl") as tmp:

@@ -11,6 +11,7 @@ per-batch ICA scores.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -387,7 +388,7 @@ def stability(mask_file: str, score_files: Sequence[str], model: str, png: str, 
 
 
 def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], out: str,
-            studies_md: str | None = None) -> None:
+            studies_md: str | None = None, domains_md: Sequence[str] = ()) -> None:
     """A Markdown report of the grid: both tables and every PNG figure (linked relative to ``out``)."""
     from .plots import FIGURE_TITLES
 
@@ -397,6 +398,12 @@ def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], o
              "", "## Main table", "", Path(main_md).read_text(), "## Ablations", "", Path(ablation_md).read_text()]
     if studies_md:
         lines += ["", Path(studies_md).read_text().replace("# Studies", "## Studies", 1).replace("\n## ", "\n### ")]
+    for md in domains_md:
+        title, _, body = Path(md).read_text().partition("\n")
+        lines += ["", "#" + title, body.replace("\n## ", "\n### ")]
+        png = Path(md).with_suffix(".png")
+        if png.exists():
+            lines += ["", f"![{png.stem}]({Path(os.path.relpath(png, base)).as_posix()})", ""]
     for model, figs in itertools.groupby(figures, key=lambda f: Path(f).parent.name):
         lines += [f"## Figures: {model}", ""]
         for f in figs:

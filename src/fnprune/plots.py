@@ -258,3 +258,29 @@ def seeds_figure(result: dict, title: str) -> Figure:
     per.legend(fontsize="small")
     fig.suptitle(title)
     return fig
+
+
+def domain_figure(grids: Sequence, titles: Sequence[str], title: str) -> Figure:
+    """Heatmaps of cross-domain perplexity (fnprune.domains.Grid): a panel per grid, a row per
+    calibration source (the dense model first), a column per evaluation corpus; the colour is the
+    change from the dense model on that corpus, each cell is annotated with its perplexity."""
+    n = len(grids)
+    width = max(4.5, 1.6 + 1.3 * max(len(g.corpora) for g in grids)) if grids else 4.5
+    height = max(2.8, 1.4 + 0.5 * max(len(g.rows) for g in grids)) if grids else 2.8
+    fig = Figure(figsize=(width * max(n, 1), height), layout="constrained")
+    axes = fig.subplots(1, max(n, 1), squeeze=False)[0]
+    for ax, g, sub in zip(axes, grids, titles):
+        change = g.change
+        top = max(1.0, float(np.nanmax(np.abs(change)))) if np.isfinite(change).any() else 1.0
+        im = ax.imshow(change, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
+        ax.set_xticks(range(len(g.corpora)), g.corpora)
+        ax.set_yticks(range(len(g.rows)), [r if c is None else f"{r}\n(calib. {c})" for r, c in zip(g.rows, g.calibration)])
+        ax.set_xlabel("evaluation domain (test split)")
+        for (i, j), v in np.ndenumerate(g.ppl):
+            dark = np.isfinite(change[i, j]) and abs(change[i, j]) > 0.6 * top
+            ax.text(j, i, "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
+                    color="w" if dark else "k")
+        ax.set_title(sub, fontsize="small")
+        fig.colorbar(im, ax=ax, label="perplexity change from dense (%)")
+    fig.suptitle(title)
+    return fig

@@ -58,7 +58,8 @@ def calibration_batches(calib_split: str, spec: dict, seed: int, out: str) -> No
     from .io import sha256_of_strings
 
     batches = make_batches(read_split(calib_split), spec["batch_size"], spec["n_batches"], seed)
-    write_json(out, {"seed": seed, "batch_size": spec["batch_size"], "n_batches": spec["n_batches"],
+    write_json(out, {"seed": seed, "corpus": spec.get("corpus"), "batch_size": spec["batch_size"],
+                     "n_batches": spec["n_batches"],
                      "sha256": sha256_of_strings([t for b in batches for t in b]), "batches": batches})
 
 
@@ -202,7 +203,9 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
     save_pruned(model.to("cpu"), tok, out_dir, sidecar)
 
 
-def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out: str, device: str = "auto") -> None:
+def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out: str, device: str = "auto",
+               fields: dict | None = None) -> None:
+    """Perplexity of a model on a test split at every ``eval.ppl_seqlens``; ``fields`` describe the record."""
     from .corpus import read_split
     from .perplexity import token_perplexity
 
@@ -210,7 +213,7 @@ def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out:
     texts = read_split(test_split)
     ev = model_spec["eval"]
     results = [token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"]) for seqlen in ev["ppl_seqlens"]]
-    write_json(out, {"results": results, "versions": versions()})
+    write_json(out, {**(fields or {}), "results": results, "versions": versions()})
 
 
 def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, out: str, raw_out: str,
@@ -237,7 +240,7 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
             stats_files: list[str] = (), training: str | None = None, seed: int = 0) -> None:
     """Assemble one ``metrics.json`` per target from the stage outputs (no recomputation)."""
     rec: dict = {"target": target, "model": model, "method": method, "seed": seed,
-                 "source_model": model_spec.get("hf_id", f"trained:{model}")}
+                 "source_model": model_spec.get("hf_id", f"trained:{model_spec.get('base') or model}")}
     stages: dict[str, float] = {}
     if training:
         tr = read_json(Path(training) / "training.json")
@@ -245,7 +248,8 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         stages["train_model"] = tr["wall_s"]
     if batches:
         b = read_json(batches)
-        rec["calibration"] = {"texts": sum(len(x) for x in b["batches"]), "batches": b["n_batches"],
+        rec["calibration"] = {"corpus": b.get("corpus"), "texts": sum(len(x) for x in b["batches"]),
+                              "batches": b["n_batches"],
                               "batch_size": b["batch_size"], "sha256": b["sha256"]}
     if stats_files:
         n_tok, ext = 0, 0.0

@@ -2,12 +2,15 @@
 import re
 
 import fnprune.config as fconfig
+import fnprune.domains as fdomains
 import fnprune.paper as fpaper
 
 fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 fpaper.check_grids(config)
+fdomains.check(config)
 
 MODELS = list(config["models"])
+WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
 
@@ -43,14 +46,19 @@ def trained_dir(model):
     return f"results/models/{model}"
 
 
+def weights(model):
+    """The model whose weights ``model`` loads: the base of an alias (models.*.base), else itself."""
+    return fconfig.weights_of(config, model)
+
+
 def model_input(model):
-    """The model directory as a DAG input when the workflow trains it, else nothing."""
-    return [trained_dir(model)] if mspec(model)["source"] == "train" else []
+    """The model directory as a DAG input when the workflow trains it, else nothing (an alias: its base's)."""
+    return [trained_dir(weights(model))] if mspec(model)["source"] == "train" else []
 
 
 def model_source(model):
-    """What the stages load: the trained directory, a local directory or a hub id."""
-    return trained_dir(model) if mspec(model)["source"] == "train" else mspec(model)["hf_id"]
+    """What the stages load: the trained directory, a local directory or a hub id (an alias: its base's)."""
+    return trained_dir(weights(model)) if mspec(model)["source"] == "train" else mspec(model)["hf_id"]
 
 
 def batch_ids(model):
@@ -137,7 +145,7 @@ def metrics_inputs(wildcards):
     if mspec(m)["eval"]["lm_eval_tasks"]:
         inp["lm_eval"] = f"results/{wildcards.target}/lm_eval.json"
     if mspec(m)["source"] == "train":
-        inp["training"] = trained_dir(m)
+        inp["training"] = trained_dir(weights(m))
     if not t["dense"]:
         inp["batches"] = f"results/{m}/calib/batches.json"
         inp["mask"] = mask_file(m, t["ratio_pct"], t["method"])
@@ -191,6 +199,11 @@ def model_split(split):
         return split_file(corpus_of(model_of(wildcards)), split)
 
     return inputs
+
+
+def calibration_split(wildcards):
+    """The calib split the model's calibration batches are drawn from (models.*.calibration.corpus)."""
+    return split_file(mspec(wildcards.model)["calibration"]["corpus"], "calib")
 
 
 def corpus_split(split):
@@ -305,6 +318,9 @@ def paper_summary_inputs(wildcards):
            "ablation": f"results/paper/{wildcards.grid}/ablation_table.md", "figures": paper_figures(wildcards)}
     if config["paper"]["grids"][wildcards.grid]["studies"]:
         inp["studies"] = f"results/paper/{wildcards.grid}/studies.md"
+    if config["paper"]["grids"][wildcards.grid]["domains"]:
+        grid_models = config["paper"]["grids"][wildcards.grid]["models"]
+        inp["domains"] = [f"results/domains/{b}_domains.md" for b in fdomains.bases(config) if b in grid_models]
     return inp
 
 
@@ -314,3 +330,26 @@ def paper_seeds_inputs(wildcards):
     own, seeded = fpaper.seeds_ica_dirs(config, wildcards.grid)
     return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, own),
             "seeds": [f"results/{t.model}/ica/{d}/b0.npz" for d in seeded]}
+
+
+def domain_tables(wildcards):
+    """One cross-domain table per model whose weights the ``domains`` sources share."""
+    return [f"results/domains/{b}_domains.md" for b in fdomains.bases(config)]
+
+
+def domain_inputs(wildcards):
+    """Every ``ppl-{corpus}.json`` of a domain table (the dense model's first) and every source's mask."""
+    d, points = config["domains"], fdomains.pruned_points(config, wildcards.model)
+    targets = [target_name(wildcards.model, None, "dense")] + [target_name(*p) for p in points]
+    return {"ppl": [f"results/{t}/ppl-{c}.json" for t in targets for c in d["corpora"]],
+            "masks": [mask_file(*p) for p in points]}
+
+
+def domain_mask_keys(wildcards):
+    """The source, ratio and method of each mask of :func:`domain_inputs`, in the same order."""
+    return [{"source": m, "ratio": r, "method": meth} for m, r, meth in fdomains.pruned_points(config, wildcards.model)]
+
+
+def domain_ppl_fields(wildcards):
+    """What a ``ppl-{corpus}.json`` records about its target and calibration besides the results."""
+    return fdomains.ppl_fields(config, wildcards.target, wildcards.corpus, BACKEND)

@@ -25,6 +25,8 @@ rule train_model:
         validation=model_split("validation"),
     output:
         directory("results/models/{model}"),
+    wildcard_constraints:
+        model="|".join(WEIGHT_OWNERS),
     log:
         "results/logs/train/{model}.log",
     benchmark:
@@ -44,14 +46,14 @@ rule train_model:
 
 rule calibration_batches:
     input:
-        calib=model_split("calib"),
+        calib=calibration_split,
     output:
         "results/{model}/calib/batches.json",
     log:
         "results/logs/calib/{model}.log",
     params:
         spec=calibration_spec,
-        seed=config["seed"],
+        seed=lookup(dpath="models/{model}/calibration/seed", within=config),
     threads: 1
     resources:
         mem_mb=2000,

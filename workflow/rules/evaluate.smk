@@ -44,6 +44,31 @@ rule perplexity:
         "../scripts/perplexity.py"
 
 
+rule perplexity_domain:
+    input:
+        model=eval_model,
+        test=corpus_split("test"),
+    output:
+        "results/{target}/ppl-{corpus}.json",
+    log:
+        "results/logs/perplexity/{target}_{corpus}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{target}_{corpus}.tsv"
+    params:
+        spec=model_spec,
+        source=eval_source,
+        fields=domain_ppl_fields,
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=gpus_of_model,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/perplexity_domain.py"
+
+
 rule lm_eval:
     input:
         unpack(lm_eval_inputs),

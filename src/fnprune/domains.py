@@ -1,0 +1,282 @@
+"""Cross-domain calibration (``snakemake domains``): calibration sources x evaluation domains.
+
+A calibration source is a model slug, typically an alias (``models.<slug>.base``) of one model
+with another ``calibration.corpus``; the sources of one table share their weights, whose dense
+model is the reference row. Every pruned target's perplexity on every domain's test split is a
+self-describing ``results/{target}/ppl-{corpus}.json`` (:func:`ppl_fields`); the tables, the
+mask overlaps and the figure are built only from those files and the mask JSONs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .config import parse_method, parse_target, weights_of
+from .io import atomic_path, read_json
+
+# Corpus keys that decide which split a document's chunks land in (fnprune.corpus).
+SPLIT_KEYS = ("fractions", "max_chars", "min_chars", "group_chunks")
+
+
+def _same_documents(a: dict, b: dict) -> bool:
+    """Whether two corpora draw their texts from the same documents (and so could share texts)."""
+    if a["source"] != b["source"] or a["source"] not in ("embedded", "text"):
+        return False
+    return a["source"] == "embedded" or a.get("path") == b.get("path")
+
+
+def check(config: dict) -> None:
+    """Checks of the ``domains`` section that the schema cannot express; each names the key at fault.
+
+    A trained model is evaluated on held-out text only if every corpus cut from the documents it
+    was trained on splits them as its training corpus does: a document's split then depends
+    only on its title, so each split of a one-part corpus is a subset of the whole corpus's.
+    """
+    d, models, corpora = config["domains"], config["models"], config["corpora"]
+    problems = [f"domains.models: {m!r} is not a key of models" for m in d["models"] if m not in models]
+    problems += [f"domains.corpora: {c!r} is not a key of corpora" for c in d["corpora"] if c not in corpora]
+    for method in d["methods"]:
+        try:
+            parse_method(method)
+        except ValueError as e:
+            problems.append(f"domains.methods: {e}")
+    sources = [m for m in d["models"] if m in models]
+    used = list(dict.fromkeys([c for c in d["corpora"] if c in corpora]
+                              + [models[m].get("calibration", {}).get("corpus", models[m]["corpus"])
+                                 for m in sources]))
+    for w in dict.fromkeys(weights_of(config, m) for m in sources):
+        trained = models[w]["corpus"]
+        if models[w]["source"] != "train" or trained not in corpora:
+            continue
+        for c in used:
+            if c == trained or not _same_documents(corpora[trained], corpora[c]):
+                continue
+            differ = [k for k in SPLIT_KEYS if corpora[c].get(k) != corpora[trained].get(k)]
+            if differ:
+                problems.append(f"corpora.{c}: splits the documents of corpora.{trained} (model {w}'s training "
+                                f"corpus) with another {', '.join(differ)}, so its test and calib texts could be "
+                                f"training text; give it the same {', '.join(differ)}")
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def bases(config: dict) -> list[str]:
+    """The models whose weights the ``domains`` sources use: one table each."""
+    return list(dict.fromkeys(weights_of(config, m) for m in config["domains"]["models"]))
+
+
+def pruned_points(config: dict, base: str) -> list[tuple[str, int, str]]:
+    """``(source, ratio, method)`` of every pruned model of ``base``'s table, in config order."""
+    d = config["domains"]
+    sources = [m for m in d["models"] if weights_of(config, m) == base]
+    return [(m, r, meth) for m in sources for r in d["ratios"] for meth in d["methods"]]
+
+
+def ppl_fields(config: dict, target: str, corpus: str, default_backend: str = "torch") -> dict:
+    """What a ``ppl-{corpus}.json`` records besides its results: the target and its calibration."""
+    t = parse_target(target, list(config["models"]), default_backend)
+    model = t["model"]
+    return {"target": target, "model": model, "weights": weights_of(config, model), "dense": t["dense"],
+            "ratio": None if t["dense"] else t["ratio_pct"], "method": t["method"], "corpus": corpus,
+            "calibration_corpus": None if t["dense"] else config["models"][model]["calibration"]["corpus"]}
+
+
+@dataclass
+class Grid:
+    """One domain x domain table: perplexities of the dense model and every source on every corpus."""
+
+    ratio: int
+    method: str
+    protocol: str
+    rows: list[str]
+    calibration: list[str | None]
+    corpora: list[str]
+    ppl: np.ndarray
+
+    @property
+    def change(self) -> np.ndarray:
+        """Percent change of each cell's perplexity from the dense model's on the same corpus."""
+        return 100 * (self.ppl / self.ppl[0] - 1)
+
+
+def _protocol(result: dict) -> str:
+    return f"{result['protocol']}@{result['seqlen']}"
+
+
+def perplexity_grids(records: Sequence[dict]) -> list[Grid]:
+    """One :class:`Grid` per ratio x method x perplexity protocol of ``ppl-{corpus}.json`` records.
+
+    Rows are the dense model, then the sources, and columns the corpora, in order of appearance;
+    a missing cell is NaN.
+    """
+    dense = [r for r in records if r["dense"]]
+    pruned = [r for r in records if not r["dense"]]
+    if len({r["weights"] for r in records}) > 1:
+        raise ValueError(f"records of several models' weights: {sorted({r['weights'] for r in records})}")
+    if not dense:
+        raise ValueError("no dense record: the reference row of every table")
+    corpora = list(dict.fromkeys(r["corpus"] for r in records))
+    sources = list(dict.fromkeys(r["model"] for r in pruned))
+    calibration = {r["model"]: r["calibration_corpus"] for r in pruned}
+    protocols = list(dict.fromkeys(_protocol(x) for r in records for x in r["results"]))
+    grids = []
+    for ratio, method in dict.fromkeys((r["ratio"], r["method"]) for r in pruned):
+        for protocol in protocols:
+            ppl = np.full((1 + len(sources), len(corpora)), np.nan)
+            for r in dense + [r for r in pruned if (r["ratio"], r["method"]) == (ratio, method)]:
+                i = 0 if r["dense"] else 1 + sources.index(r["model"])
+                for x in r["results"]:
+                    if _protocol(x) == protocol:
+                        ppl[i, corpora.index(r["corpus"])] = x["ppl"]
+            grids.append(Grid(ratio, method, protocol, [f"{dense[0]['weights']} (dense)", *sources],
+                              [None, *(calibration[s] for s in sources)], corpora, ppl))
+    return grids
+
+
+def kept_vectors(mask: dict, layers: Sequence[int]) -> np.ndarray:
+    """The kept neurons of ``layers`` as one boolean vector."""
+    parts = []
+    for i in layers:
+        v = np.zeros(mask["intermediate_sizes"][i], dtype=bool)
+        v[mask["kept"][i]] = True
+        parts.append(v)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def mask_overlap(a: dict, b: dict) -> dict:
+    """Dice of two masks' kept neurons over the prunable layers, and its chance level.
+
+    The chance level is the expected Dice of two masks keeping the same numbers of neurons per
+    layer at random: ``2 sum_l ka_l kb_l / n_l / (sum_l ka_l + kb_l)``.
+    """
+    from .paper import prunable_of
+
+    layers = [i for i, (pa, pb) in enumerate(zip(prunable_of(a), prunable_of(b))) if pa or pb]
+    va, vb = kept_vectors(a, layers), kept_vectors(b, layers)
+    total = va.sum() + vb.sum()
+    ka = np.array([len(a["kept"][i]) for i in layers], dtype=float)
+    kb = np.array([len(b["kept"][i]) for i in layers], dtype=float)
+    n = np.array([a["intermediate_sizes"][i] for i in layers], dtype=float)
+    return {"dice": float(2 * (va & vb).sum() / total) if total else 1.0,
+            "chance": float(2 * (ka * kb / n).sum() / total) if total else 1.0,
+            "kept_a": int(va.sum()), "kept_b": int(vb.sum()), "neurons": int(len(va))}
+
+
+def overlap_rows(masks: Sequence[tuple[str, int, str, dict]]) -> list[dict]:
+    """Every pair of sources' masks at each ratio x method: ``(source, ratio, method, mask record)`` in."""
+    rows = []
+    groups: dict[tuple[int, str], list[tuple[str, dict]]] = {}
+    for source, ratio, method, mask in masks:
+        groups.setdefault((ratio, method), []).append((source, mask))
+    for (ratio, method), members in groups.items():
+        for (sa, ma), (sb, mb) in itertools.combinations(members, 2):
+            rows.append({"ratio": ratio, "method": method, "source_a": sa, "source_b": sb, **mask_overlap(ma, mb)})
+    return rows
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def grid_title(g: Grid) -> str:
+    from .tables import method_label
+
+    return f"{g.ratio}% of block parameters removed, {method_label(g.method)} ({g.protocol})"
+
+
+def grid_markdown(g: Grid) -> str:
+    """The perplexity table of one grid; the best pruned value of each column is bold."""
+    header = ["calibration source", "calibrated on", *g.corpora]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = [min((v for v in g.ppl[1:, j] if not math.isnan(v)), default=math.nan) for j in range(len(g.corpora))]
+    for i, row in enumerate(g.rows):
+        cells = []
+        for j in range(len(g.corpora)):
+            v = g.ppl[i, j]
+            s = _fmt(v) if i == 0 or math.isnan(v) else f"{_fmt(v)} ({g.change[i, j]:+.1f}%)"
+            cells.append(f"**{s}**" if i > 0 and v == best[j] and len(g.rows) > 2 else s)
+        lines.append("| " + " | ".join([row, g.calibration[i] or "-", *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def overlap_markdown(rows: Sequence[dict]) -> str:
+    from .tables import method_label
+
+    header = ["ratio", "method", "source A", "source B", "Dice", "chance", "kept A", "kept B", "neurons"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([f"{r['ratio']}%", method_label(r["method"]), r["source_a"], r["source_b"],
+                                         _fmt(r["dice"], 3), _fmt(r["chance"], 3), str(r["kept_a"]),
+                                         str(r["kept_b"]), str(r["neurons"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(base: str, grids: Sequence[Grid], overlaps: Sequence[dict], figure: str | None = None) -> str:
+    lines = [f"# Cross-domain calibration: {base}", "",
+             "Perplexity of each pruned model (rows: its calibration source) on each domain's test split "
+             "(columns), with its change from the dense model on the same domain. Built only from "
+             "`ppl-{corpus}.json` files and mask JSONs.", ""]
+    for g in grids:
+        lines += [f"## {grid_title(g)}", "", grid_markdown(g)]
+    lines += ["## Mask overlap between calibration sources", "",
+              "Dice index of the kept MLP neurons over the prunable layers; chance: the expected Dice of two "
+              "random masks with the same kept count per layer.", ""]
+    lines += [overlap_markdown(overlaps) if overlaps else "A single calibration source: no pair to compare.\n"]
+    if figure:
+        lines += ["", f"![perplexity heatmap]({figure})", ""]
+    return "\n".join(lines)
+
+
+def grids_csv(grids: Sequence[Grid]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ratio", "method", "protocol", "source", "calibration_corpus", "eval_corpus", "ppl",
+                "dense_ppl", "change_pct"])
+    for g in grids:
+        for i, j in itertools.product(range(len(g.rows)), range(len(g.corpora))):
+            w.writerow([g.ratio, g.method, g.protocol, g.rows[i], g.calibration[i] or "", g.corpora[j],
+                        g.ppl[i, j], g.ppl[0, j], g.change[i, j]])
+    return buf.getvalue()
+
+
+def overlap_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    fields = ["ratio", "method", "source_a", "source_b", "dice", "chance", "kept_a", "kept_b", "neurons"]
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _write(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def table(base: str, ppl_files: Sequence[str], mask_files: Sequence[str], mask_keys: Sequence[dict],
+          out_md: str, out_csv: str, out_overlap_csv: str, out_png: str) -> None:
+    """The stage: tables, overlaps and heatmap of one model's calibration sources.
+
+    ``mask_keys`` names the ``source``, ``ratio`` and ``method`` of each of ``mask_files``.
+    """
+    from .plots import domain_figure
+
+    if len(mask_files) != len(mask_keys):
+        raise ValueError(f"{len(mask_files)} mask files but {len(mask_keys)} mask keys")
+    grids = perplexity_grids([read_json(f) for f in ppl_files])
+    overlaps = overlap_rows([(k["source"], k["ratio"], k["method"], read_json(f))
+                             for k, f in zip(mask_keys, mask_files)])
+    fig = domain_figure(grids, [grid_title(g) for g in grids], f"{base}: calibration source x evaluation domain")
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    _write(out_csv, grids_csv(grids))
+    _write(out_overlap_csv, overlap_csv(overlaps))
+    _write(out_md, markdown(base, grids, overlaps, Path(out_png).name))
