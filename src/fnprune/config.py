@@ -81,9 +81,7 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
         seed = int(m["seed"]) if m["seed"] is not None else None
         ica_dir = f"{backend}_c{k}" + (f"_s{seed}" if seed is not None else "") + (f"_x{runs}" if runs else "")
         selection = m["selection"] or "global"
-        selector = (f"c{k}_{backend}" + (f"_s{seed}" if seed is not None else "") + (f"_x{runs}" if runs else "")
-                    + (f"_b{batches}" if batches else "") + ("_hybrid" if m["hybrid"] else "")
-                    + (f"_{selection}" if selection != "global" else "") + (f"_m{multiple}" if multiple else ""))
+        selector = method_name(m, k=k, backend=backend, bias=None)
         return {"kind": "ica", "k": k, "backend": backend, "seed": seed, "runs": runs, "batches": batches,
                 "hybrid": bool(m["hybrid"]), "selection": selection, "multiple": multiple,
                 "bias": bool(m["bias"]), "selector": selector, "ica_dir": ica_dir,

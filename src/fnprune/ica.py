@@ -312,13 +312,16 @@ def canica_nilearn(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, keep_map
     return ICAResult(scores, converged, -1, maps, {"subspace": "nilearn-multipca", "wall_s": time.time() - t0})
 
 
+def _check_k(x, k: int) -> None:
+    t, n = x.shape
+    if not 1 <= k <= min(t, n):
+        raise ValueError(f"components k={k} must be between 1 and min(tokens, signals) = min({t}, {n})")
+
+
 def canica(x, k: int, backend: str = "torch", seed: int = 0, max_iter: int = 300, tol: float = 1e-4,
            device: str = "cpu", keep_maps: bool = False) -> ICAResult:
     """Decompose one (tokens x signals) matrix with the chosen backend."""
-    t, n = x.shape
-    if not 1 <= k <= min(t, n):
-        raise ValueError(f"components k={k} must be between 1 and min(tokens, signals) = "
-                         f"min({t}, {n})")
+    _check_k(x, k)
     if backend == "torch":
         return canica_torch(x, k, seed, max_iter, tol, device, keep_maps)
     if backend == "exact":
@@ -336,9 +339,7 @@ def canica_runs(x, k: int, backend: str, seeds: list[int], max_iter: int = 300, 
     if backend != "torch":
         return [canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, keep_maps=True)
                 for sd in seeds]
-    t, n = x.shape
-    if not 1 <= k <= min(t, n):
-        raise ValueError(f"components k={k} must be between 1 and min(tokens, signals) = min({t}, {n})")
+    _check_k(x, k)
     t0 = time.time()
     v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seeds[0])
     vt = v.T.contiguous()
