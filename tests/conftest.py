@@ -30,7 +30,11 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True
 
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
-    """The micro workflow run once for the session: dense, ICA and ICA+bias targets."""
+    """The micro workflow run once for the session: dense, ICA and ICA+bias targets.
+
+    The workdir is shared by every test that takes this fixture: a test that runs jobs in it
+    passes ``--notemp``, since the activation shards are ``temp()`` and other tests read them.
+    """
     wd = tmp_path_factory.mktemp("micro")
     targets = ["results/micro_dense/metrics.json", "results/micro_r20_c8/metrics.json",
                "results/micro_r20_c8_bias/metrics.json"]

@@ -194,7 +194,8 @@ def test_micro_grid_report_has_studies_and_seeds(micro_run, tmp_path):
     wd, _ = micro_run
     cfg = tmp_path / "grid.yaml"
     cfg.write_text(yaml.safe_dump(MICRO_GRID))
-    snakemake(wd, "results/paper/micro_grid/report.md", configs=(str(cfg),))
+    # --notemp: the workdir is shared and later tests read its (temp) activation shards
+    snakemake(wd, "results/paper/micro_grid/report.md", "--notemp", configs=(str(cfg),))
     out = wd / "results" / "paper" / "micro_grid"
     report = (out / "report.md").read_text()
     for needle in ("### consensus", "consensus of 2", "importance budgets", "Hybrid ICA+FLAP", "x16 widths",
