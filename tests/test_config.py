@@ -10,11 +10,17 @@ from fnprune import config as C
 
 @pytest.fixture
 def cfg():
-    return yaml.safe_load(open("config/config.yaml"))
+    """config/config.yaml with config/tiny.yaml's targets (the toy model's keys are the ones varied)."""
+    base = yaml.safe_load(open("config/config.yaml"))
+    base.update(yaml.safe_load(open("config/tiny.yaml")))
+    return base
 
 
 def test_shipped_configs_validate(cfg):
     C.validate(cfg)
+    assert cfg["targets"]["models"] == ["tiny"] and cfg["comparison"]["models"] == ["tiny"]
+    shipped = C.validate(yaml.safe_load(open("config/config.yaml")))
+    assert shipped["targets"]["models"] == ["smol"] and shipped["models"]["smol"]["source"] == "gguf"
     micro = yaml.safe_load(open("config/micro.yaml"))
     merged = copy.deepcopy(cfg)
     for k, v in micro.items():

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from conftest import REPO
+
 
 def pins(lines):
     out = {}
@@ -17,18 +19,21 @@ def pins(lines):
 
 
 def test_conda_env_and_requirements_agree():
-    env = yaml.safe_load(Path("envs/fnprune.yaml").read_text())
+    env = yaml.safe_load((REPO / "envs" / "fnprune.yaml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     conda = pins(pip_section)
-    req = pins(Path("envs/requirements.txt").read_text().splitlines())
-    cpu = pins(Path("envs/requirements-cpu.txt").read_text().splitlines())
-    assert req, "no pins read from envs/requirements.txt"
-    assert {k: v for k, v in conda.items() if k != "torch"} == req
+    req = pins((REPO / "envs" / "requirements.txt").read_text().splitlines())
+    cpu = pins((REPO / "envs" / "requirements-cpu.txt").read_text().splitlines())
+    models = pins((REPO / "envs" / "requirements-models.txt").read_text().splitlines())
+    assert req and models, "no pins read from envs/requirements.txt or envs/requirements-models.txt"
+    assert {k: v for k, v in conda.items() if k != "torch"} == {**req, **models}
     assert conda["torch"] == cpu["torch"]
 
 
 def test_every_rule_names_the_conda_env():
-    for smk in Path("workflow/rules").glob("*.smk"):
+    smks = sorted((REPO / "workflow" / "rules").glob("*.smk"))
+    assert len(smks) >= 8
+    for smk in smks:
         text = smk.read_text()
         n_rules = len(re.findall(r"^rule \w+:", text, re.M))
         assert text.count('"../../envs/fnprune.yaml"') == n_rules, smk

@@ -156,7 +156,8 @@ def _copy(x):
 
 
 # Keys a model alias (``models.<slug>.base``) cannot change: they define the weights it shares.
-WEIGHT_KEYS = ("source", "hf_id", "revision", "trust_remote_code", "architecture", "num_layers", "corpus", "train")
+WEIGHT_KEYS = ("source", "hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture",
+               "num_layers", "corpus", "train")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -251,6 +252,11 @@ def check(config: dict) -> None:
             problems.append(f"models.{name}.hf_id: required for source {m['source']}")
         if m["source"] == "local" and "hf_id" in m and not Path(m["hf_id"]).is_dir():
             problems.append(f"models.{name}.hf_id: {m['hf_id']} is not a directory")
+        if m["source"] == "gguf" and not (m.get("path") or (m.get("package") and m.get("file"))):
+            problems.append(f"models.{name}: source gguf needs path (a .gguf file) or package and file (a file "
+                            f"inside an installed Python package)")
+        if m["source"] == "gguf" and m.get("path") and not Path(m["path"]).expanduser().is_file():
+            problems.append(f"models.{name}.path: {m['path']} is not a file")
         if m["source"] == "train":
             if "train" not in m:
                 problems.append(f"models.{name}.train: required for source train")

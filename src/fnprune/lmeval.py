@@ -309,8 +309,9 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
 
     Every task is loaded before the model is touched; one that cannot be raises
     :class:`TaskUnavailableError` naming it. ``batch_size`` is an int or ``"auto"`` (largest
-    batch up to ``max_batch_size``: 64 on a GPU, 32 on CPU). ``max_length`` defaults to the
-    model's maximum positions. ``mean_acc`` is the mean ``acc`` of the tasks that report one.
+    batch up to ``max_batch_size``: 64 on a GPU, 32 on CPU; on CPU ``auto`` takes ``max_batch_size``
+    as it is, without lm-eval's probing). ``max_length`` (the context of every request, rolling
+    log-likelihood windows included) is capped at the model's maximum positions, its default. ``mean_acc`` is the mean ``acc`` of the tasks that report one.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -325,6 +326,14 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
         model = model.to(resolve_device(device))
     if max_batch_size is None:
         max_batch_size = 64 if model.device.type == "cuda" else 32
+    requested = batch_size
+    if batch_size == "auto" and model.device.type != "cuda":
+        # lm-eval's probe runs full-length batches until one fits: minutes on CPU, where memory is no limit.
+        batch_size = max_batch_size
+    model_max = next((getattr(model.config, a) for a in ("max_position_embeddings", "seq_length", "n_positions")
+                      if isinstance(getattr(model.config, a, None), int)), None)
+    if max_length is not None and model_max is not None:
+        max_length = min(max_length, model_max)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
               max_length=max_length)
     raw = simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
@@ -335,7 +344,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
     if raw_out is not None:
         write_json(raw_out, raw)
     out = summarise(raw, _leaf_names(loaded))
-    out["config"] = {"num_fewshot": num_fewshot, "batch_size": batch_size,
+    out["config"] = {"num_fewshot": num_fewshot, "batch_size": batch_size, "batch_size_requested": requested,
                      "batch_sizes": raw.get("config", {}).get("batch_sizes", []),
                      "max_batch_size": max_batch_size, "max_length": lm.max_length, "limit": limit,
                      "device": str(model.device)}

@@ -28,12 +28,21 @@ def setup(log_file: str | None, threads: int = 1) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Sources whose weights the workflow builds into a local directory (results/models/{model}).
+BUILT_SOURCES = ("train", "gguf")
+
+
+def _hub_kwargs(model_spec: dict) -> dict:
+    """Loading keywords of a hub or local model; none for a directory the workflow built."""
+    if model_spec["source"] in BUILT_SOURCES:
+        return {}
+    return dict(revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
+
+
 def _load(model_spec: dict, source: str, device: str = "auto"):
     from .modeling import load_base, load_tokenizer
 
-    kw = dict(revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
-    if model_spec["source"] == "train":
-        kw = {}
+    kw = _hub_kwargs(model_spec)
     model = load_base(source, dtype=model_spec["dtype"], device=device, **kw)
     tok = load_tokenizer(source, **kw)
     return model, tok
@@ -50,6 +59,12 @@ def train(train_split: str, validation_split: str, spec: dict, out_dir: str, see
     from .train import train_embedded_model
 
     train_embedded_model(read_split(train_split), read_split(validation_split), spec, out_dir, seed)
+
+
+def convert_gguf(spec: dict, out_dir: str) -> None:
+    from .ggufsource import convert
+
+    convert(spec, out_dir, architecture=spec.get("architecture"))
 
 
 def calibration_batches(calib_split: str, spec: dict, seed: int, out: str) -> None:
@@ -94,8 +109,7 @@ def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, see
 def _shape(model_spec: dict, source: str) -> dict:
     from .modeling import load_config, shape_info
 
-    kw = {} if model_spec["source"] == "train" else dict(
-        revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
+    kw = _hub_kwargs(model_spec)
     info = shape_info(load_config(source, **kw), trust_remote_code=kw.get("trust_remote_code", False))
     if info["n_layers"] != model_spec["num_layers"]:
         raise ValueError(f"models.*.num_layers is {model_spec['num_layers']} but {source} has "
@@ -177,6 +191,7 @@ def baseline_mask(method: str, stats_files: list[str], model_spec: dict, source:
 def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias: bool, target: str,
           out_dir: str, device: str = "auto") -> None:
     from .extract import load_stats
+    from .ggufsource import read_provenance
     from .modeling import apply_mask, save_pruned
 
     t0 = time.time()
@@ -190,6 +205,7 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
         "source_revision": model_spec.get("revision"),
         "source_commit": getattr(model.config, "_commit_hash", None),
         "trust_remote_code": model_spec.get("trust_remote_code", False),
+        "source_provenance": read_provenance(source) if model_spec["source"] in BUILT_SOURCES else None,
         "method": rec["method"], "k": rec.get("k"), "backend": rec.get("backend"),
         "bias_compensation": bias,
         "ratio_requested": rec["ratio_requested"],
@@ -224,7 +240,7 @@ def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, o
     ev = model_spec["eval"]
     res = run_lm_eval(model, tok, ev["lm_eval_tasks"], num_fewshot=ev["num_fewshot"],
                       batch_size=ev["lm_eval_batch_size"], max_batch_size=ev.get("lm_eval_max_batch_size"),
-                      limit=ev["lm_eval_limit"],
+                      max_length=ev.get("lm_eval_max_length"), limit=ev["lm_eval_limit"],
                       include_path=tasks_dir, raw_out=raw_out)
     write_json(out, res)
 
@@ -237,15 +253,27 @@ def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: in
 
 def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm_eval: str | None, out: str,
             mask: str | None = None, sidecar_dir: str | None = None, batches: str | None = None,
-            stats_files: list[str] = (), training: str | None = None, seed: int = 0) -> None:
-    """Assemble one ``metrics.json`` per target from the stage outputs (no recomputation)."""
+            stats_files: list[str] = (), base_dir: str | None = None, seed: int = 0) -> None:
+    """Assemble one ``metrics.json`` per target from the stage outputs (no recomputation).
+
+    ``base_dir`` is the directory the workflow built the base model into (trained, or converted
+    from GGUF: its provenance is recorded)."""
+    from .ggufsource import read_provenance
+
+    weights = model_spec.get("base") or model
+    source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}"}.get(model_spec["source"])
     rec: dict = {"target": target, "model": model, "method": method, "seed": seed,
-                 "source_model": model_spec.get("hf_id", f"trained:{model_spec.get('base') or model}")}
+                 "source_model": source or model_spec.get("hf_id")}
     stages: dict[str, float] = {}
-    if training:
-        tr = read_json(Path(training) / "training.json")
+    if base_dir and (Path(base_dir) / "training.json").is_file():
+        tr = read_json(Path(base_dir) / "training.json")
         rec["base_model"] = {"parameters": tr["parameters"], "validation_ppl": tr["validation_ppl"]}
         stages["train_model"] = tr["wall_s"]
+    prov = read_provenance(base_dir)
+    if prov:
+        rec["source_provenance"] = {k: v for k, v in prov.items() if k not in ("versions", "wall_s")}
+        rec["base_model"] = {"parameters": prov["parameters"]}
+        stages["convert_gguf"] = prov["wall_s"]
     if batches:
         b = read_json(batches)
         rec["calibration"] = {"corpus": b.get("corpus"), "texts": sum(len(x) for x in b["batches"]),
@@ -282,6 +310,9 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         stages["mask"] = m["wall_s"]
     else:
         rec.update({"ratio_requested": 0.0, "achieved_block_ratio": 0.0, "achieved_total_ratio": 0.0})
+    weights_dir = sidecar_dir or base_dir
+    if weights_dir:
+        rec["weights_bytes"] = sum(f.stat().st_size for f in Path(weights_dir).glob("*.safetensors"))
     if sidecar_dir:
         side = read_json(Path(sidecar_dir) / "fnprune.json")
         rec["bias_compensation"] = side["bias_compensation"]
@@ -296,10 +327,22 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         rec["lm_eval"] = le["tasks"]
         rec["lm_eval_mean_acc"] = le.get("mean_acc")
         rec["lm_eval_versions"] = le.get("versions")
+        rec["lm_eval_config"] = le.get("config")
         stages["lm_eval"] = le.get("wall_s", math.nan)
     rec["stage_wall_s"] = stages
     rec["versions"] = versions()
     write_json(out, rec)
+
+
+def summary(dense_metrics: str, pruned_metrics: str, out: str) -> None:
+    """A short dense-vs-pruned summary of one target (the demo's last output), also logged."""
+    from .io import atomic_path
+    from .tables import summary_text
+
+    text = summary_text(read_json(dense_metrics), read_json(pruned_metrics))
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    log.info("\n%s", text)
 
 
 def comparison(metrics_files: list[str], out_md: str, out_csv: str) -> None:

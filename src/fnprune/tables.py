@@ -62,6 +62,47 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
+def _pm(v: dict | None, digits: int = 3) -> str:
+    if not v or v.get("value") is None:
+        return "-"
+    err = v.get("stderr")
+    return _fmt(v["value"], digits) + (f" ± {_fmt(err, digits)}" if err is not None and math.isfinite(err) else "")
+
+
+def summary_text(dense: dict, pruned: dict) -> str:
+    """Dense vs one pruned target: parameters, weights on disk, perplexity, every lm-eval metric
+    with its standard error, and the item limit when one was used."""
+    def params(r):
+        return r.get("parameters") or (r.get("base_model") or {}).get("parameters")
+
+    def mb(r):
+        return f"{r['weights_bytes'] / 1e6:.1f} MB" if r.get("weights_bytes") else "-"
+
+    src = pruned.get("source_provenance") or dense.get("source_provenance")
+    rows = [("parameters", f"{params(dense):,}" if params(dense) else "-",
+             f"{params(pruned):,}" if params(pruned) else "-"),
+            ("weights on disk", mb(dense), mb(pruned)),
+            ("block parameters removed", "0", _fmt(pruned.get("achieved_block_ratio"), 4))]
+    for key in sorted(set(dense.get("perplexity", {})) | set(pruned.get("perplexity", {}))):
+        rows.append((key, _fmt(dense.get("perplexity", {}).get(key)), _fmt(pruned.get("perplexity", {}).get(key))))
+    for task in sorted(set(dense.get("lm_eval") or {}) | set(pruned.get("lm_eval") or {})):
+        for metric in sorted(set((dense.get("lm_eval") or {}).get(task, {})) |
+                             set((pruned.get("lm_eval") or {}).get(task, {}))):
+            rows.append((f"{task} {metric}", _pm((dense.get("lm_eval") or {}).get(task, {}).get(metric)),
+                         _pm((pruned.get("lm_eval") or {}).get(task, {}).get(metric))))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{pruned['target']} vs {dense['target']} ({method_label(pruned['method'])})"]
+    if src:
+        lines.append(f"source: {src.get('gguf_name')} ({src.get('gguf_package_version') or src.get('gguf_file')}), "
+                     f"tensor types {src.get('tensor_types')}" + (", dequantised" if src.get("dequantised") else ""))
+    limit = (pruned.get("lm_eval_config") or {}).get("limit")
+    if limit:
+        lines.append(f"lm-eval: first {limit} items of each task (eval.lm_eval_limit)")
+    lines.append(f"{'':{width}}  {'dense':>18}  {'pruned':>18}")
+    lines += [f"{name:{width}}  {a:>18}  {b:>18}" for name, a, b in rows]
+    return "\n".join(lines) + "\n"
+
+
 BASELINE_LABELS = {"random": "Random", "magnitude": "Magnitude", "wanda_sp": "Wanda-sp", "flap": "FLAP",
                    "flap_mlp": "FLAP (MLP only)"}
 LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte")

@@ -11,6 +11,10 @@ fdomains.check(config)
 
 MODELS = list(config["models"])
 WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
+# Models whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
+TRAINED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "train"]
+CONVERTED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "gguf"]
+BUILT_SOURCES = ("train", "gguf")
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
 
@@ -52,13 +56,21 @@ def weights(model):
 
 
 def model_input(model):
-    """The model directory as a DAG input when the workflow trains it, else nothing (an alias: its base's)."""
-    return [trained_dir(weights(model))] if mspec(model)["source"] == "train" else []
+    """The model directory as a DAG input when the workflow builds it (trained or converted from GGUF),
+    else nothing (an alias: its base's)."""
+    return [trained_dir(weights(model))] if mspec(model)["source"] in BUILT_SOURCES else []
 
 
 def model_source(model):
-    """What the stages load: the trained directory, a local directory or a hub id (an alias: its base's)."""
-    return trained_dir(weights(model)) if mspec(model)["source"] == "train" else mspec(model)["hf_id"]
+    """What the stages load: the built directory, a local directory or a hub id (an alias: its base's)."""
+    return trained_dir(weights(model)) if mspec(model)["source"] in BUILT_SOURCES else mspec(model)["hf_id"]
+
+
+def gguf_file(wildcards):
+    """The GGUF file a ``source: gguf`` model is converted from (``path``, or ``file`` of ``package``)."""
+    import fnprune.ggufsource as fgguf
+
+    return str(fgguf.resolve_file(mspec(wildcards.model), f"models.{wildcards.model}"))
 
 
 def batch_ids(model):
@@ -105,7 +117,8 @@ def all_targets(wildcards):
 
 
 def comparison_tables(wildcards):
-    return [f"results/{m}_comparison.md" for m in config["targets"]["models"]]
+    models = config["comparison"]["models"] or config["targets"]["models"]
+    return [f"results/{m}_comparison.md" for m in models]
 
 
 def comparison_metrics(wildcards):
@@ -114,6 +127,11 @@ def comparison_metrics(wildcards):
     out += [f"results/{target_name(wildcards.model, r, meth)}/metrics.json"
             for r in c["ratios"] for meth in c["methods"]]
     return out
+
+
+def dense_metrics(wildcards):
+    """The dense model's metrics beside a pruned target's (its summary compares the two)."""
+    return f"results/{target_info(wildcards)['model']}_dense/metrics.json"
 
 
 def eval_model(wildcards):
@@ -144,8 +162,8 @@ def metrics_inputs(wildcards):
     inp = {"ppl": f"results/{wildcards.target}/ppl.json"}
     if mspec(m)["eval"]["lm_eval_tasks"]:
         inp["lm_eval"] = f"results/{wildcards.target}/lm_eval.json"
-    if mspec(m)["source"] == "train":
-        inp["training"] = trained_dir(weights(m))
+    if mspec(m)["source"] in BUILT_SOURCES:
+        inp["base_dir"] = trained_dir(weights(m))
     if not t["dense"]:
         inp["batches"] = f"results/{m}/calib/batches.json"
         inp["mask"] = mask_file(m, t["ratio_pct"], t["method"])
@@ -174,6 +192,12 @@ def model_src(wildcards):
 
 def train_spec(wildcards):
     return mspec(wildcards.model)["train"]
+
+
+def gguf_spec(wildcards):
+    """The keys of a ``source: gguf`` model that decide its converted directory."""
+    m = mspec(wildcards.model)
+    return {k: m.get(k) for k in ("path", "package", "file", "architecture")}
 
 
 def calibration_spec(wildcards):

