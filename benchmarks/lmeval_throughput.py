@@ -6,7 +6,9 @@ plain batched forward pass scores exactly those sequences: sorted by length, ``-
 batch, right-padded to the longest of the batch (the least padding a batched forward needs),
 ``model(input_ids).logits`` under ``no_grad``. Both count the same tokens; the ratio of their
 tokens per second is what lm-eval's machinery (collation, log-softmax over the vocabulary,
-per-request bookkeeping) costs. Repeats alternate the order; best of each is reported.
+per-request bookkeeping) costs. It runs twice: with fnprune's HFLM subclass (logits only at the
+scored positions, what the workflow uses) and with lm-eval's stock HFLM. Repeats alternate the
+order; best of each is reported.
 
     snakemake --cores 2 results/models/smol results/data/stdlib/lm_eval_tasks
     python benchmarks/lmeval_throughput.py --repeats 2
@@ -38,6 +40,7 @@ def main() -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    import fnprune.lmeval as L
     from fnprune.lmeval import run_lm_eval
     from fnprune.modeling import load_base, load_tokenizer
 
@@ -62,9 +65,12 @@ def main() -> None:
 
     HFLM._loglikelihood_tokens = recording
 
-    def lm_eval_run():
+    ours = L._scoring_lm_class
+
+    def lm_eval_run(stock=False):
         captured.clear()
         scoring[0] = 0.0
+        L._scoring_lm_class = (lambda: HFLM) if stock else ours
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
             out = run_lm_eval(model, tok, args.tasks, batch_size=args.batch_size, limit=args.limit,
@@ -91,15 +97,17 @@ def main() -> None:
     order = sorted(seqs, key=len, reverse=True)
     for i in range(0, len(order), args.batch_size):
         padded += len(order[i]) * len(order[i:i + args.batch_size])
-    walls, scores, plains, load = [], [], [], [os.getloadavg()[0]]
+    walls, scores, plains, load = {"ours": [], "stock": []}, {"ours": [], "stock": []}, [], [os.getloadavg()[0]]
+    results = {}
     for r in range(args.repeats):
-        for which in (("lm", "plain") if r % 2 == 0 else ("plain", "lm")):
-            if which == "lm":
-                wall, sc, out = lm_eval_run()
-                walls.append(wall)
-                scores.append(sc)
-            else:
+        for which in (("ours", "stock", "plain") if r % 2 == 0 else ("plain", "stock", "ours")):
+            if which == "plain":
                 plains.append(plain_run(seqs))
+            else:
+                wall, sc, out = lm_eval_run(stock=which == "stock")
+                walls[which].append(wall)
+                scores[which].append(sc)
+                results[which] = out
             load.append(os.getloadavg()[0])
     print(f"model {args.model_dir} ({sum(p.numel() for p in model.parameters()):,} parameters), tasks "
           f"{' '.join(args.tasks)}, n_samples {out['n_samples']}, batch size {args.batch_size}, max length "
@@ -107,16 +115,21 @@ def main() -> None:
           f"{args.repeats}, order alternated")
     print(f"sequences scored: {len(seqs)}, tokens {n_tok:,} ({padded:,} with the batches' right padding)")
     print(f"1-min load average (cores: {os.cpu_count()}) before/after each run: {' '.join(f'{x:.1f}' for x in load)}")
-    best_wall, best_score, best_plain = min(walls), min(scores), min(plains)
-    print(f"\n{'':28} {'s (best)':>9} {'tokens/s':>10}  all")
-    print(f"{'plain batched forward':28} {best_plain:>9.2f} {n_tok / best_plain:>10.0f}  "
+    best_plain = min(plains)
+    print(f"\n{'':34} {'s (best)':>9} {'tokens/s':>10}  all")
+    print(f"{'plain batched forward':34} {best_plain:>9.2f} {n_tok / best_plain:>10.0f}  "
           f"{' '.join(f'{x:.2f}' for x in plains)}")
-    print(f"{'lm-eval scoring':28} {best_score:>9.2f} {n_tok / best_score:>10.0f}  "
-          f"{' '.join(f'{x:.2f}' for x in scores)}")
-    print(f"{'lm-eval whole call':28} {best_wall:>9.2f} {n_tok / best_wall:>10.0f}  "
-          f"{' '.join(f'{x:.2f}' for x in walls)}")
-    print(f"\nlm-eval scoring tokens/s vs plain forward: {best_plain / best_score:.2f}")
-    print(f"lm-eval whole call tokens/s vs plain forward: {best_plain / best_wall:.2f}")
+    for which, label in (("ours", "fnprune HFLM"), ("stock", "lm-eval stock HFLM")):
+        for what, times in ((f"{label} scoring", scores[which]), (f"{label} whole call", walls[which])):
+            print(f"{what:34} {min(times):>9.2f} {n_tok / min(times):>10.0f}  {' '.join(f'{x:.2f}' for x in times)}")
+    print()
+    for which, label in (("ours", "fnprune HFLM"), ("stock", "lm-eval stock HFLM")):
+        print(f"{label}: scoring tokens/s vs plain forward {best_plain / min(scores[which]):.2f}, whole call "
+              f"{best_plain / min(walls[which]):.2f}")
+    print(f"fnprune HFLM vs stock HFLM, whole call: {min(walls['stock']) / min(walls['ours']):.2f}x")
+    diff = max(abs(results["ours"]["tasks"][t][m]["value"] - results["stock"]["tasks"][t][m]["value"])
+               for t in results["ours"]["tasks"] for m in results["ours"]["tasks"][t])
+    print(f"largest metric difference fnprune vs stock HFLM: {diff:.3g}")
 
 
 if __name__ == "__main__":

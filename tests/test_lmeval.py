@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import functools
 import json
 import math
 import subprocess
@@ -176,3 +177,40 @@ def test_hub_task_offline_fails_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "UNAVAILABLE lm-eval task 'piqa'" in proc.stderr
     assert "HF_DATASETS_OFFLINE=0" in proc.stderr
+
+
+def test_continuation_logits_scoring_equals_hflm(tiny):
+    """fnprune's HFLM computes logits only at the scored positions: every request's score (and its
+    greedy flag) equals lm-eval's own HFLM's, over batches of mixed lengths and the rolling task."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from fnprune.lmeval import _scoring_lm_class
+
+    model, tok = tiny
+    words = "the module returns a new list of items sorted by key and value in order".split()
+    pairs = [(" ".join(words[: 2 + (i * 5) % 13]), " " + " ".join(words[i % 7: i % 7 + 1 + i % 4])) for i in range(23)]
+    pairs += [("", " sorted list"), ("x", " y")]
+    ll = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    rolling = [Instance("loglikelihood_rolling", {}, (" ".join(words * (1 + i)),), i) for i in range(3)]
+    ours = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=4, max_length=64)
+    ref = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64)
+    got, want = ours.loglikelihood(ll), ref.loglikelihood(ll)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+    got_r, want_r = ours.loglikelihood_rolling(rolling), ref.loglikelihood_rolling(rolling)
+    assert max(abs(a - b) for a, b in zip(got_r, want_r)) < 1e-3
+    calls = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def spy(*a, **kw):
+        calls.append(kw.get("logits_to_keep"))
+        return forward(*a, **kw)
+
+    model.forward = spy
+    try:
+        ours.loglikelihood(ll)
+    finally:
+        del model.forward
+    assert calls and all(isinstance(k, int) and k > 0 for k in calls) and min(calls) < 20, calls

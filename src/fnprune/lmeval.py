@@ -301,6 +301,49 @@ def summarise(raw: dict, expected: Iterable[str]) -> dict:
     }
 
 
+@functools.cache
+def _scoring_lm_class():
+    """lm-eval's HFLM, with a forward pass that computes logits only where lm-eval reads them.
+
+    For a log-likelihood request lm-eval reads the logits of the continuation positions only
+    (``_select_cont_toks``), yet HFLM computes and log-softmaxes the logits of every position:
+    for a short continuation after a long passage, most of the LM head's work and the
+    (batch x length x vocabulary) log-softmax. This subclass asks the model for the logits of the
+    last ``keep`` positions only (transformers' ``logits_to_keep``), ``keep`` covering every
+    row's continuation; lm-eval's own virtual-token offset (``logits.shape[0] - padding_len_inp``)
+    maps the shorter logits back onto the positions it slices. Scores equal HFLM's
+    (``tests/test_lmeval.py`` compares every request).
+    """
+    import inspect as _inspect
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    class ContinuationLogitsHFLM(HFLM):
+        _max_cont: int | None = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            self._max_cont = max((len(cont) for _, _, cont in requests), default=None)
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            finally:
+                self._max_cont = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if (attn_mask is not None or labels is not None or self._max_cont is None
+                    or "logits_to_keep" not in _inspect.signature(self.model.forward).parameters):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            width = inps.shape[1]
+            real = inps != 0  # lm-eval right-pads with 0; a real trailing 0 only widens the window
+            lengths = torch.where(real.any(1), width - real.flip(1).int().argmax(1), 0)
+            keep = int(min(width, width - int(lengths.min()) + self._max_cont))
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, logits_to_keep=keep).logits
+
+    return ContinuationLogitsHFLM
+
+
 def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, batch_size: int | str = "auto",
                 limit: int | float | None = None, include_path: str | Path | None = None,
                 raw_out: str | Path | None = None, device: str | None = None,
@@ -314,7 +357,6 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
     log-likelihood windows included) is capped at the model's maximum positions, its default. ``mean_acc`` is the mean ``acc`` of the tasks that report one.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     from .modeling import resolve_device
 
@@ -334,7 +376,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
                       if isinstance(getattr(model.config, a, None), int)), None)
     if max_length is not None and model_max is not None:
         max_length = min(max_length, model_max)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
+    lm = _scoring_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
               max_length=max_length)
     raw = simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
                           task_manager=manager, log_samples=False, device=str(model.device))
