@@ -39,6 +39,36 @@ METHOD_HELP = (f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selectio
                f"<baseline>[_m<multiple>] with baseline in {', '.join(BASELINES)}")
 
 
+# The keys of a model's spec that decide each stage's output: a rule's params hold exactly these
+# (Snakemake re-runs a job when its params change, and misses what is not in them). Loading keys
+# decide the weights every stage works on; a nested dict names the sub-keys of a section.
+LOAD_KEYS = ("source", "base", "hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture",
+             "num_layers", "dtype")
+STAGE_KEYS = {
+    "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
+    "mask": (*LOAD_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
+    "prune": LOAD_KEYS,
+    "perplexity": (*LOAD_KEYS, {"eval": ("ppl_seqlens", "ppl_batch_size")}),
+    "lm_eval": (*LOAD_KEYS, {"eval": ("lm_eval_tasks", "lm_eval_batch_size", "lm_eval_max_batch_size",
+                                      "lm_eval_max_length", "lm_eval_limit", "num_fewshot")}),
+    "metrics": LOAD_KEYS,
+}
+# ica.backend is only the default of a target that names none: the backend is in every ICA path.
+ICA_OUTPUT_KEYS = ("max_iter", "tol", "device", "on_nonconvergence", "retries", "on_constant_layer")
+
+
+def spec_for(spec: dict, stage: str) -> dict:
+    """The part of a model's spec that decides ``stage``'s output (:data:`STAGE_KEYS`), same layout."""
+    out: dict = {}
+    for key in STAGE_KEYS[stage]:
+        if isinstance(key, dict):
+            for section, subkeys in key.items():
+                out[section] = {k: spec[section][k] for k in subkeys if k in spec.get(section, {})}
+        elif key in spec:
+            out[key] = spec[key]
+    return out
+
+
 def _positive(method: str, name: str, value: str | None, least: int = 1) -> int | None:
     if value is None:
         return None

@@ -153,7 +153,14 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
         path = Path(spec["path"])
         if not path.is_file():
             raise FileNotFoundError(f"corpora.*.path: {path} is not a readable text file")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpora.*.path: {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             f"expected a plain text file, documents separated by two blank lines") from None
+        if not text.strip():
+            raise ValueError(f"corpora.*.path: {path} is empty; expected text, documents separated by two "
+                             f"blank lines")
         docs = [(f"{path.name}:{i}", d) for i, d in enumerate(re.split(r"\n\s*\n\s*\n", text))]
         records = _records_from_documents(docs, spec)
     elif source == "hf":

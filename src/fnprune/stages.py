@@ -214,6 +214,8 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
         "seed": rec.get("seed"),
         "kept": rec["kept"],
         "kept_heads": rec.get("kept_heads"),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(model.device),
         "prune_wall_s": time.time() - t0,
     }
     save_pruned(model.to("cpu"), tok, out_dir, sidecar)
@@ -229,7 +231,8 @@ def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out:
     texts = read_split(test_split)
     ev = model_spec["eval"]
     results = [token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"]) for seqlen in ev["ppl_seqlens"]]
-    write_json(out, {**(fields or {}), "results": results, "versions": versions()})
+    write_json(out, {**(fields or {}), "results": results, "device": str(model.device),
+                     "torch_threads": torch.get_num_threads(), "versions": versions()})
 
 
 def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, out: str, raw_out: str,
@@ -253,7 +256,8 @@ def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: in
 
 def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm_eval: str | None, out: str,
             mask: str | None = None, sidecar_dir: str | None = None, batches: str | None = None,
-            stats_files: list[str] = (), base_dir: str | None = None, seed: int = 0) -> None:
+            stats_files: list[str] = (), base_dir: str | None = None, seed: int = 0,
+            torch_threads: int | None = None) -> None:
     """Assemble one ``metrics.json`` per target from the stage outputs (no recomputation).
 
     ``base_dir`` is the directory the workflow built the base model into (trained, or converted
@@ -262,7 +266,7 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
 
     weights = model_spec.get("base") or model
     source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}"}.get(model_spec["source"])
-    rec: dict = {"target": target, "model": model, "method": method, "seed": seed,
+    rec: dict = {"target": target, "model": model, "method": method, "seed": seed, "torch_threads": torch_threads,
                  "source_model": source or model_spec.get("hf_id")}
     stages: dict[str, float] = {}
     if base_dir and (Path(base_dir) / "training.json").is_file():
@@ -319,6 +323,7 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         rec["parameters"] = side["parameters"]
         stages["prune"] = side["prune_wall_s"]
     p = read_json(ppl)
+    rec["device"] = p.get("device")
     rec["perplexity"] = {f"{r['protocol']}@{r['seqlen']}": r["ppl"] for r in p["results"]}
     rec["perplexity_detail"] = p["results"]
     stages["perplexity"] = sum(r["wall_s"] for r in p["results"])

@@ -182,8 +182,17 @@ def gpus_of_model(wildcards):
     return mspec(model_of(wildcards))["gpus"]
 
 
-def model_spec(wildcards):
-    return mspec(model_of(wildcards))
+def stage_spec(stage):
+    """Params function: the keys of the job's model that decide ``stage``'s output (fnprune.config.STAGE_KEYS)."""
+
+    def params(wildcards):
+        return fconfig.spec_for(mspec(model_of(wildcards)), stage)
+
+    return params
+
+
+ICA_PARAMS = {k: config["ica"][k] for k in fconfig.ICA_OUTPUT_KEYS}
+TORCH_THREADS = config["torch_threads"]
 
 
 def model_src(wildcards):
@@ -201,7 +210,15 @@ def gguf_spec(wildcards):
 
 
 def calibration_spec(wildcards):
-    return mspec(wildcards.model)["calibration"]
+    """What decides the draw of calibration texts into batches (the seed is a param of its own)."""
+    c = mspec(wildcards.model)["calibration"]
+    return {k: c[k] for k in ("batch_size", "n_batches", "corpus")}
+
+
+def corpus_source(wildcards):
+    """The local file of a ``source: text`` corpus, an input of its corpus job (so editing it re-runs it)."""
+    c = config["corpora"][wildcards.corpus]
+    return [c["path"]] if c["source"] == "text" else []
 
 
 def corpus_spec(wildcards):

@@ -2,6 +2,8 @@
 
 
 rule corpus:
+    input:
+        corpus_source,
     output:
         splits=expand("results/data/{{corpus}}/{split}.jsonl", split=SPLITS),
         manifest="results/data/{corpus}/manifest.json",
@@ -32,6 +34,7 @@ rule train_model:
     benchmark:
         "results/benchmarks/train/{model}.tsv"
     params:
+        torch_threads=TORCH_THREADS,
         spec=train_spec,
         seed=config["seed"],
     threads: 2
@@ -56,6 +59,7 @@ rule convert_gguf:
     benchmark:
         "results/benchmarks/convert/{model}.tsv"
     params:
+        torch_threads=TORCH_THREADS,
         spec=gguf_spec,
     threads: 1
     resources:

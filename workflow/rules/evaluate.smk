@@ -31,7 +31,8 @@ rule perplexity:
     benchmark:
         "results/benchmarks/perplexity/{target}.tsv"
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("perplexity"),
         source=eval_source,
     threads: 2
     resources:
@@ -55,7 +56,8 @@ rule perplexity_domain:
     benchmark:
         "results/benchmarks/perplexity/{target}_{corpus}.tsv"
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("perplexity"),
         source=eval_source,
         fields=domain_ppl_fields,
     threads: 2
@@ -80,7 +82,8 @@ rule lm_eval:
     benchmark:
         "results/benchmarks/lm_eval/{target}.tsv"
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("lm_eval"),
         source=eval_source,
     threads: 2
     resources:
@@ -101,8 +104,9 @@ rule metrics:
     log:
         "results/logs/metrics/{target}.log",
     params:
+        torch_threads=TORCH_THREADS,
         target=target_info,
-        spec=model_spec,
+        spec=stage_spec("metrics"),
         seed=config["seed"],
     threads: 1
     resources:

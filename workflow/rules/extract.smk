@@ -13,7 +13,8 @@ rule extract:
     benchmark:
         "results/benchmarks/extract/{model}_b{batch}.tsv"
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("extract"),
         source=model_src,
     threads: 2
     resources:

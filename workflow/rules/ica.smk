@@ -12,8 +12,9 @@ rule ica:
     benchmark:
         "results/benchmarks/ica/{model}_{backend}_c{k}{icav}_b{batch}.tsv"
     params:
+        torch_threads=TORCH_THREADS,
         n_layers=n_layers,
-        ica=config["ica"],
+        ica=ICA_PARAMS,
         seed=ica_seed,
         runs=ica_runs,
     threads: 2

@@ -9,7 +9,8 @@ rule mask_ica:
     log:
         "results/logs/mask/{model}_r{ratio}_{ica_selector}.log",
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("mask"),
         source=model_src,
         ratio=ratio_fraction,
         selector=selector_info,
@@ -31,7 +32,8 @@ rule mask_baseline:
     log:
         "results/logs/mask/{model}_r{ratio}_{baseline_selector}.log",
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("mask"),
         source=model_src,
         ratio=ratio_fraction,
         selector=selector_info,

@@ -11,7 +11,8 @@ rule prune:
     benchmark:
         "results/benchmarks/prune/{model}_r{ratio}_{method}.tsv"
     params:
-        spec=model_spec,
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("prune"),
         source=model_src,
         bias=prune_bias,
         target=prune_target,

@@ -1,0 +1,54 @@
+"""Cache keys: after the micro run, a change of one config key schedules exactly the rules whose
+output that key decides (a dry run on the shared micro workdir, nothing is executed)."""
+
+import pytest
+import yaml
+
+from conftest import snakemake
+from test_workflow import jobs_of
+
+pytestmark = pytest.mark.slow
+
+TARGETS = ("results/micro_dense/metrics.json", "results/micro_r20_c8/metrics.json")
+PRUNED_EVAL = {"perplexity": 1, "lm_eval": 1, "metrics": 1}
+EVAL_BOTH = {"lm_eval": 2, "metrics": 2}
+FROM_EXTRACT = {"extract": 2, "ica": 2, "mask_ica": 1, "prune": 1, **PRUNED_EVAL}
+FROM_MASK = {"mask_ica": 1, "prune": 1, **PRUNED_EVAL}
+
+
+def micro(**keys) -> dict:
+    return {"models": {"micro": keys}}
+
+
+# (name, config overlay, the rules (and job counts) a dry run of TARGETS must schedule)
+CASES = [
+    ("eval.lm_eval_limit", micro(eval={"lm_eval_limit": 17}), EVAL_BOTH),
+    ("eval.lm_eval_batch_size", micro(eval={"lm_eval_batch_size": 4}), EVAL_BOTH),
+    ("eval.lm_eval_max_length", micro(eval={"lm_eval_max_length": 64}), EVAL_BOTH),
+    ("eval.lm_eval_tasks", micro(eval={"lm_eval_tasks": ["fnprune_mc"]}), EVAL_BOTH),
+    ("eval.num_fewshot", micro(eval={"num_fewshot": 1}), EVAL_BOTH),
+    ("eval.ppl_seqlens", micro(eval={"ppl_seqlens": [32]}), {"perplexity": 2, "metrics": 2}),
+    ("eval.ppl_batch_size", micro(eval={"ppl_batch_size": 3}), {"perplexity": 2, "metrics": 2}),
+    ("gpus", micro(gpus=1), {}),
+    ("calibration.max_length", micro(calibration={"max_length": 64}), FROM_EXTRACT),
+    ("calibration.micro_batch_size", micro(calibration={"micro_batch_size": 2}), FROM_EXTRACT),
+    ("calibration.batch_size", micro(calibration={"batch_size": 3}), {"calibration_batches": 1, **FROM_EXTRACT}),
+    ("calibration.seed", micro(calibration={"seed": 5}), {"calibration_batches": 1, **FROM_EXTRACT}),
+    ("protect_first", micro(protect_first=2), FROM_MASK),
+    ("min_keep_per_layer", micro(min_keep_per_layer=2), FROM_MASK),
+    ("ica.max_iter", {"ica": {"max_iter": 100}}, {"ica": 2, **FROM_MASK}),
+    ("ica.tol", {"ica": {"tol": 0.001}}, {"ica": 2, **FROM_MASK}),
+    ("ica.backend (c8 means another backend)", {"ica": {"backend": "exact"}}, {"ica": 2, **FROM_MASK}),
+    ("torch_threads", {"torch_threads": 1},
+     {"train_model": 1, "extract": 2, "ica": 2, "mask_ica": 1, "prune": 1, "perplexity": 2, "lm_eval": 2,
+      "metrics": 2}),
+]
+
+
+@pytest.mark.parametrize("name,overlay,expected", CASES, ids=[c[0] for c in CASES])
+def test_a_key_change_reruns_exactly_what_it_decides(micro_run, tmp_path, name, overlay, expected):
+    wd, _ = micro_run
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    proc = snakemake(wd, "-n", *TARGETS, configs=(str(path),))
+    assert jobs_of(proc.stdout) == expected, (name, proc.stdout[-3000:])
