@@ -198,8 +198,10 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     got, want = ours.loglikelihood(ll), ref.loglikelihood(ll)
     assert [g for _, g in got] == [g for _, g in want]
     assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
-    got_r, want_r = ours.loglikelihood_rolling(rolling), ref.loglikelihood_rolling(rolling)
-    assert max(abs(a - b) for a, b in zip(got_r, want_r)) < 1e-3
+    want_r = ref.loglikelihood_rolling(rolling)
+    assert max(abs(a - b) for a, b in zip(ours.loglikelihood_rolling(rolling), want_r)) < 1e-3
+    ours.LOGITS_TOKENS = 64  # one window a pass: the split rolling path scores the same
+    assert max(abs(a - b) for a, b in zip(ours.loglikelihood_rolling(rolling), want_r)) < 1e-3
     calls = []
     forward = model.forward
 

@@ -311,8 +311,9 @@ def _scoring_lm_class():
     (batch x length x vocabulary) log-softmax. This subclass asks the model for the logits of the
     last ``keep`` positions only (transformers' ``logits_to_keep``), ``keep`` covering every
     row's continuation; lm-eval's own virtual-token offset (``logits.shape[0] - padding_len_inp``)
-    maps the shorter logits back onto the positions it slices. Scores equal HFLM's
-    (``tests/test_lmeval.py`` compares every request).
+    maps the shorter logits back onto the positions it slices. The rolling path (batches of whole
+    ``max_length`` windows) is split so one pass holds at most ``LOGITS_TOKENS`` positions' logits.
+    Scores equal HFLM's (``tests/test_lmeval.py`` compares every request).
     """
     import inspect as _inspect
 
@@ -321,10 +322,22 @@ def _scoring_lm_class():
 
     class ContinuationLogitsHFLM(HFLM):
         _max_cont: int | None = None
+        # Positions whose logits one forward pass may hold in the rolling path, where lm-eval sends
+        # batch-size windows of max_length tokens at once (32 x 2048 x 49152 floats: 13 GB, twice).
+        LOGITS_TOKENS = 8192
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             self._max_cont = max((len(cont) for _, _, cont in requests), default=None)
             try:
+                if override_bs and len(requests) > 1:
+                    longest = min(max(len(c) + len(k) for _, c, k in requests), self.max_length)
+                    per = max(1, self.LOGITS_TOKENS // longest)
+                    if per < len(requests):
+                        out = []
+                        for i in range(0, len(requests), per):
+                            out += super()._loglikelihood_tokens(requests[i:i + per], disable_tqdm=True,
+                                                                 override_bs=per)
+                        return out
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             finally:
                 self._max_cont = None

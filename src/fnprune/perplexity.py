@@ -31,7 +31,8 @@ def windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
 @torch.no_grad()
 def token_perplexity(model, tokenizer, texts: list[str], seqlen: int = 128, batch_size: int = 8,
                      max_windows: int | None = None) -> dict:
-    """FLAP-protocol perplexity of ``model`` on ``texts``; returns the value and its provenance."""
+    """FLAP-protocol perplexity of ``model`` on ``texts``; returns the value and its provenance, with
+    every window's mean token NLL (``window_nll``: the pairing of two models' perplexities)."""
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len is not None and seqlen > max_len:
         raise ValueError(f"perplexity seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
@@ -50,6 +51,7 @@ def token_perplexity(model, tokenizer, texts: list[str], seqlen: int = 128, batc
         nlls.append(nll.double().cpu())
     mean_nll = float(torch.cat(nlls).mean())
     out = {"protocol": PROTOCOL, "seqlen": seqlen, "windows": len(rows), "tokens": int(rows.numel()),
-           "nll": mean_nll, "ppl": math.exp(mean_nll), "wall_s": time.time() - t0}
+           "nll": mean_nll, "ppl": math.exp(mean_nll), "wall_s": time.time() - t0,
+           "window_nll": torch.cat(nlls).tolist()}
     log.info("%s seqlen=%d: %.3f over %d windows", PROTOCOL, seqlen, out["ppl"], len(rows))
     return out

@@ -32,8 +32,74 @@ def comparison_rows(records: list[dict]) -> tuple[list[str], list[list]]:
     return header, rows
 
 
+def paired_ratio(nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Perplexity ratio a / b of two models on the same windows, with a ``level`` t-interval over the
+    paired per-window differences of mean token NLL (log PPL_a - log PPL_b is their mean)."""
+    import numpy as np
+    from scipy import stats
+
+    if len(nll_a) != len(nll_b) or len(nll_a) < 2:
+        raise ValueError(f"paired perplexity needs the same windows, at least 2 (got {len(nll_a)} and {len(nll_b)})")
+    d = np.asarray(nll_a, dtype=np.float64) - np.asarray(nll_b, dtype=np.float64)
+    half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+    return math.exp(d.mean()), math.exp(d.mean() - half), math.exp(d.mean() + half)
+
+
+def _window_nll(record: dict, key: str) -> list[float] | None:
+    for r in record.get("perplexity_detail") or []:
+        if f"{r['protocol']}@{r['seqlen']}" == key:
+            return r.get("window_nll")
+    return None
+
+
+def paired_ppl_rows(records: list[dict]) -> list[dict]:
+    """Per model x ratio x perplexity protocol: every pruned method's ratio to dense and to the best
+    method of its ratio, each with a 95% paired interval over windows; ``tied`` marks the methods
+    whose interval against the best includes 1 (not distinguishable from the best)."""
+    out = []
+    dense = {r["model"]: r for r in records if r["method"] == "dense"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["method"] != "dense":
+            groups.setdefault((r["model"], r.get("ratio_requested")), []).append(r)
+    for (model, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        for key in sorted({k for r in rs for k in r.get("perplexity", {})}):
+            have = [r for r in rs if _window_nll(r, key)]
+            if not have:
+                continue
+            best = min(have, key=lambda r: r["perplexity"][key])
+            d = dense.get(model)
+            for r in sorted(have, key=lambda r: r["perplexity"][key]):
+                row = {"model": model, "ratio": ratio, "protocol": key, "method": r["method"],
+                       "ppl": r["perplexity"][key], "best": best["method"]}
+                if d is not None and _window_nll(d, key):
+                    row["vs_dense"] = paired_ratio(_window_nll(r, key), _window_nll(d, key))
+                row["vs_best"] = paired_ratio(_window_nll(r, key), _window_nll(best, key))
+                row["tied"] = row["vs_best"][1] <= 1.0
+                out.append(row)
+    return out
+
+
+def paired_ppl_markdown(rows: list[dict]) -> str:
+    """The paired perplexity rows as Markdown; ties with the best (interval includes 1) in bold."""
+    lines = ["| model | ratio | protocol | method | PPL | x dense [95% CI] | x best [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vd = r.get("vs_dense")
+        vb = r["vs_best"]
+        cell = _fmt(r["ppl"])
+        lines.append(f"| {r['model']} | {_fmt(r['ratio'])} | {r['protocol']} | {r['method']} | "
+                     f"{f'**{cell}**' if r['tied'] else cell} | "
+                     + (f"{vd[0]:.3f} [{vd[1]:.3f}, {vd[2]:.3f}]" if vd else "-") + " | "
+                     + ("best" if r["method"] == r["best"] else f"{vb[0]:.3f} [{vb[1]:.3f}, {vb[2]:.3f}]") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def comparison_table(records: list[dict]) -> tuple[str, str]:
-    """Markdown and CSV text of the method comparison; the best pruned value per ratio is bold."""
+    """Markdown and CSV text of the method comparison; the best pruned value per ratio is bold.
+
+    The Markdown adds lm-eval standard errors and, where the metrics carry per-window NLLs, the
+    paired perplexity table (:func:`paired_ppl_rows`)."""
     header, rows = comparison_rows(records)
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
@@ -59,7 +125,32 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
                 s = f"**{s}**"
             cells.append(s)
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", buf.getvalue()
+    md = "\n".join(lines) + "\n"
+    paired = paired_ppl_rows(records)
+    if paired:
+        md += ("\n## Perplexity, paired over windows\n\nRatio of each method's perplexity to dense and to the best "
+               "method of its ratio, with a 95% t-interval over the per-window differences of mean token NLL "
+               "(windows of one text are not independent: read the intervals as approximate). Bold: not "
+               "distinguishable from the best (its interval includes 1).\n\n" + paired_ppl_markdown(paired))
+    errs = stderr_rows(records)
+    if errs:
+        md += "\n## lm-eval, with standard errors\n\n" + errs
+    return md, buf.getvalue()
+
+
+def stderr_rows(records: list[dict]) -> str:
+    """Every lm-eval metric that has a standard error, as value ± stderr, one row per target."""
+    metrics = sorted({(t, m) for r in records for t, ms in (r.get("lm_eval") or {}).items() for m, v in ms.items()
+                      if v.get("stderr") is not None and math.isfinite(v["stderr"])})
+    if not metrics:
+        return ""
+    lines = ["| model | ratio | method | " + " | ".join(f"{t} {m}" for t, m in metrics) + " |",
+             "|" + "---|" * (3 + len(metrics))]
+    for r in sorted(records, key=lambda r: (r["model"], r.get("ratio_requested") or 0.0, r["method"] != "dense",
+                                            r["method"])):
+        cells = [_pm((r.get("lm_eval") or {}).get(t, {}).get(m)) for t, m in metrics]
+        lines.append(f"| {r['model']} | {_fmt(r.get('ratio_requested'))} | {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _pm(v: dict | None, digits: int = 3) -> str:

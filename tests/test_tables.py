@@ -1,0 +1,61 @@
+"""The comparison table: paired perplexity intervals over windows, lm-eval standard errors, summary."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fnprune import tables
+
+
+def record(method, ratio, nll, mc=None):
+    nll = np.asarray(nll, dtype=float)
+    rec = {"model": "m", "target": f"m_{method}", "method": method, "ratio_requested": ratio,
+           "achieved_block_ratio": ratio, "perplexity": {"flap_token_ppl@128": float(np.exp(nll.mean()))},
+           "perplexity_detail": [{"protocol": "flap_token_ppl", "seqlen": 128, "window_nll": nll.tolist()}]}
+    if mc is not None:
+        rec["lm_eval"] = {"fnprune_mc": {"acc": {"value": mc, "stderr": 0.03}}}
+    return rec
+
+
+def test_paired_ratio_is_the_t_interval_of_window_differences():
+    rng = np.random.default_rng(0)
+    b = rng.normal(3.0, 0.4, 50)
+    a = b + rng.normal(0.1, 0.05, 50)
+    ratio, lo, hi = tables.paired_ratio(a, b)
+    d = a - b
+    ci = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert ratio == pytest.approx(math.exp(d.mean())) and ratio == pytest.approx(math.exp(a.mean() - b.mean()))
+    assert (lo, hi) == pytest.approx((math.exp(ci[0]), math.exp(ci[1])))
+    with pytest.raises(ValueError, match="same windows"):
+        tables.paired_ratio(a[:10], b)
+
+
+def test_comparison_marks_ties_with_the_best_and_reports_stderr():
+    rng = np.random.default_rng(1)
+    base = rng.normal(3.0, 0.5, 60)
+    recs = [record("dense", 0.0, base, 0.9),
+            record("good", 0.2, base + 0.10 + rng.normal(0, 0.01, 60), 0.85),
+            record("same", 0.2, base + 0.10 + rng.normal(0, 0.3, 60), 0.84),   # noisy: not separable from good
+            record("bad", 0.2, base + 0.60 + rng.normal(0, 0.01, 60), 0.70)]
+    rows = {r["method"]: r for r in tables.paired_ppl_rows(recs)}
+    assert rows["good"]["method"] == rows["good"]["best"] or rows["same"]["best"] == rows["good"]["best"]
+    best = rows["good"]["best"]
+    assert rows[best]["tied"] and not rows["bad"]["tied"]
+    other = "same" if best == "good" else "good"
+    assert rows[other]["tied"], rows[other]
+    vd = rows["bad"]["vs_dense"]
+    assert vd[1] < vd[0] < vd[2] and vd[0] == pytest.approx(math.exp(0.6), rel=0.01)
+    md, csv_text = tables.comparison_table(recs)
+    assert "## Perplexity, paired over windows" in md and "0.700 ± 0.030" in md
+    assert "window_nll" not in csv_text
+
+
+def test_summary_lists_dense_and_pruned_side_by_side():
+    dense = {**record("dense", 0.0, [3.0, 3.1], 0.9), "base_model": {"parameters": 1000}, "weights_bytes": 4000}
+    pruned = {**record("c64", 0.2, [3.2, 3.3], 0.8), "parameters": 800, "weights_bytes": 3200,
+              "lm_eval_config": {"limit": 50}}
+    text = tables.summary_text(dense, pruned)
+    assert "1,000" in text and "800" in text and "0.900 ± 0.030" in text and "0.800 ± 0.030" in text
+    assert "first 50 items" in text and "flap_token_ppl@128" in text
