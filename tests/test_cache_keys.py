@@ -52,3 +52,16 @@ def test_a_key_change_reruns_exactly_what_it_decides(micro_run, tmp_path, name, 
     path.write_text(yaml.safe_dump(overlay))
     proc = snakemake(wd, "-n", *TARGETS, configs=(str(path),))
     assert jobs_of(proc.stdout) == expected, (name, proc.stdout[-3000:])
+
+
+def test_building_the_dag_imports_no_torch(tmp_path):
+    """Every dry run and every cluster job parses the Snakefile: it must not import torch."""
+    import os
+
+    fake = tmp_path / "blocked" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported while building the DAG')\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = snakemake(tmp_path / "wd", "-n", *TARGETS, "results/micro_comparison.md", env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "metrics" in jobs_of(proc.stdout)

@@ -8,9 +8,11 @@ by a substring of their name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where modules are changed, so the registry loads without it
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ def mlp_neuron_params(block: nn.Module, ad: Adapter) -> int:
 
 def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
                    bias: bool | None = None) -> nn.Linear:
+    from torch import nn
+
     w = lin.weight.data
     if rows is not None:
         w = w.index_select(0, rows)
@@ -169,6 +173,8 @@ def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch
 def prune_mlp(block: nn.Module, ad: Adapter, keep: torch.Tensor,
               down_bias: torch.Tensor | None = None) -> None:
     """Keep only neurons ``keep`` (sorted indices) of a block's MLP; optionally add a down bias."""
+    import torch
+
     mlp = mlp_of(block, ad)
     lin = mlp_linears(block, ad)
     keep = keep.to(lin["down"].weight.device)
@@ -190,6 +196,8 @@ def prune_mlp(block: nn.Module, ad: Adapter, keep: torch.Tensor,
 
 def resize_mlp(block: nn.Module, ad: Adapter, size: int, down_bias: bool) -> None:
     """Give a freshly built block an MLP of ``size`` neurons (weights to be loaded after)."""
+    import torch
+
     prune_mlp(block, ad, torch.arange(size), None)
     if down_bias:
         mlp = mlp_of(block, ad)

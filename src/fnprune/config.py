@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from .ica import BACKENDS
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+BACKENDS = ("torch", "exact", "nilearn")      # CanICA implementations (fnprune.ica)
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
 SELECTIONS = ("global", "zglobal", "uniform", "imp")
 _SEL = "|".join(s for s in SELECTIONS if s != "global")
