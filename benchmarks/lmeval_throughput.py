@@ -7,8 +7,8 @@ batch, right-padded to the longest of the batch (the least padding a batched for
 ``model(input_ids).logits`` under ``no_grad``. Both count the same tokens; the ratio of their
 tokens per second is what lm-eval's machinery (collation, log-softmax over the vocabulary,
 per-request bookkeeping) costs. It runs twice: with fnprune's HFLM subclass (logits only at the
-scored positions, what the workflow uses) and with lm-eval's stock HFLM. Repeats alternate the
-order; best of each is reported.
+scored positions, what the workflow uses) and, in the first repeat only, with lm-eval's stock
+HFLM. Repeats alternate the order; best of each is reported.
 
     snakemake --cores 2 results/models/smol results/data/stdlib/lm_eval_tasks
     python benchmarks/lmeval_throughput.py --repeats 2
@@ -65,8 +65,6 @@ def main() -> None:
 
     HFLM._loglikelihood_tokens = recording
 
-    ours = L._scoring_lm_class
-
     def lm_eval_run(stock=False):
         captured.clear()
         scoring[0] = 0.0
@@ -77,12 +75,22 @@ def main() -> None:
                               include_path=args.tasks_dir, max_length=args.max_length)
         return time.perf_counter() - t0, scoring[0], out
 
+    ours = L._scoring_lm_class
+
+    def batches(seqs):
+        """Longest first, ``--batch-size`` a batch and at most LOGITS_TOKENS padded positions a batch
+        (the bound fnprune's HFLM keeps in its rolling path; an unbounded 32 x 2048 batch is slower)."""
+        order = sorted(seqs, key=len, reverse=True)
+        i = 0
+        while i < len(order):
+            n = max(1, min(args.batch_size, ours().LOGITS_TOKENS // len(order[i])))
+            yield order[i:i + n]
+            i += n
+
     @torch.no_grad()
     def plain_run(seqs):
-        order = sorted(seqs, key=len, reverse=True)
         t0 = time.perf_counter()
-        for i in range(0, len(order), args.batch_size):
-            chunk = order[i:i + args.batch_size]
+        for chunk in batches(seqs):
             width = len(chunk[0])
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for j, s in enumerate(chunk):
@@ -93,14 +101,12 @@ def main() -> None:
     lm_eval_run()                                   # warm-up: datasets cache, imports; captures the sequences
     seqs = [list(s) for s in captured]
     n_tok = sum(len(s) for s in seqs)
-    padded = 0
-    order = sorted(seqs, key=len, reverse=True)
-    for i in range(0, len(order), args.batch_size):
-        padded += len(order[i]) * len(order[i:i + args.batch_size])
+    padded = sum(len(c[0]) * len(c) for c in batches(seqs))
     walls, scores, plains, load = {"ours": [], "stock": []}, {"ours": [], "stock": []}, [], [os.getloadavg()[0]]
     results = {}
     for r in range(args.repeats):
-        for which in (("ours", "stock", "plain") if r % 2 == 0 else ("plain", "stock", "ours")):
+        order = ("ours", "stock", "plain") if r % 2 == 0 else ("plain", "ours")
+        for which in order:
             if which == "plain":
                 plains.append(plain_run(seqs))
             else:
