@@ -100,26 +100,22 @@ def test_rerun_of_the_conversion_does_nothing(converted):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_unsupported_architecture_is_refused_by_name(tmp_path):
+def one_tensor_gguf(path, arch: str, dtype) -> str:
     import gguf
 
-    path = tmp_path / "gpt2.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt2")
-    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=dtype))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported; supported: llama"):
-        G.inspect(path)
+    return path
 
 
-def test_unsupported_tensor_type_is_refused_by_name(tmp_path):
-    import gguf
-
-    path = tmp_path / "int.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.int32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(ValueError, match=r"tensor type\(s\) I32 cannot be dequantised; supported: .*Q4_1"):
-        G.inspect(path)
+@pytest.mark.parametrize("arch,dtype,message", [
+    ("gpt2", np.float32, r"architecture 'gpt2' is not supported; supported: llama"),
+    ("llama", np.int32, r"tensor type\(s\) I32 cannot be dequantised; supported: .*Q4_1"),
+])
+def test_what_cannot_be_converted_is_refused_by_name(tmp_path, arch, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        G.inspect(one_tensor_gguf(tmp_path / "x.gguf", arch, dtype))
 
 
 def test_gguf_file_errors_name_the_key(tmp_path):
