@@ -111,6 +111,8 @@ def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) ->
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .modeling import _materialise_buffers
+
     t0 = time.time()
     path = resolve_file(spec)
     info = inspect(path)
@@ -138,11 +140,7 @@ def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) ->
                          f"unexpected {unexpected[:5]})")
     if cfg.tie_word_embeddings:
         plain.tie_weights()
-    for mod_name, module in list(plain.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            parent, _, attr = mod_name.rpartition(".")
-            with torch.device("cpu"):
-                setattr(plain.get_submodule(parent) if parent else plain, attr, type(module)(module.config))
+    _materialise_buffers(plain, cfg)
     prov = {
         "source": "gguf",
         "gguf_file": str(path),
