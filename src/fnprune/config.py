@@ -45,6 +45,7 @@ METHOD_HELP = (f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selectio
 LOAD_KEYS = ("source", "base", "hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture",
              "num_layers", "dtype")
 STAGE_KEYS = {
+    "convert": ("path", "package", "file", "architecture"),
     "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
     "mask": (*LOAD_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
     "prune": LOAD_KEYS,
@@ -53,6 +54,8 @@ STAGE_KEYS = {
                                       "lm_eval_max_length", "lm_eval_limit", "num_fewshot")}),
     "metrics": LOAD_KEYS,
 }
+# Sources whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
+BUILT_SOURCES = ("train", "gguf")
 # ica.backend is only the default of a target that names none: the backend is in every ICA path.
 ICA_OUTPUT_KEYS = ("max_iter", "tol", "device", "on_nonconvergence", "retries", "on_constant_layer")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import BUILT_SOURCES
 from .io import read_json, setup_logging, versions, write_json
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ def setup(log_file: str | None, threads: int = 1) -> None:
     setup_logging(log_file)
     torch.set_num_threads(max(1, int(threads)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# Sources whose weights the workflow builds into a local directory (results/models/{model}).
-BUILT_SOURCES = ("train", "gguf")
 
 
 def _hub_kwargs(model_spec: dict) -> dict:

@@ -14,7 +14,7 @@ WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
 # Models whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 TRAINED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "train"]
 CONVERTED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "gguf"]
-BUILT_SOURCES = ("train", "gguf")
+BUILT_SOURCES = fconfig.BUILT_SOURCES
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
 
@@ -201,12 +201,6 @@ def model_src(wildcards):
 
 def train_spec(wildcards):
     return mspec(wildcards.model)["train"]
-
-
-def gguf_spec(wildcards):
-    """The keys of a ``source: gguf`` model that decide its converted directory."""
-    m = mspec(wildcards.model)
-    return {k: m.get(k) for k in ("path", "package", "file", "architecture")}
 
 
 def calibration_spec(wildcards):

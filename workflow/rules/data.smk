@@ -60,7 +60,7 @@ rule convert_gguf:
         "results/benchmarks/convert/{model}.tsv"
     params:
         torch_threads=TORCH_THREADS,
-        spec=gguf_spec,
+        spec=stage_spec("convert"),
     threads: 1
     resources:
         mem_mb=4000,
