@@ -47,6 +47,7 @@ LOAD_KEYS = ("source", "base", "hf_id", "path", "package", "file", "revision", "
 STAGE_KEYS = {
     "convert": ("path", "package", "file", "architecture"),
     "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
+    "stats": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size")}),
     "mask": (*LOAD_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
     "prune": LOAD_KEYS,
     "perplexity": (*LOAD_KEYS, {"eval": ("ppl_seqlens", "ppl_batch_size")}),

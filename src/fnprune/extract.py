@@ -1,9 +1,15 @@
-"""The calibration pass: one hooked forward pass per calibration batch.
+"""The calibration passes: hooked forward passes over one calibration batch.
 
-For every block it writes the MLP signals (``act(gate)`` then ``up``, one column per signal,
-one row per non-padding token) to a per-layer ``.npy`` shard, and accumulates in the same pass
-every statistic a later stage needs (``down_proj`` and ``o_proj`` input sums and sums of
-squares), so no stage runs a second forward pass.
+Two passes, two jobs, because their outputs live differently:
+
+- the **shard pass** (:func:`extract_batch`) writes the MLP signals of every block
+  (``act(gate)`` then ``up``, one column per signal, one row per non-padding token) to a
+  per-layer ``.npy`` shard. Shards are large and temporary: a new ICA variant after they were
+  removed runs this pass again.
+- the **statistics pass** (:func:`stats_batch`) accumulates what the baselines, bias compensation
+  and the hybrid score read (``down_proj`` and ``o_proj`` input sums and sums of squares) into a
+  small file that is kept. It runs once per batch, so re-creating shards never rewrites the
+  statistics, and nothing built from them goes out of date.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch
 from tqdm import tqdm
 
 from . import adapters as A
-from .io import save_npz
+from .io import load_npz, save_npz
+
+STATS_KEYS = ("n_tokens", "down_sum", "down_sumsq", "o_sum", "o_sumsq")
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,11 @@ def make_batches(texts: list[str], batch_size: int, n_batches: int, seed: int) -
                          f"calibration.n_batches = {batch_size} x {n_batches} = {need} needed")
     order = np.random.default_rng(seed).permutation(len(texts))
     return [[texts[i] for i in order[b * batch_size:(b + 1) * batch_size]] for b in range(n_batches)]
+
+
+def _non_finite(layer: int):
+    raise FloatingPointError(f"layer {layer}: non-finite MLP activations in the calibration pass "
+                             f"(overflow in the model dtype? try dtype: float32)")
 
 
 class _Recorder:
@@ -69,17 +82,23 @@ class _Recorder:
 
     def _write(self, layer: int, col0: int, t: torch.Tensor) -> None:
         rows = self._rows(t)
+        if not torch.isfinite(rows).all():
+            _non_finite(layer)
         n = rows.shape[0]
         dest = torch.from_numpy(self.shards[layer][self.row:self.row + n, col0:col0 + rows.shape[1]])
         dest.copy_(rows)                              # one pass: device -> host and dtype cast
 
-    def attach(self, shards: list[np.ndarray]) -> None:
-        self.shards = shards
+    def attach(self, shards: list[np.ndarray] | None) -> None:
+        """Hook every block: the MLP signals into ``shards`` (when given), else the statistics."""
+        if shards:
+            self.shards = shards
         ad = self.ad
         for i, block in enumerate(self.blocks):
             mlp = A.mlp_of(block, ad)
             inter = self.inter[i]
-            if ad.fused:
+            if not shards:
+                self._attach_stats(i, block, mlp)
+            elif ad.fused:
                 def gate_up_hook(mod, inp, out, i=i, inter=inter):
                     self._write(i, 0, self.fused_act(out[..., :inter]))
                     self._write(i, inter, out[..., inter:])
@@ -93,21 +112,23 @@ class _Recorder:
                 self.handles.append(A._get(mlp, ad.act).register_forward_hook(act_hook))
                 self.handles.append(A._get(mlp, ad.up).register_forward_hook(up_hook))
 
-            def down_pre(mod, args, i=i):
-                s, sq = self._moments(args[0])
-                if not (torch.isfinite(s).all() and torch.isfinite(sq).all()):
-                    # act(gate) * up is non-finite iff a signal is (inf * 0 is NaN)
-                    raise FloatingPointError(f"layer {i}: non-finite MLP activations in the calibration "
-                                             f"pass (overflow in the model dtype? try dtype: float32)")
-                self.down_sum[i] += s
-                self.down_sumsq[i] += sq
+    def _attach_stats(self, i: int, block, mlp) -> None:
+        ad = self.ad
 
-            def o_pre(mod, args, i=i):
-                s, sq = self._moments(args[0])
-                self.o_sum[i] += s
-                self.o_sumsq[i] += sq
-            self.handles.append(A._get(mlp, ad.down).register_forward_pre_hook(down_pre))
-            self.handles.append(A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(o_pre))
+        def down_pre(mod, args, i=i):
+            s, sq = self._moments(args[0])
+            if not (torch.isfinite(s).all() and torch.isfinite(sq).all()):
+                # act(gate) * up is non-finite iff a signal is (inf * 0 is NaN)
+                _non_finite(i)
+            self.down_sum[i] += s
+            self.down_sumsq[i] += sq
+
+        def o_pre(mod, args, i=i):
+            s, sq = self._moments(args[0])
+            self.o_sum[i] += s
+            self.o_sumsq[i] += sq
+        self.handles.append(A._get(mlp, ad.down).register_forward_pre_hook(down_pre))
+        self.handles.append(A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(o_pre))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -121,27 +142,31 @@ def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> list[list[in
 
 
 @torch.no_grad()
-def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Path],
-                  stats_path: str | Path, max_length: int, micro_batch_size: int = 8,
+def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Path] | None,
+                  stats_path: str | Path | None, max_length: int, micro_batch_size: int = 8,
                   shard_dtype: str = "float16") -> dict:
-    """Run one calibration batch through ``model``; write per-layer shards and the stats file.
+    """Run one calibration batch through ``model``; write the per-layer shards, the stats file, or both.
 
     ``shard_paths[l]`` receives a (tokens x 2*intermediate) array: columns ``[0, I)`` are
     ``act(gate)`` and ``[I, 2I)`` are ``up`` of layer ``l``. Padding positions are excluded.
     Shards are memory-mapped files filled micro-batch by micro-batch, so host memory stays
-    bounded by one micro-batch; each is renamed into place only when complete.
+    bounded by one micro-batch; each is renamed into place only when complete. ``stats_path``
+    receives the ``down_proj``/``o_proj`` input moments (:func:`load_stats`). The workflow runs
+    the two as separate jobs (see the module docstring); giving both does them in one pass.
     """
+    if shard_paths is None and stats_path is None:
+        raise ValueError("extract_batch: nothing to write (no shard paths and no stats path)")
     t0 = time.time()
     ad = A.adapter_for(model)
     blocks = A.layers(model, ad)
-    if len(shard_paths) != len(blocks):
+    if shard_paths is not None and len(shard_paths) != len(blocks):
         raise ValueError(f"{len(shard_paths)} shard paths for a model with {len(blocks)} layers; "
                          f"check models.*.num_layers in the config")
     seqs = tokenize_batch(tokenizer, texts, max_length)
     n_tokens = sum(len(s) for s in seqs)
     device = next(model.parameters()).device
     rec = _Recorder(model, ad, np.dtype(shard_dtype))
-    tmp_paths = [Path(p).with_name(f".{Path(p).name}.tmp.npy") for p in shard_paths]
+    tmp_paths = [Path(p).with_name(f".{Path(p).name}.tmp.npy") for p in shard_paths or []]
     for p in tmp_paths:
         p.parent.mkdir(parents=True, exist_ok=True)
     shards = [np.lib.format.open_memmap(p, mode="w+", dtype=shard_dtype, shape=(n_tokens, 2 * i))
@@ -149,8 +174,12 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     try:
-        rec.attach(shards)
-        for start in tqdm(range(0, len(seqs), micro_batch_size), desc="extract", mininterval=5):
+        if shards:
+            rec.attach(shards)
+        if stats_path is not None:
+            rec.attach(None)
+        desc = "extract" if shards else "statistics"
+        for start in tqdm(range(0, len(seqs), micro_batch_size), desc=desc, mininterval=5):
             chunk = seqs[start:start + micro_batch_size]
             width = max(len(s) for s in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -165,7 +194,7 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
             s.flush()
         del shards
         rec.shards = []
-        for tmp, final in zip(tmp_paths, shard_paths):
+        for tmp, final in zip(tmp_paths, shard_paths or []):
             os.replace(tmp, final)
     finally:
         rec.detach()
@@ -173,16 +202,13 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
             if p.exists():
                 p.unlink()
 
-    stats = {
-        "n_tokens": np.array(n_tokens),
-        "down_sum": _stack(rec.down_sum), "down_sumsq": _stack(rec.down_sumsq),
-        "o_sum": _stack(rec.o_sum), "o_sumsq": _stack(rec.o_sumsq),
-        "wall_s": np.array(time.time() - t0),
-    }
-    save_npz(stats_path, **stats)
-    log.info("batch: %d texts, %d tokens, %d layers in %.1f s", len(seqs), n_tokens, len(blocks),
-             time.time() - t0)
-    return {"n_texts": len(seqs), "n_tokens": n_tokens, "wall_s": time.time() - t0}
+    wall = time.time() - t0
+    if stats_path is not None:
+        save_npz(stats_path, n_tokens=np.array(n_tokens),
+                 down_sum=_stack(rec.down_sum), down_sumsq=_stack(rec.down_sumsq),
+                 o_sum=_stack(rec.o_sum), o_sumsq=_stack(rec.o_sumsq), wall_s=np.array(wall))
+    log.info("%s: %d texts, %d tokens, %d layers in %.1f s", desc, len(seqs), n_tokens, len(blocks), wall)
+    return {"n_texts": len(seqs), "n_tokens": n_tokens, "wall_s": wall}
 
 
 def _stack(xs: list[torch.Tensor]) -> np.ndarray:
@@ -199,13 +225,10 @@ def load_stats(paths: list[str | Path]) -> dict[str, np.ndarray]:
     """Sum the per-batch statistics files; return means, variances and squared norms."""
     tot: dict[str, np.ndarray] = {}
     for p in paths:
-        try:
-            with np.load(p) as z:
-                for k in ("n_tokens", "down_sum", "down_sumsq", "o_sum", "o_sumsq"):
-                    tot[k] = tot.get(k, 0) + z[k]
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{p}: unreadable calibration statistics ({e}); delete it and rerun "
-                             f"the extraction of that batch") from None
+        z = load_npz(p, "calibration statistics", STATS_KEYS,
+                     f"delete it and rerun (its calibration_stats job makes it again)")
+        for k in STATS_KEYS:
+            tot[k] = tot.get(k, 0) + z[k]
     n = float(tot["n_tokens"])
     out = {"n_tokens": n}
     for m in ("down", "o"):

@@ -398,13 +398,22 @@ def consensus_scores(runs: list[ICAResult], min_runs: int | None = None, min_sim
     return scores, info
 
 
+def open_shard(path: str | Path) -> np.ndarray:
+    """Memory-map an activation shard, or an error naming it and how to recover.
+
+    A batch's shards are one output (a temporary folder): the folder, not the one file, is what
+    to delete, and the next run extracts the batch again.
+    """
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: missing or unreadable activation shard ({type(e).__name__}: {e}); "
+                         f"delete its folder {Path(path).parent} and rerun (the batch is extracted again)") from None
+
+
 def load_shard(path: str | Path, n_signals: int | None = None) -> np.ndarray:
     """Read an activation shard, refusing truncated, mis-shaped or non-finite ones."""
-    try:
-        x = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable activation shard ({e}); delete it and rerun the "
-                         f"extraction of its batch") from None
+    x = open_shard(path)
     if x.ndim != 2 or (n_signals is not None and x.shape[1] != n_signals):
         raise ValueError(f"{path}: activation shard of shape {x.shape}; expected (tokens, "
                          f"{n_signals if n_signals is not None else '2*intermediate'})")
@@ -426,7 +435,7 @@ def _constant_layers(shard_paths: list[str | Path], policy: str) -> np.ndarray:
                          f"got {policy!r}")
     constant = np.zeros(len(shard_paths), dtype=bool)
     for layer, path in enumerate(shard_paths):
-        x = np.load(path, mmap_mode="r")
+        x = open_shard(path)
         # Two rows that differ settle it without reading the shard; only a layer whose first two
         # rows agree is scanned in full (the ICA reads every shard once more anyway).
         constant[layer] = x.shape[0] < 2 or (np.array_equal(x[0], x[1]) and bool((np.asarray(x[:1]) == x).all()))
@@ -463,7 +472,7 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
         live = [p for p, c in zip(shard_paths, constant) if not c]
         res = ica_batch(live, k, backend, seed, max_iter, tol, device, on_nonconvergence, retries,
                         on_constant_layer, runs) if live else None
-        n_signals = np.load(shard_paths[0], mmap_mode="r").shape[1]
+        n_signals = open_shard(shard_paths[0]).shape[1]
         out = {"scores": np.full((len(shard_paths), n_signals), np.inf, dtype=np.float32),
                "converged": np.ones(len(shard_paths), bool), "n_iter": np.zeros(len(shard_paths), np.int64),
                "wall_s": np.zeros(len(shard_paths)), "attempts": np.zeros(len(shard_paths), np.int64),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,11 +23,31 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it (``.<name>.<random>.tmp*``).
+
+    Only the job that makes ``path`` writes these names, and Snakemake runs one such job at a
+    time, so whatever exists when it starts is left over from a killed run (for a 7B model's
+    shard folder, gigabytes). Returns what was removed (logged).
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp(\..*)?$")
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            if pattern.match(p.name):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+                log.info("removed %s, left by a killed job", p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -43,6 +64,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it replaces ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -72,6 +94,28 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array)
+
+
+def load_npz(path: str | os.PathLike, what: str, keys: tuple[str, ...], recover: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz`` file fnprune wrote, or an error naming the file and ``recover``.
+
+    A truncated or damaged archive raises ``zipfile.BadZipFile`` or ``EOFError`` from numpy, which
+    name no file; a missing key is an archive from another stage or version. Optional keys (read
+    when present) are those in ``keys`` ending with ``?``.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        with np.load(path) as z:
+            out = {}
+            for k in keys:
+                name = k.rstrip("?")
+                if name in z.files or not k.endswith("?"):
+                    out[name] = z[name]
+            return out
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {e}); {recover}") from None
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:

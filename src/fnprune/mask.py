@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import versions
+from .io import load_npz, versions
+
+# What a mask reads from an ICA score file (stages.ica); "?" marks keys older files may lack.
+SCORE_KEYS = ("scores", "converged", "n_iter", "wall_s", "skipped?", "n_tokens?", "extract_wall_s?")
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +29,13 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
     """
     best: np.ndarray | None = None
     voted: np.ndarray | None = None
-    converged, n_iter, skipped, wall = [], [], [], 0.0
+    converged, n_iter, skipped, wall, tokens, ext_wall = [], [], [], 0.0, [], []
     for path in score_files:
-        try:
-            with np.load(path) as z:
-                s, conv, it, w = z["scores"], z["converged"], z["n_iter"], float(z["wall_s"].sum())
-                skip = z["skipped"] if "skipped" in z.files else np.zeros(len(s), bool)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path}: unreadable ICA scores ({e}); delete it and rerun its ICA job") from None
+        z = load_npz(path, "ICA scores", SCORE_KEYS, "delete it and rerun its ICA job")
+        s, conv, it, w = z["scores"], z["converged"], z["n_iter"], float(z["wall_s"].sum())
+        skip = z.get("skipped", np.zeros(len(s), bool))
+        tokens.append(int(z.get("n_tokens", -1)))
+        ext_wall.append(float(z.get("extract_wall_s", np.nan)))
         if np.isnan(s).any() or np.isneginf(s).any():
             raise ValueError(f"{path}: ICA scores hold NaN or -inf")
         inter = s.shape[1] // 2
@@ -53,6 +55,9 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
     n_skipped = sum(len(x) for x in skipped)
     info = {"batches_used": list(range(len(score_files))), "converged": converged, "n_iter": n_iter,
             "skipped_layers_per_batch": skipped, "ica_wall_s": wall,
+            # the shard pass of the batches used (recorded by the ICA jobs; None when a score file predates it)
+            "tokens": sum(tokens) if min(tokens) >= 0 else None,
+            "extract_wall_s": sum(ext_wall) if np.isfinite(ext_wall).all() else None,
             "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float))),
             "complete": n_skipped == 0}
     return list(best), info

@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from .config import ICA_METHOD, method_name, parse_method
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, load_npz, read_json, write_json
 
 METRIC_FIGURES = ("components", "calibration", "threshold", "kept_per_layer")
 FIGURES = METRIC_FIGURES + ("overlap", "stability")
@@ -329,8 +329,7 @@ def studies(files: dict[str, Sequence[str]], task_metrics: Sequence[str], out_md
 def load_scores(files: Sequence[str | Path]) -> list[np.ndarray]:
     out = []
     for f in files:
-        with np.load(f) as z:
-            out.append(z["scores"])
+        out.append(load_npz(f, "ICA scores", ("scores",), "delete it and rerun its ICA job")["scores"])
     return out
 
 

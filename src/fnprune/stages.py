@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 from .config import BUILT_SOURCES
-from .io import read_json, setup_logging, versions, write_json
+from .io import load_npz, read_json, setup_logging, versions, write_json
+
+# Written by the shard pass beside the shards (tokens, wall time), carried into each ICA score file.
+EXTRACT_RECORD = "extract.json"
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,9 @@ def calibration_batches(calib_split: str, spec: dict, seed: int, out: str) -> No
                      "sha256": sha256_of_strings([t for b in batches for t in b]), "batches": batches})
 
 
-def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: str, stats: str,
-            device: str = "auto") -> None:
-    from .io import atomic_dir
+def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: str, device: str = "auto") -> None:
+    """The shard pass of one batch: per-layer activation shards and ``extract.json`` (tokens, wall time)."""
+    from .io import atomic_dir, write_json
     from .extract import extract_batch
 
     spec = model_spec["calibration"]
@@ -86,8 +89,20 @@ def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: 
     n_layers = model_spec["num_layers"]
     with atomic_dir(shard_dir) as tmp:
         paths = [tmp / f"L{layer}.npy" for layer in range(n_layers)]
-        extract_batch(model, tok, texts, paths, stats, spec["max_length"], spec["micro_batch_size"],
-                      spec["shard_dtype"])
+        info = extract_batch(model, tok, texts, paths, None, spec["max_length"], spec["micro_batch_size"],
+                             spec["shard_dtype"])
+        write_json(tmp / EXTRACT_RECORD, info)
+
+
+def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, out: str,
+                      device: str = "auto") -> None:
+    """The statistics pass of one batch: ``down_proj``/``o_proj`` input moments (no shards)."""
+    from .extract import extract_batch
+
+    spec = model_spec["calibration"]
+    texts = read_json(batches)["batches"][batch]
+    model, tok = _load(model_spec, source, device)
+    extract_batch(model, tok, texts, None, out, spec["max_length"], spec["micro_batch_size"])
 
 
 def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str,
@@ -100,7 +115,10 @@ def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, see
     res = ica_batch(paths, k, backend, seed, ica_spec["max_iter"], ica_spec["tol"],
                     resolve_device(ica_spec["device"]), ica_spec["on_nonconvergence"], ica_spec["retries"],
                     ica_spec["on_constant_layer"], runs)
-    save_npz(out, **res, k=np.array(k), seed=np.array(seed), runs=np.array(runs))
+    record = Path(shard_dir) / EXTRACT_RECORD
+    ext = read_json(record) if record.is_file() else {}
+    save_npz(out, **res, k=np.array(k), seed=np.array(seed), runs=np.array(runs),
+             n_tokens=np.array(ext.get("n_tokens", -1)), extract_wall_s=np.array(ext.get("wall_s", np.nan)))
 
 
 def _shape(model_spec: dict, source: str) -> dict:
@@ -283,11 +301,11 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
     if stats_files:
         n_tok, ext = 0, 0.0
         for f in stats_files:
-            with np.load(f) as z:
-                n_tok += int(z["n_tokens"])
-                ext += float(z["wall_s"])
+            z = load_npz(f, "calibration statistics", ("n_tokens", "wall_s"), "delete it and rerun")
+            n_tok += int(z["n_tokens"])
+            ext += float(z["wall_s"])
         rec.setdefault("calibration", {})["tokens"] = n_tok
-        stages["extract"] = ext
+        stages["calibration_stats"] = ext
     if mask:
         m = read_json(mask)
         rec.update({
@@ -308,6 +326,10 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
             rec["ica"] = {k: m["ica"][k] for k in ("batches_used", "nonconverged_fraction", "n_iter",
                                                    "skipped_layers_per_batch", "complete")}
             stages["ica"] = m["ica"]["ica_wall_s"]
+            if m["ica"].get("extract_wall_s") is not None:
+                stages["extract"] = m["ica"]["extract_wall_s"]
+            if m["ica"].get("tokens") is not None:
+                rec.setdefault("calibration", {})["tokens"] = m["ica"]["tokens"]
         stages["mask"] = m["wall_s"]
     else:
         rec.update({"ratio_requested": 0.0, "achieved_block_ratio": 0.0, "achieved_total_ratio": 0.0})

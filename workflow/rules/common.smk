@@ -77,8 +77,9 @@ def batch_ids(model):
     return range(mspec(model)["calibration"]["n_batches"])
 
 
-def stats_files(model):
-    return [f"results/{model}/acts/b{b}.stats.npz" for b in batch_ids(model)]
+def stats_inputs(model, needed=True):
+    """The calibration statistics files of ``model`` (its ``calibration_stats`` jobs), when ``needed``."""
+    return {"stats": [f"results/{model}/acts/b{b}.stats.npz" for b in batch_ids(model)] if needed else []}
 
 
 def ica_files(model, ica_dir, batches=None):
@@ -168,7 +169,7 @@ def metrics_inputs(wildcards):
         inp["batches"] = f"results/{m}/calib/batches.json"
         inp["mask"] = mask_file(m, t["ratio_pct"], t["method"])
         inp["model"] = f"results/{wildcards.target}/model"
-        inp["stats"] = stats_files(m)
+        inp.update(stats_inputs(m, t["needs_stats"] or t["bias"]))
     return inp
 
 
@@ -263,12 +264,12 @@ def selector_info(wildcards):
 def mask_ica_inputs(wildcards):
     s = selector_info(wildcards)
     return {"scores": ica_files(wildcards.model, s["ica_dir"], s["batches"]), "model": model_input(wildcards.model),
-            "stats": stats_files(wildcards.model) if s["needs_stats"] else []}
+            **stats_inputs(wildcards.model, s["needs_stats"])}
 
 
 def mask_baseline_inputs(wildcards):
     s = selector_info(wildcards)
-    return {"stats": stats_files(wildcards.model) if s["needs_stats"] else [], "model": model_input(wildcards.model)}
+    return {"model": model_input(wildcards.model), **stats_inputs(wildcards.model, s["needs_stats"])}
 
 
 def ica_seed(wildcards):
@@ -286,7 +287,7 @@ def ica_runs(wildcards):
 def prune_inputs(wildcards):
     w = wildcards
     return {"mask": mask_file(w.model, w.ratio, w.method), "model": model_input(w.model),
-            "stats": stats_files(w.model) if method_info(w)["bias"] else []}
+            **stats_inputs(w.model, method_info(w)["bias"])}
 
 
 def prune_bias(wildcards):

@@ -1,5 +1,7 @@
-# The calibration pass: one hooked forward pass per batch writes per-layer activation shards
-# (large, temporary) and the batch's statistics (small, kept) for every later stage.
+# The calibration passes over each batch, two jobs because their outputs live differently:
+# the activation shards (large, temporary: a new ICA variant after they were removed extracts
+# again) and the batch's statistics (small, kept, built once: re-extracting shards never
+# rewrites them, so nothing built from them goes out of date).
 
 
 rule extract:
@@ -7,7 +9,6 @@ rule extract:
         unpack(extract_inputs),
     output:
         shards=temp(directory("results/{model}/acts/b{batch}")),
-        stats="results/{model}/acts/b{batch}.stats.npz",
     log:
         "results/logs/extract/{model}_b{batch}.log",
     benchmark:
@@ -25,3 +26,27 @@ rule extract:
         "../../envs/fnprune.yaml"
     script:
         "../scripts/extract.py"
+
+
+rule calibration_stats:
+    input:
+        unpack(extract_inputs),
+    output:
+        "results/{model}/acts/b{batch}.stats.npz",
+    log:
+        "results/logs/calibration_stats/{model}_b{batch}.log",
+    benchmark:
+        "results/benchmarks/calibration_stats/{model}_b{batch}.tsv"
+    params:
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("stats"),
+        source=model_src,
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=gpus_of_model,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/calibration_stats.py"
