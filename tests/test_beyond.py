@@ -174,11 +174,17 @@ def test_grid_studies_and_seeds_are_checked():
     assert paper.figures_of(cfg, "paper")[-1] == "seeds"
     assert [t.method for t in paper.study_targets(cfg, "paper", "consensus") if t.ratio == 20] == ["c16", "c16_x5"]
     assert paper.seeds_ica_dirs(cfg, "paper") == ("torch_c16", ["torch_c16_s1", "torch_c16_s2", "torch_c16_s3"])
+    # the config's own seed among the stability seeds is the reference itself: dropped, not an error
+    # (it used to refuse `seed: 1` for every target, in or out of the grid)
+    cfg["seed"] = 1
+    paper.check_grids(cfg)
+    assert paper.seeds_ica_dirs(cfg, "paper") == ("torch_c16", ["torch_c16_s2", "torch_c16_s3"])
+    cfg["paper"]["grids"]["paper"]["stability_seeds"] = [1]
+    assert "seeds" not in paper.figures_of(cfg, "paper")
     cfg["paper"]["grids"]["paper"]["studies"]["bad"] = ["c16_nope"]
-    cfg["paper"]["grids"]["paper"]["stability_seeds"] = [0, 1]
     with pytest.raises(ValueError) as e:
         paper.check_grids(cfg)
-    assert "paper.grids.paper.studies.bad" in str(e.value) and "paper.grids.paper.stability_seeds" in str(e.value)
+    assert "paper.grids.paper.studies.bad" in str(e.value)
 
 
 MICRO_GRID = {"paper": {"grids": {"micro_grid": {

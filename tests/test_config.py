@@ -132,3 +132,86 @@ def test_domains_errors_name_the_key(cfg, path, value, needle):
     node[path[-1]] = value
     with pytest.raises(ValueError, match=needle):
         _domains_check(cfg)
+
+
+# ---- requested targets: the grammar and impossible values, before any job ------------------------
+
+@pytest.fixture
+def micro_cfg():
+    base = yaml.safe_load(open("config/config.yaml"))
+    for extra in ("config/paper.yaml", "config/micro.yaml"):
+        over = yaml.safe_load(open(extra))
+        for key, value in over.items():
+            base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) and key == "models" else value
+    return C.validate(base)
+
+
+@pytest.mark.parametrize("target,nearest", [
+    ("micro_r20_c16_bias_bias", "micro_r20_c16_bias"),
+    ("micro_r20_random_bias", "micro_r20_random"),
+    ("micro_r20_bias_c16", "micro_r20_c16_bias"),
+    ("micor_r20_c16", "micro_r20_c16"),
+    ("micro_r20_flap_mlp_m16_bias", "micro_r20_flap_mlp_m16"),
+    ("micro_r20_c8_torch_torch", "micro_r20_c8_torch"),
+])
+def test_a_target_outside_the_grammar_gets_the_grammar_and_the_nearest_form(micro_cfg, target, nearest):
+    models = list(micro_cfg["models"])
+    with pytest.raises(ValueError, match="outside the path grammar") as e:
+        C.check_target(target, micro_cfg, models)
+    assert f"Nearest valid form: {nearest}" in str(e.value) and "Expected: results/{model}_dense" in str(e.value)
+    C.check_target(nearest, micro_cfg, models)          # the suggestion itself is valid
+
+
+@pytest.mark.parametrize("target,match", [
+    ("micro_r101_c8", r"ratio r101 is outside 1\.\.99"),
+    ("micro_r0_random", r"ratio r0 is outside 1\.\.99"),
+    ("micro_r20_c99999", r"k = 99999 components exceed the at most 512 tokens .*4 x 128"),
+    ("micro_r20_c200", r"k = 200 components exceed the 192 signals of a layer"),
+    ("micro_r20_c8_b3", r"_b3 uses more batches than models\.micro\.calibration\.n_batches = 2"),
+    ("micro_r20_c8_m64", r"multiples of 64 \(96-wide layers, 2 prunable\) the ratio 20% cannot be reached: at best 10\.0%"),
+    ("micro_r20_c8_m96", r"_m96 .* layers are 96 wide"),
+    ("chatglm3_6b_r20_flap", r"fused query_key_value\) does not support; use flap_mlp"),
+    ("smol_r20_c4000", r"k = 4000 components exceed the 3072 signals"),
+])
+def test_impossible_values_are_refused_naming_the_value(micro_cfg, target, match):
+    with pytest.raises(ValueError, match=match):
+        C.check_target(target, micro_cfg, list(micro_cfg["models"]))
+
+
+def test_possible_targets_pass(micro_cfg):
+    models = list(micro_cfg["models"])
+    for t in ("micro_dense", "micro_r20_c8", "micro_r20_c8_m32", "micro_r20_flap_mlp_m16", "micro_r30_c8_b2_hybrid_imp_bias",
+              "chatglm3_6b_r20_flap_mlp", "smol_r20_c64", "vicuna7b_r20_c128"):
+        assert C.check_target(t, micro_cfg, models)["model"]
+
+
+def test_requested_paths(micro_cfg, tmp_path):
+    models = list(micro_cfg["models"])
+    C.check_requested_path("results/micro_r20_c8/metrics.json", micro_cfg, models, str(tmp_path))
+    C.check_requested_path("results/micro/masks/r20_c8_torch.json", micro_cfg, models, str(tmp_path))
+    C.check_requested_path("comparison", micro_cfg, models, str(tmp_path))
+    with pytest.raises(ValueError, match=r"give it relative to the working directory: results/micro_dense/metrics\.json"):
+        C.check_requested_path(str(tmp_path / "results/micro_dense/metrics.json"), micro_cfg, models, str(tmp_path))
+    with pytest.raises(ValueError, match="outside the working directory"):
+        C.check_requested_path("/elsewhere/results/x", micro_cfg, models, str(tmp_path))
+    with pytest.raises(ValueError, match="outside the path grammar"):
+        C.check_requested_path("results/nosuch_r20_c16/metrics.json", micro_cfg, models, str(tmp_path))
+    with pytest.raises(ValueError, match=r"not 'metrics\.jsn'"):
+        C.check_requested_path("results/micro_r20_c8/metrics.jsn", micro_cfg, models, str(tmp_path))
+
+
+def test_command_line_targets():
+    argv = ["/venv/bin/snakemake", "-s", "Snakefile", "--cores", "2", "-n", "results/a/metrics.json",
+            "--configfile", "config/config.yaml", "config/micro.yaml"]
+    assert C.command_line_targets(argv) == ["results/a/metrics.json"]
+    assert C.command_line_targets(["/usr/bin/python", "-m", "pytest", "results/x"]) == []
+
+
+def test_a_dry_run_refuses_a_bad_target_before_any_job(tmp_path):
+    """The real snakemake, a fresh workdir: the error comes at DAG build, and nothing is created."""
+    from conftest import snakemake
+
+    proc = snakemake(tmp_path, "-n", "results/micro_r20_random_bias/metrics.json", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Nearest valid form: micro_r20_random" in out, out[-3000:]
+    assert "MissingRuleException" not in out and not (tmp_path / "results").exists()

@@ -12,6 +12,7 @@ Path grammar (``results/``):
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def _copy(x):
 
 # Keys a model alias (``models.<slug>.base``) cannot change: they define the weights it shares.
 WEIGHT_KEYS = ("source", "hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture",
-               "num_layers", "corpus", "train")
+               "num_layers", "intermediate_size", "corpus", "train")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -347,3 +348,171 @@ def load(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML ({e})") from None
     return validate(config)
+
+
+# ---- requested targets, checked when the DAG is built -------------------------------------------
+
+# What lives under results/{target}/ (a target's own files); other results/ paths are intermediates.
+TARGET_FILES = ("metrics.json", "ppl.json", "lm_eval.json", "lm_eval_raw.json", "summary.txt", "model")
+GRAMMAR = ("results/{model}_dense/<file> or results/{model}_r{ratio}_{method}/<file>, with <file> one of "
+           + ", ".join(TARGET_FILES) + f", ratio in 1..99 and method {METHOD_HELP}")
+_TOKEN_ORDER = ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")
+
+
+def _token_kind(tok: str) -> str | None:
+    for kind, pattern in (("k", r"c\d+"), ("backend", "|".join(BACKENDS)), ("seed", r"s\d+"), ("runs", r"x\d+"),
+                          ("batches", r"b\d+"), ("hybrid", "hybrid"), ("selection", _SEL), ("multiple", r"m\d+"),
+                          ("bias", "bias")):
+        if re.fullmatch(pattern, tok):
+            return kind
+    return None
+
+
+def nearest_method(method: str) -> str:
+    """The valid method closest to ``method``: known options once each, in the grammar's order."""
+    for base in sorted(BASELINES, key=len, reverse=True):
+        if method == base or method.startswith(base + "_"):
+            m = re.search(r"_m(\d+)", method[len(base):])
+            return base + (f"_m{int(m[1])}" if m and int(m[1]) > 0 else "")
+    seen: dict[str, str] = {}
+    for tok in method.split("_"):
+        kind = _token_kind(tok)
+        if kind and kind not in seen:
+            seen[kind] = tok
+    if "k" not in seen:
+        close = difflib.get_close_matches(method.split("_")[0], BASELINES, n=1, cutoff=0.5)
+        return close[0] if close else "c64"
+    return "_".join(seen[k] for k in _TOKEN_ORDER if k in seen)
+
+
+def nearest_target(target: str, models: list[str]) -> str:
+    """The valid target name closest to ``target`` (model by spelling, options repaired)."""
+    m = re.fullmatch(r"(?P<model>.*?)_(?:(?P<dense>dense)|r(?P<ratio>\d+)(?:_(?P<method>.*))?)", target)
+    if m is None:
+        close = difflib.get_close_matches(target, models, n=1, cutoff=0.4)
+        return f"{close[0] if close else models[0]}_dense"
+    model = m["model"] if m["model"] in models else (difflib.get_close_matches(m["model"], models, n=1, cutoff=0.4)
+                                                      or [models[0]])[0]
+    if m["dense"]:
+        return f"{model}_dense"
+    ratio = min(max(int(m["ratio"]), 1), 99)
+    return f"{model}_r{ratio}_{nearest_method(m['method'] or 'c64')}"
+
+
+def known_shape(spec: dict) -> dict | None:
+    """The block shape of a model whose weights fnprune trains (its ``train`` section), else None."""
+    if spec.get("source") != "train" or "train" not in spec:
+        return None
+    t = spec["train"]
+    h, heads = t["hidden_size"], t["num_heads"]
+    return {"hidden": h, "intermediate": t["intermediate_size"], "attn_params": 4 * h * h,
+            "neuron_params": 3 * h, "layers": t["num_layers"]}
+
+
+def check_target(target: str, config: dict, models: list[str], default_backend: str = "torch") -> dict:
+    """Parse a target name and refuse values no job could honour, naming the value; returns parse_target's dict.
+
+    Outside the grammar: the grammar and the nearest valid form. Impossible values: a ratio outside
+    1..99; k above the calibration tokens of one batch or the layer's signals (2 x intermediate, where
+    the width is known: ``train`` models, or ``intermediate_size`` in the model's config); ``_b<n>``
+    above ``calibration.n_batches``; ``flap`` on a fused-qkv model; a rounding multiple ``_m<M>`` with
+    which the ratio cannot be reached within half a multiple (known shapes) or that is not narrower
+    than the layer.
+    """
+    try:
+        t = parse_target(target, models, default_backend)
+    except ValueError:
+        known = any(target.startswith(m + "_") for m in models)
+        why = "its method is not in the grammar" if known else f"no model of the config prefixes it ({', '.join(models)})"
+        raise ValueError(f"target {target!r} is outside the path grammar: {why}.\n  Expected: {GRAMMAR}.\n"
+                         f"  Nearest valid form: {nearest_target(target, models)}") from None
+    if t["dense"]:
+        return t
+    spec = config["models"][t["model"]]
+    name = f"target {target!r}"
+    if not 1 <= t["ratio_pct"] <= 99:
+        raise ValueError(f"{name}: ratio r{t['ratio_pct']} is outside 1..99 (percent of block parameters removed)")
+    cal = spec["calibration"]
+    shape = known_shape(spec)
+    width = shape["intermediate"] if shape else spec.get("intermediate_size")
+    if t["kind"] == "ica":
+        tokens = cal["batch_size"] * cal["max_length"]
+        if t["k"] > tokens:
+            raise ValueError(f"{name}: k = {t['k']} components exceed the at most {tokens} tokens of a calibration "
+                             f"batch (models.{t['model']}.calibration.batch_size x max_length = "
+                             f"{cal['batch_size']} x {cal['max_length']})")
+        if width and t["k"] > 2 * width:
+            raise ValueError(f"{name}: k = {t['k']} components exceed the {2 * width} signals of a layer "
+                             f"(2 x intermediate size {width} of model {t['model']})")
+        if t["batches"] and t["batches"] > cal["n_batches"]:
+            raise ValueError(f"{name}: _b{t['batches']} uses more batches than models.{t['model']}.calibration."
+                             f"n_batches = {cal['n_batches']}")
+    problems = head_pruning_problems(config, [t["model"]], t["method"]) if t["kind"] == "baseline" else []
+    if problems:
+        raise ValueError(f"{name}: {problems[0]}")
+    if t["multiple"]:
+        _check_multiple(name, t, spec, shape, width)
+    return t
+
+
+def _check_multiple(name: str, t: dict, spec: dict, shape: dict | None, width: int | None) -> None:
+    mult = t["multiple"]
+    if width and mult >= width:
+        raise ValueError(f"{name}: _m{mult} rounds kept neurons to multiples of {mult}, but model {t['model']}'s "
+                         f"layers are {width} wide: no layer could be pruned")
+    if not shape:
+        return
+    n = shape["layers"]
+    prunable = n - spec.get("protect_first", 0) - spec.get("protect_last", 0)
+    if prunable < 1:
+        return                                            # the mask stage names this configuration error
+    block = shape["attn_params"] + shape["neuron_params"] * width
+    need = t["ratio"] * n * block / shape["neuron_params"]          # neurons to remove in all
+    lo = prunable * (width % mult)                                  # rounding down removes at least this
+    hi = prunable * (width - mult)                                  # keeping one multiple removes at most this
+    reach = min(max(need, lo), hi)
+    if abs(reach - need) > mult / 2:
+        got = reach * shape["neuron_params"] / (n * block)
+        raise ValueError(f"{name}: with kept neurons rounded to multiples of {mult} ({width}-wide layers, "
+                         f"{prunable} prunable) the ratio {t['ratio']:.0%} cannot be reached: at best "
+                         f"{got:.1%}; use a smaller multiple or another ratio")
+
+
+def check_requested_path(path: str, config: dict, models: list[str], workdir: str,
+                         default_backend: str = "torch") -> None:
+    """Check a target named on the command line before any job runs (rule names pass through)."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            rel = p.resolve().relative_to(Path(workdir).resolve())
+        except ValueError:
+            raise ValueError(f"target {path}: outside the working directory {workdir}; targets are paths "
+                             f"relative to it, such as results/{models[0]}_dense/metrics.json") from None
+        raise ValueError(f"target {path}: give it relative to the working directory: {rel}")
+    parts = p.parts
+    if len(parts) < 2 or parts[0] != "results":
+        return
+    name = parts[1]
+    looks_like_target = re.search(r"_(?:dense|r\d+)(?:_|$)", name) is not None
+    if (len(parts) >= 3 and parts[2] in TARGET_FILES) or (looks_like_target and name not in models):
+        if len(parts) >= 3 and parts[2] not in TARGET_FILES:
+            raise ValueError(f"target {path}: a target folder holds {', '.join(TARGET_FILES)}; "
+                             f"not {parts[2]!r}")
+        check_target(name, config, models, default_backend)
+
+
+def command_line_targets(argv: list[str]) -> list[str]:
+    """The targets of a ``snakemake`` command line (its positional arguments), else none.
+
+    Parsed with Snakemake's own argument parser, so options that take values are never mistaken
+    for targets; any other program (the Python API, a test harness) yields no targets.
+    """
+    if not argv or not (Path(argv[0]).name.startswith("snakemake") or argv[0].endswith("snakemake/__main__.py")):
+        return []
+    from snakemake.cli import get_argument_parser
+
+    try:
+        args, _ = get_argument_parser().parse_known_args(argv[1:])
+    except SystemExit:
+        return []
+    return [str(t) for t in (getattr(args, "targets", None) or [])]

@@ -132,9 +132,15 @@ def stability_target(config: dict, grid: str, model: str) -> tuple[Target, int, 
     return Target(model, g["focus_ratio"], g["ablation_method"]), info["k"], info["backend"]
 
 
+def stability_seeds(config: dict, grid: str) -> list[int]:
+    """The grid's ``stability_seeds`` other than the config's own ``seed`` (the reference every other
+    seed is compared with: listing it adds nothing, and it does not make the config invalid)."""
+    return [s for s in grid_spec(config, grid).get("stability_seeds", []) if s != config.get("seed", 0)]
+
+
 def figures_of(config: dict, grid: str) -> tuple[str, ...]:
-    """The figures each model of a grid gets (the seeds figure needs stability_seeds)."""
-    return FIGURES + ((SEEDS_FIGURE,) if grid_spec(config, grid).get("stability_seeds") else ())
+    """The figures each model of a grid gets (the seeds figure needs stability seeds)."""
+    return FIGURES + ((SEEDS_FIGURE,) if stability_seeds(config, grid) else ())
 
 
 def study_targets(config: dict, grid: str, study: str) -> list[Target]:
@@ -151,7 +157,7 @@ def seeds_ica_dirs(config: dict, grid: str) -> tuple[str, list[str]]:
     m = ICA_METHOD.fullmatch(g["ablation_method"])
     backend = config["ica"]["backend"]
     own = parse_method(g["ablation_method"], backend)["ica_dir"]
-    return own, [parse_method(method_name(m, seed=s), backend)["ica_dir"] for s in g["stability_seeds"]]
+    return own, [parse_method(method_name(m, seed=s), backend)["ica_dir"] for s in stability_seeds(config, grid)]
 
 
 def check_grids(config: dict) -> None:
@@ -184,9 +190,7 @@ def check_grids(config: dict) -> None:
                     parse_method(meth)
                 except ValueError as e:
                     problems.append(f"{key}.studies.{study}: {e}")
-        if config.get("seed", 0) in g.get("stability_seeds", []):
-            problems.append(f"{key}.stability_seeds: {config['seed']} is the config's own seed; list other seeds")
-        if g.get("stability_seeds") and ICA_METHOD.fullmatch(g["ablation_method"]) and \
+        if stability_seeds(config, name) and ICA_METHOD.fullmatch(g["ablation_method"]) and \
                 ICA_METHOD.fullmatch(g["ablation_method"])["seed"] is not None:
             problems.append(f"{key}.stability_seeds: the ablation method {g['ablation_method']!r} fixes its own seed")
         if g["focus_ratio"] not in g["ratios"]:

@@ -129,6 +129,10 @@ def _shape(model_spec: dict, source: str) -> dict:
     if info["n_layers"] != model_spec["num_layers"]:
         raise ValueError(f"models.*.num_layers is {model_spec['num_layers']} but {source} has "
                          f"{info['n_layers']} layers")
+    width = model_spec.get("intermediate_size")
+    if width is not None and set(info["intermediate_sizes"]) != {width}:
+        raise ValueError(f"models.*.intermediate_size is {width} but {source} has MLP widths "
+                         f"{sorted(set(info['intermediate_sizes']))}")
     return info
 
 

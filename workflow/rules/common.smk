@@ -1,5 +1,7 @@
 # Helper functions of the workflow: config access, the path grammar and input functions.
+import os
 import re
+import sys
 
 import fnprune.config as fconfig
 import fnprune.domains as fdomains
@@ -17,6 +19,13 @@ CONVERTED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "gguf"
 BUILT_SOURCES = fconfig.BUILT_SOURCES
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
+
+# Every target named on the command line is checked against the path grammar and the config
+# before any job runs: outside the grammar, the grammar and the nearest valid form; values no job
+# could honour (ratio, k, _b, flap on fused qkv, _m), the value and why.
+# Snakemake hands the Snakefile no list of targets while parsing: they are read from the command line.
+for _requested in fconfig.command_line_targets(sys.argv):
+    fconfig.check_requested_path(_requested, config, MODELS, os.getcwd(), BACKEND)
 
 
 wildcard_constraints:
@@ -389,3 +398,7 @@ def domain_mask_keys(wildcards):
 def domain_ppl_fields(wildcards):
     """What a ``ppl-{corpus}.json`` records about its target and calibration besides the results."""
     return fdomains.ppl_fields(config, wildcards.target, wildcards.corpus, BACKEND)
+
+
+def paper_stability_seeds(wildcards):
+    return fpaper.stability_seeds(config, wildcards.grid)

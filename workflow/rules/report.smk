@@ -210,7 +210,7 @@ rule paper_seeds:
     log:
         "results/logs/paper/{grid}_{model}_seeds.log",
     params:
-        seeds=lookup(dpath="paper/grids/{grid}/stability_seeds", within=config),
+        seeds=paper_stability_seeds,
     threads: 1
     resources:
         mem_mb=4000,
