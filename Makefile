@@ -7,7 +7,7 @@ CORES ?= 2
 REQUIREMENTS ?= envs/requirements-cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv lint clean-results
+.PHONY: demo test test-fast venv llamacpp lint clean-results
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ $(VENV)/.installed: $(REQUIREMENTS) envs/requirements.txt envs/requirements-mode
 demo: venv
 	$(BIN)/snakemake --cores $(CORES) results/smol_dense/metrics.json results/smol_r20_c64/summary.txt
 	@cat results/smol_r20_c64/summary.txt
+
+# llama.cpp for the GGUF checks (tests marked llamacpp, benchmarks/llamacpp_check.py): built from
+# source, about 10 minutes on 2 cores; the wheel is kept in $(WHEELS) so a rebuild is a copy.
+LLAMACPP ?= llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/fnprune-wheels
+llamacpp: venv
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || $(BIN)/python -m pip wheel -q --no-deps $(LLAMACPP) -w $(WHEELS)
+	$(BIN)/python -m pip install -q --no-deps $(WHEELS)/llama_cpp_python-0.3.36-*.whl diskcache==5.6.3
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ include: "workflow/rules/ica.smk"
 include: "workflow/rules/mask.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 
 

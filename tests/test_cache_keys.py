@@ -65,3 +65,24 @@ def test_building_the_dag_imports_no_torch(tmp_path):
     proc = snakemake(tmp_path / "wd", "-n", *TARGETS, "results/micro_comparison.md", env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "metrics" in jobs_of(proc.stdout)
+
+
+def test_a_new_variant_after_the_shards_are_gone_leaves_built_targets_up_to_date(micro_run, tmp_path):
+    """Shards are temporary: a new k re-extracts its batches. That rewrote the calibration statistics
+    (then an output of the extraction), and by mtime every baseline, +bias mask, pruning and
+    evaluation built from them was out of date. The statistics are now a job of their own."""
+    import shutil
+
+    wd = tmp_path / "wd"
+    shutil.copytree(micro_run[0], wd, symlinks=True)           # copy2: modification times kept
+    for shards in (wd / "results/micro/acts").glob("b[0-9]"):
+        shutil.rmtree(shards)                                   # as a run without --notemp leaves it
+    built = (*TARGETS, "results/micro_r20_c8_bias/metrics.json", "results/micro_r20_wanda_sp/metrics.json")
+    snakemake(wd, *built)
+    stats = sorted((wd / "results/micro/acts").glob("b*.stats.npz"))
+    before = [p.stat().st_mtime_ns for p in stats]
+    new = snakemake(wd, "results/micro/masks/r20_c4_torch.json")
+    assert jobs_of(new.stdout) == {"extract": 2, "ica": 2, "mask_ica": 1}, new.stdout[-3000:]
+    assert [p.stat().st_mtime_ns for p in stats] == before, "re-extraction must not touch the statistics"
+    proc = snakemake(wd, "-n", *built)
+    assert "Nothing to be done" in proc.stdout, proc.stdout[-3000:]

@@ -163,3 +163,76 @@ def test_real_smollm2_converts_to_a_pretrained_model(tmp_path):
     texts = read_split(tmp_path / "stdlib" / "test.jsonl")[:12]
     res = token_perplexity(model, tok, texts, 128, 8)
     assert res["windows"] >= 10 and res["ppl"] < 40, res
+
+
+# ---- export of pruned models ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned_micro(micro_llama):
+    """micro_llama with different MLP widths per layer (100 and 37 of 128) and bias compensation."""
+    import copy
+
+    from fnprune.modeling import apply_mask
+
+    model, tok = micro_llama
+    pruned = copy.deepcopy(model)
+    kept = [list(range(0, 128, 2))[:50] + list(range(1, 101, 2)), list(range(0, 111, 3))]
+    rng = np.random.default_rng(0)
+    apply_mask(pruned, {"kept": kept}, down_mean=[rng.standard_normal(128) * 0.1 for _ in range(2)])
+    assert [layer.mlp.gate_proj.out_features for layer in pruned.model.layers] == [100, 37]
+    return pruned.eval(), tok
+
+
+def test_a_pruned_model_exports_with_per_layer_widths_and_reads_back(micro_llama, pruned_micro, tmp_path):
+    from gguf import GGUFReader
+
+    model, tok = pruned_micro
+    path = tmp_path / "pruned.gguf"
+    widths = G.write_gguf(model, tok, path, "F32", name="micro_r20", metadata={"method": "c8", "ratio": 0.2})
+    assert widths["feed_forward_length"] == [100, 37] and widths["head_count"] == [4, 4]
+    r = GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "deci"     # llama.cpp: LLaMA graph, per-layer shapes
+    assert r.fields["deci.feed_forward_length"].contents() == [100, 37]
+    assert r.fields["fnprune.method"].contents() == "c8" and r.fields["fnprune.ratio"].contents() == "0.2"
+    tensors = {t.name: t for t in r.tensors}
+    for i, layer in enumerate(model.model.layers):
+        for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            w = getattr(layer.mlp, hf).weight.detach().numpy()
+            got = np.asarray(tensors[f"blk.{i}.{gg}.weight"].data).reshape(w.shape)
+            np.testing.assert_array_equal(got, w)
+        np.testing.assert_array_equal(np.asarray(tensors[f"blk.{i}.ffn_down.bias"].data),
+                                      layer.mlp.down_proj.bias.detach().numpy())
+    dense = tmp_path / "dense.gguf"
+    G.write_gguf(micro_llama[0], tok, dense, "Q8_0")
+    assert GGUFReader(str(dense)).fields["general.architecture"].contents() == "llama"
+
+
+def test_q8_0_keeps_widths_that_blocks_do_not_divide_in_f16(pruned_micro, tmp_path):
+    from gguf import GGUFReader
+
+    model, tok = pruned_micro
+    G.write_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "q8.gguf")).tensors}
+    assert types["blk.0.ffn_gate.weight"] == "Q8_0"          # rows of 64 inputs
+    assert types["blk.1.ffn_down.weight"] == "F16"           # rows of 37 inputs: no Q8_0 block fits
+
+
+def test_export_rule_refuses_a_non_llama_model_before_any_job(tmp_path):
+    proc = snakemake(tmp_path, "-n", "results/chatglm3_6b_dense/model.f16.gguf", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "GGUF export writes LLaMA-architecture models" in out, out[-2000:]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("which", ["dense", "pruned"])
+def test_llamacpp_runs_the_export_as_fnprune_does(micro_llama, pruned_micro, tmp_path, which):
+    """A real llama.cpp: next-token log-probabilities to 1e-3 and perplexity within 1% (F32)."""
+    pytest.importorskip("llama_cpp")
+    from fnprune.llamacpp import agreement
+
+    model, tok = micro_llama if which == "dense" else pruned_micro
+    path = tmp_path / f"{which}.gguf"
+    G.write_gguf(model, tok, path, "F32")
+    windows = [tok(t)["input_ids"][:100] for t in ("".join(TEXTS[:9]), "".join(TEXTS[9:30]))]
+    res = agreement(path, model, windows)
+    assert res["max_abs_logprob_diff"] < 1e-3 and res["ppl_rel_diff"] < 0.01, res

@@ -12,6 +12,7 @@ F32, F16 or Q8_0, with llama.cpp's tensor names and its rotary permutation of q/
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import importlib.util
 import logging
@@ -199,8 +200,18 @@ def _byte_level_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_gguf(model, tokenizer, path: str | Path, dtype: str = "F32", name: str = "fnprune") -> None:
-    """Write a dense LLaMA-architecture ``model`` and its byte-level BPE ``tokenizer`` as GGUF."""
+def write_gguf(model, tokenizer, path: str | Path, dtype: str = "F32", name: str = "fnprune",
+               metadata: dict | None = None) -> dict:
+    """Write a LLaMA-architecture ``model`` (dense, or pruned by fnprune) and its byte-level BPE
+    ``tokenizer`` as GGUF; returns the per-layer widths written.
+
+    A pruned model's layers differ: llama.cpp reads ``llama.feed_forward_length`` and the head
+    counts as per-layer arrays, so the widths are taken from each layer's tensors and written as
+    arrays when they differ. Bias compensation's ``down_proj``/``o_proj`` biases are written as
+    ``ffn_down.bias``/``attn_output.bias``, which llama.cpp's llama graph adds when present.
+    ``metadata`` (for example the pruned model's sidecar provenance) is written as ``fnprune.*``
+    strings.
+    """
     import gguf
 
     if dtype not in WRITE_TYPES:
@@ -208,31 +219,63 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "F32", name: str
     cfg = model.config
     if cfg.model_type != "llama":
         raise ValueError(f"write_gguf: model_type {cfg.model_type!r}; only llama is written")
-    arch = "llama"
     out = Path(path)
     with atomic_path(out, suffix=".gguf") as tmp:
-        _write_llama(gguf.GGUFWriter(str(tmp), arch), model, tokenizer, dtype, name)
+        arch = "llama" if _uniform(model) else "deci"
+        return _write_llama(gguf.GGUFWriter(str(tmp), arch), model, tokenizer, dtype, name, metadata or {})
 
 
-def _write_llama(w, model, tokenizer, dtype: str, name: str) -> None:
+def _uniform(model) -> bool:
+    """Whether every layer has the same MLP width and head counts (then llama.cpp's ``llama``
+    architecture reads it; it sizes every layer by layer 0's width). A pruned model is written
+    as ``deci`` instead: llama.cpp's LLaMA graph with per-layer widths and head counts (DeciLM,
+    Nemotron-51B), the same tensor names and rotary layout."""
+    shapes = {(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features,
+               layer.self_attn.k_proj.out_features) for layer in model.model.layers}
+    return len(shapes) == 1
+
+
+_LAYER_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _one_or_list(values: list[int]):
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _write_llama(w, model, tokenizer, dtype: str, name: str, metadata: dict) -> dict:
     import gguf
     import numpy as np
 
     cfg = model.config
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    state = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    layers = range(cfg.num_hidden_layers)
+    ffn = [state[f"model.layers.{i}.mlp.gate_proj.weight"].shape[0] for i in layers]
+    heads = [state[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] // head_dim for i in layers]
+    kv = [state[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] // head_dim for i in layers]
+    empty = [i for i in layers if ffn[i] == 0 or heads[i] == 0 or kv[i] == 0]
+    if empty:
+        raise ValueError(f"write_gguf: layers {empty} have no MLP neurons or no attention heads left; "
+                         f"llama.cpp cannot run an empty layer")
     w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
+    w.add_feed_forward_length(_one_or_list(ffn))
+    w.add_head_count(_one_or_list(heads))
+    w.add_head_count_kv(_one_or_list(kv))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = getattr(cfg, "rope_parameters", None) or {}
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    w.add_rope_dimension_count(getattr(cfg, "head_dim", cfg.hidden_size // n_head))
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[dtype])
+    for key, value in metadata.items():
+        w.add_string(f"fnprune.{key}", value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     tokens, types, merges = _byte_level_vocab(tokenizer)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -244,27 +287,29 @@ def _write_llama(w, model, tokenizer, dtype: str, name: str) -> None:
         if tid is not None:
             getattr(w, f"add_{key}_token_id")(int(tid))
     w.add_add_bos_token(False)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    state = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
     tensors = {"token_embd.weight": state["model.embed_tokens.weight"],
                "output_norm.weight": state["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         tensors["output.weight"] = state["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
+    for i in layers:
+        for hf, gg in _LAYER_TENSORS.items():
             t = state[f"model.layers.{i}.{hf}.weight"]
             if gg == "attn_q":
-                t = _permute(t, n_head)
+                t = _permute(t, heads[i])
             elif gg == "attn_k":
-                t = _permute(t, n_kv)
+                t = _permute(t, kv[i])
             tensors[f"blk.{i}.{gg}.weight"] = t
+            bias = state.get(f"model.layers.{i}.{hf}.bias")
+            if bias is not None:
+                if gg in ("attn_q", "attn_k"):
+                    bias = _permute(bias, heads[i] if gg == "attn_q" else kv[i])
+                tensors[f"blk.{i}.{gg}.bias"] = bias
     for key, t in tensors.items():
         t = np.ascontiguousarray(t, dtype=np.float32)
         if t.ndim == 1 or dtype == "F32":
             w.add_tensor(key, t)
-        elif dtype == "F16":
+        elif dtype == "F16" or t.shape[-1] % 32:
+            # Q8_0 packs rows in blocks of 32: a pruned width that is no multiple of it stays F16
             w.add_tensor(key, t.astype(np.float16))
         else:
             q = gguf.GGMLQuantizationType.Q8_0
@@ -273,3 +318,4 @@ def _write_llama(w, model, tokenizer, dtype: str, name: str) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return {"feed_forward_length": ffn, "head_count": heads, "head_count_kv": kv}

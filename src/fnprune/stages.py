@@ -383,3 +383,27 @@ def comparison(metrics_files: list[str], out_md: str, out_csv: str) -> None:
     for path, text in ((out_md, md), (out_csv, csv)):
         with atomic_path(path) as tmp:
             tmp.write_text(text)
+
+
+# Sidecar keys a pruned model's GGUF carries as fnprune.* metadata (what it is and where it came from).
+GGUF_METADATA = ("target", "source_model", "source_commit", "source_provenance", "method", "k", "backend",
+                 "bias_compensation", "ratio_requested", "achieved_block_ratio", "threshold", "kept_heads")
+
+
+def export_gguf(target: str, model_spec: dict, source: str, pruned_dir: str | None, out: str, gtype: str) -> None:
+    """Write a target's model (dense: the base; pruned: ``pruned_dir``) as GGUF for llama.cpp."""
+    from .ggufsource import write_gguf
+    from .modeling import load_pruned, load_tokenizer, read_sidecar
+
+    if pruned_dir:
+        model, tok = load_pruned(pruned_dir, dtype="float32", device="cpu"), load_tokenizer(pruned_dir)
+        side = read_sidecar(pruned_dir)
+    else:
+        model, tok = _load({**model_spec, "dtype": "float32"}, source, "cpu")
+        side = {"target": target, "source_model": source}
+    meta = {k: side[k] for k in GGUF_METADATA if side.get(k) is not None}
+    meta["versions"] = versions()
+    t0 = time.time()
+    widths = write_gguf(model, tok, out, gtype.upper(), name=target, metadata=meta)
+    log.info("%s: %s GGUF, MLP widths %s, heads %s, in %.1f s", out, gtype.upper(), widths["feed_forward_length"],
+             widths["head_count"], time.time() - t0)

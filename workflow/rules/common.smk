@@ -41,6 +41,7 @@ wildcard_constraints:
     method=fconfig.METHOD_PATTERN,
     target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
     grid="|".join(config["paper"]["grids"]),
+    gtype="f32|f16|q8_0",
 
 
 def mspec(model):
@@ -150,6 +151,16 @@ def eval_model(wildcards):
     if t["dense"]:
         return model_input(t["model"])
     return [f"results/{wildcards.target}/model"]
+
+
+def export_inputs(wildcards):
+    """A GGUF export's model; only LLaMA-architecture models are written (refused here, before any job)."""
+    t = target_info(wildcards)
+    arch = mspec(t["model"])["architecture"]
+    if arch != "LlamaForCausalLM":
+        raise ValueError(f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: GGUF export writes "
+                         f"LLaMA-architecture models; models.{t['model']}.architecture is {arch}")
+    return {"model": eval_model(wildcards)}
 
 
 def eval_source(wildcards):
