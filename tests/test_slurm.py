@@ -25,7 +25,7 @@ PROFILE = REPO / "profiles" / "slurm"
 SLURM_DIR = REPO / "tests" / "slurm"
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
-GPU_RULES = {"extract", "ica", "perplexity", "lm_eval"}
+GPU_RULES = {"extract", "calibration_stats", "ica", "perplexity", "lm_eval"}
 TARGET = "results/micro_r20_c8/metrics.json"
 # Per-job memory cap for the test node (2 cores, a few GB): the profile's set-resources are
 # sized for 7B models; the test keeps them but lowers mem_mb so every job fits the node.
@@ -94,8 +94,10 @@ def minutes(limit: str) -> int:
 
 
 def test_profile_dry_run_gpus_only_on_gpu_rules(tmp_path):
-    """7B target: gpu=1 on exactly extract/ica/perplexity/lm_eval; the profile's sizes apply."""
-    proc = subprocess.run(workflow_args(tmp_path, "-n", "results/vicuna7b_r20_c128/metrics.json"),
+    """7B targets: gpu=1 on exactly the GPU rules (extract, calibration_stats, ica, perplexity, lm_eval);
+    the profile's sizes apply."""
+    proc = subprocess.run(workflow_args(tmp_path, "-n", "results/vicuna7b_r20_c128/metrics.json",
+                                        "results/vicuna7b_r20_wanda_sp/metrics.json"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = job_resources(proc.stdout)

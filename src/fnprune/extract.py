@@ -2,11 +2,11 @@
 
 Two passes, two jobs, because their outputs live differently:
 
-- the **shard pass** (:func:`extract_batch`) writes the MLP signals of every block
+- the **shard pass** (:func:`extract_batch` with shard paths) writes the MLP signals of every block
   (``act(gate)`` then ``up``, one column per signal, one row per non-padding token) to a
   per-layer ``.npy`` shard. Shards are large and temporary: a new ICA variant after they were
   removed runs this pass again.
-- the **statistics pass** (:func:`stats_batch`) accumulates what the baselines, bias compensation
+- the **statistics pass** (:func:`extract_batch` with only a stats path) accumulates what the baselines, bias compensation
   and the hybrid score read (``down_proj`` and ``o_proj`` input sums and sums of squares) into a
   small file that is kept. It runs once per batch, so re-creating shards never rewrites the
   statistics, and nothing built from them goes out of date.
