@@ -61,3 +61,33 @@ def _build(spec, out):
 def test_unknown_part_is_named():
     with pytest.raises(ValueError, match="corpora.*.parts: \\['tutorial'\\] unknown"):
         embedded_documents(["topics", "tutorial"])
+
+
+@pytest.mark.parametrize("content,match", [(b"", "is empty; expected text"),
+                                           (b"\xff\xfe\x00binary", "is not UTF-8 text")])
+def test_a_bad_text_corpus_file_is_named(tmp_path, content, match):
+    f = tmp_path / "t.txt"
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"corpora\.\*\.path: {f} {match}"):
+        build_corpus({**SPEC, "source": "text", "path": str(f)}, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_editing_a_text_corpus_file_reruns_its_corpus_job(tmp_path):
+    """The file is the corpus job's input: after an edit the dry run schedules it again."""
+    import yaml
+
+    from conftest import snakemake
+    from test_workflow import jobs_of
+
+    f = tmp_path / "t.txt"
+    f.write_text("\n\n\n".join(f"Document {i}. " + "word " * 100 for i in range(60)))
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"corpora": {"mytext": {**SPEC, "source": "text", "path": str(f)}}}))
+    wd = tmp_path / "wd"
+    snakemake(wd, "results/data/mytext/test.jsonl", configs=(str(overlay),))
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(
+        snakemake(wd, "-n", "results/data/mytext/test.jsonl", configs=(str(overlay),)))
+    f.write_text(f.read_text() + "\n\n\nDocument 60. " + "word " * 100)
+    proc = snakemake(wd, "-n", "results/data/mytext/test.jsonl", configs=(str(overlay),))
+    assert jobs_of(proc.stdout) == {"corpus": 1}, proc.stdout[-2000:]
