@@ -405,7 +405,7 @@ def known_shape(spec: dict) -> dict | None:
     if spec.get("source") != "train" or "train" not in spec:
         return None
     t = spec["train"]
-    h, heads = t["hidden_size"], t["num_heads"]
+    h = t["hidden_size"]
     return {"hidden": h, "intermediate": t["intermediate_size"], "attn_params": 4 * h * h,
             "neuron_params": 3 * h, "layers": t["num_layers"]}
 
