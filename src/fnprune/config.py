@@ -353,8 +353,10 @@ def load(path: str | Path) -> dict:
 # ---- requested targets, checked when the DAG is built -------------------------------------------
 
 # What lives under results/{target}/ (a target's own files); other results/ paths are intermediates.
+# GGUF types of results/{target}/model.{type}.gguf (the export_gguf rule; ggufsource writes them upper-case).
+GGUF_EXPORT_TYPES = ("f32", "f16", "q8_0")
 TARGET_FILES = ("metrics.json", "ppl.json", "lm_eval.json", "lm_eval_raw.json", "summary.txt", "model",
-                "model.f32.gguf", "model.f16.gguf", "model.q8_0.gguf")
+                *(f"model.{t}.gguf" for t in GGUF_EXPORT_TYPES))
 GRAMMAR = ("results/{model}_dense/<file> or results/{model}_r{ratio}_{method}/<file>, with <file> one of "
            + ", ".join(TARGET_FILES) + f", ratio in 1..99 and method {METHOD_HELP}")
 _TOKEN_ORDER = ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .config import GGUF_EXPORT_TYPES
 from .io import atomic_dir, atomic_path, versions, write_json
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "MistralForCausalLM")}
 # Tensor types the gguf package dequantises (gguf.quants), plus the plain float types.
 PLAIN_TYPES = ("F32", "F16", "BF16")
-WRITE_TYPES = ("F32", "F16", "Q8_0")
+WRITE_TYPES = tuple(t.upper() for t in GGUF_EXPORT_TYPES)
 
 
 def supported_types() -> list[str]:
@@ -205,12 +206,13 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "F32", name: str
     """Write a LLaMA-architecture ``model`` (dense, or pruned by fnprune) and its byte-level BPE
     ``tokenizer`` as GGUF; returns the per-layer widths written.
 
-    A pruned model's layers differ: llama.cpp reads ``llama.feed_forward_length`` and the head
-    counts as per-layer arrays, so the widths are taken from each layer's tensors and written as
-    arrays when they differ. Bias compensation's ``down_proj``/``o_proj`` biases are written as
-    ``ffn_down.bias``/``attn_output.bias``, which llama.cpp's llama graph adds when present.
-    ``metadata`` (for example the pruned model's sidecar provenance) is written as ``fnprune.*``
-    strings.
+    The widths and head counts are taken from each layer's tensors. llama.cpp's ``llama``
+    architecture sizes every layer by layer 0's, so a model whose layers differ (pruned) is
+    written as ``deci``: llama.cpp's LLaMA graph with per-layer ``feed_forward_length`` and head
+    counts (DeciLM, Nemotron-51B), the same tensor names and rotary layout. Bias compensation's
+    ``down_proj``/``o_proj`` biases are written as ``ffn_down.bias``/``attn_output.bias``, which
+    that graph adds when present. ``metadata`` (for example the pruned model's sidecar
+    provenance) is written as ``fnprune.*`` strings.
     """
     import gguf
 
@@ -219,20 +221,27 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "F32", name: str
     cfg = model.config
     if cfg.model_type != "llama":
         raise ValueError(f"write_gguf: model_type {cfg.model_type!r}; only llama is written")
-    out = Path(path)
-    with atomic_path(out, suffix=".gguf") as tmp:
-        arch = "llama" if _uniform(model) else "deci"
-        return _write_llama(gguf.GGUFWriter(str(tmp), arch), model, tokenizer, dtype, name, metadata or {})
+    shapes = _layer_shapes(model)
+    arch = "llama" if all(len(set(v)) == 1 for v in shapes.values()) else "deci"
+    with atomic_path(Path(path), suffix=".gguf") as tmp:
+        _write_llama(gguf.GGUFWriter(str(tmp), arch), model, tokenizer, dtype, name, metadata or {}, shapes)
+    return shapes
 
 
-def _uniform(model) -> bool:
-    """Whether every layer has the same MLP width and head counts (then llama.cpp's ``llama``
-    architecture reads it; it sizes every layer by layer 0's width). A pruned model is written
-    as ``deci`` instead: llama.cpp's LLaMA graph with per-layer widths and head counts (DeciLM,
-    Nemotron-51B), the same tensor names and rotary layout."""
-    shapes = {(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features,
-               layer.self_attn.k_proj.out_features) for layer in model.model.layers}
-    return len(shapes) == 1
+def _layer_shapes(model) -> dict[str, list[int]]:
+    """Per-layer MLP width, query heads and key-value heads; refuses a layer with none left."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = model.model.layers
+    shapes = {"feed_forward_length": [layer.mlp.gate_proj.out_features for layer in layers],
+              "head_count": [layer.self_attn.q_proj.out_features // head_dim for layer in layers],
+              "head_count_kv": [layer.self_attn.k_proj.out_features // head_dim for layer in layers]}
+    empty = [i for i in range(len(layers)) if 0 in (shapes["feed_forward_length"][i], shapes["head_count"][i],
+                                                    shapes["head_count_kv"][i])]
+    if empty:
+        raise ValueError(f"write_gguf: layers {empty} have no MLP neurons or no attention heads left; "
+                         f"llama.cpp cannot run an empty layer")
+    return shapes
 
 
 _LAYER_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -244,7 +253,7 @@ def _one_or_list(values: list[int]):
     return values[0] if len(set(values)) == 1 else values
 
 
-def _write_llama(w, model, tokenizer, dtype: str, name: str, metadata: dict) -> dict:
+def _write_llama(w, model, tokenizer, dtype: str, name: str, metadata: dict, shapes: dict) -> None:
     import gguf
     import numpy as np
 
@@ -252,18 +261,12 @@ def _write_llama(w, model, tokenizer, dtype: str, name: str, metadata: dict) -> 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     state = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
     layers = range(cfg.num_hidden_layers)
-    ffn = [state[f"model.layers.{i}.mlp.gate_proj.weight"].shape[0] for i in layers]
-    heads = [state[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] // head_dim for i in layers]
-    kv = [state[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] // head_dim for i in layers]
-    empty = [i for i in layers if ffn[i] == 0 or heads[i] == 0 or kv[i] == 0]
-    if empty:
-        raise ValueError(f"write_gguf: layers {empty} have no MLP neurons or no attention heads left; "
-                         f"llama.cpp cannot run an empty layer")
+    heads, kv = shapes["head_count"], shapes["head_count_kv"]
     w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(_one_or_list(ffn))
+    w.add_feed_forward_length(_one_or_list(shapes["feed_forward_length"]))
     w.add_head_count(_one_or_list(heads))
     w.add_head_count_kv(_one_or_list(kv))
     w.add_key_length(head_dim)
@@ -318,4 +321,3 @@ def _write_llama(w, model, tokenizer, dtype: str, name: str, metadata: dict) -> 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"feed_forward_length": ffn, "head_count": heads, "head_count_kv": kv}

@@ -36,7 +36,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     if path.parent.is_dir():
         for p in path.parent.iterdir():
             if pattern.match(p.name):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed.append(p)
                 log.info("removed %s, left by a killed job", p)
     return removed

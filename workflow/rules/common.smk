@@ -41,7 +41,7 @@ wildcard_constraints:
     method=fconfig.METHOD_PATTERN,
     target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
     grid="|".join(config["paper"]["grids"]),
-    gtype="f32|f16|q8_0",
+    gtype="|".join(fconfig.GGUF_EXPORT_TYPES),
 
 
 def mspec(model):
