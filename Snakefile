@@ -21,6 +21,8 @@ include: "workflow/rules/prune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/paper.smk"
+include: "workflow/rules/domains.smk"
 
 
 rule all:

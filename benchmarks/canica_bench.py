@@ -68,7 +68,7 @@ def worker(args) -> None:
 
 
 def dice_top(a: np.ndarray, b: np.ndarray, keep: float) -> float:
-    from fnprune.synthetic import dice
+    from fnprune.mask import dice
 
     n = int(round(keep * len(a)))
     ma, mb = np.zeros(len(a), bool), np.zeros(len(b), bool)
@@ -129,6 +129,7 @@ def gpu_layers(args) -> None:
     import torch
 
     from fnprune.ica import canica_torch, canica_torch_layers
+    from fnprune.shards import LAYER_SEED_STRIDE
     from fnprune.synthetic import auroc
 
     x, member = synthetic(args)
@@ -137,7 +138,7 @@ def gpu_layers(args) -> None:
     for name, batched in (("layer by layer", False), ("layers batched", True)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        seeds = [1000 * layer for layer in range(args.layers)]
+        seeds = [LAYER_SEED_STRIDE * layer for layer in range(args.layers)]   # as ica_batch seeds layers
         if batched:
             res = canica_torch_layers([xs] * args.layers, args.k, seeds, device="cuda")
         else:

@@ -177,11 +177,11 @@ def test_adapter_resolves_the_module_tree(arch, tokenizer):
     model = build(arch, tokenizer)
     ad = A.adapter_for(model)
     blocks = A.layers(model, ad)
-    assert len(blocks) == getattr(model.config, ad.n_layers_attr) == LAYERS
+    assert len(blocks) == LAYERS
     for block in blocks:
         lin = A.mlp_linears(block, ad)
-        assert A.intermediate_size(block, ad) == getattr(model.config, ad.intermediate_attr) == INTER
-        assert lin["down"].out_features == getattr(model.config, ad.hidden_attr) == HIDDEN
+        assert A.intermediate_size(block, ad) == INTER
+        assert lin["down"].out_features == HIDDEN
         if ad.fused:
             assert lin["gate_up"].out_features == 2 * INTER
         else:
@@ -189,7 +189,7 @@ def test_adapter_resolves_the_module_tree(arch, tokenizer):
         attn = A.attn_of(block, ad)
         head_dim = HIDDEN // HEADS
         assert A._get(attn, ad.o).in_features == getattr(model.config, ad.n_heads_attr) * head_dim
-        kv_rows = getattr(model.config, ad.n_kv_heads_attr) * head_dim
+        kv_rows = KV_HEADS * head_dim
         if ad.qkv is not None:
             assert A._get(attn, ad.qkv).out_features == HEADS * head_dim + 2 * kv_rows
         else:
@@ -221,7 +221,7 @@ def test_extraction_writes_gate_and_up_of_real_tokens(arch, tokenizer, tmp_path)
     n_tokens = sum(len(s) for s in seqs)
     assert info["n_tokens"] == n_tokens
     direct = _direct_signals(model, seqs)
-    with np.load(tmp_path / "stats.npz", allow_pickle=True) as z:
+    with np.load(tmp_path / "stats.npz") as z:  # plain arrays: load_stats reads them without pickle
         stats = {k: z[k] for k in z.files}
     assert int(stats["n_tokens"]) == n_tokens
     for i, path in enumerate(paths):
@@ -296,6 +296,16 @@ def test_head_pruning_of_fused_qkv_fails_loudly(arch, tokenizer):
     model = build(arch, tokenizer)
     with pytest.raises(NotImplementedError, match="fused qkv"):
         apply_mask(model, {"kept": _random_kept(model, seed=9), "kept_heads": [[1], [0]]})
+
+
+def test_statistics_of_per_layer_widths_fail_naming_them(tokenizer, tmp_path):
+    """The statistics file holds one (layers x width) array per moment; a pruned model has no such width."""
+    model = build("LlamaForCausalLM", tokenizer)
+    ad = A.adapter_for(model)
+    A.prune_mlp(A.layers(model, ad)[0], ad, torch.arange(INTER // 2))
+    with pytest.raises(ValueError, match=rf"down_proj inputs have per-layer widths \[{INTER // 2}, {INTER}\]"):
+        extract_batch(model, tokenizer, TEXTS[:4], None, tmp_path / "stats.npz", MAX_LEN)
+    assert not (tmp_path / "stats.npz").exists()
 
 
 def test_unknown_architecture_fails_before_any_work(tokenizer, tmp_path):

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import logits_with_fixed_inputs
+from helpers import logits_with_fixed_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A
 from fnprune.baselines import METHODS, baseline_mask
 from fnprune.extract import extract_batch, load_stats
 from fnprune.heads import group_channels, head_geometry
+from fnprune.mask import MASK_KEYS
 from fnprune.modeling import apply_mask, load_pruned, save_pruned
 from fnprune.train import train_tokenizer
 
@@ -100,7 +101,7 @@ def test_flap_threshold_splits_direct_scores(setup):
 def test_flap_mlp_threshold_splits_direct_scores(setup):
     model, stats = setup
     mask = mask_of("flap_mlp", setup)
-    assert "kept_heads" not in mask and mask["bias_compensation"]
+    assert "kept_heads" not in mask and (mask["kind"], mask["selection"]) == ("baseline", "global")
     for layer in prunable():
         neuron, _ = direct_flap_scores(model, stats, layer)
         dropped = np.setdiff1d(np.arange(INTER), mask["kept"][layer])
@@ -115,7 +116,7 @@ def test_flap_mlp_threshold_splits_direct_scores(setup):
 def test_uniform_methods_drop_lowest_direct_scores(setup, method, direct):
     model, stats = setup
     mask = mask_of(method, setup)
-    assert not mask["bias_compensation"] and "threshold" not in mask
+    assert mask["threshold"] is None and (mask["kind"], mask["selection"]) == ("baseline", "uniform")
     counts = {len(mask["kept"][layer]) for layer in prunable()}
     assert max(counts) - min(counts) <= 1
     for layer in prunable():
@@ -135,6 +136,7 @@ def test_ratio_protection_and_parameter_accounting(setup, method, ratio):
     assert abs(mask["removed_block_params"] - ratio * block) <= unit
     assert mask["achieved_block_ratio"] == pytest.approx(mask["removed_block_params"] / block)
     assert mask["method"] == method and mask["ratio_requested"] == ratio
+    assert set(MASK_KEYS) <= set(mask) and mask["prunable"] == [i in prunable() for i in range(LAYERS)]
     for layer in set(range(LAYERS)) - set(prunable()):
         assert mask["kept"][layer] == list(range(INTER))
         if "kept_heads" in mask:

@@ -4,7 +4,7 @@ output that key decides (a dry run on the shared micro workdir, nothing is execu
 import pytest
 import yaml
 
-from conftest import snakemake
+from helpers import snakemake
 from test_workflow import jobs_of
 
 pytestmark = pytest.mark.slow

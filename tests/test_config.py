@@ -6,26 +6,32 @@ import pytest
 import yaml
 
 from fnprune import config as C
+from fnprune import paper
+
+from helpers import REPO
 
 
 @pytest.fixture
 def cfg():
     """config/config.yaml with config/tiny.yaml's targets (the toy model's keys are the ones varied)."""
-    base = yaml.safe_load(open("config/config.yaml"))
-    base.update(yaml.safe_load(open("config/tiny.yaml")))
+    base = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    base.update(yaml.safe_load(open(REPO / "config" / "tiny.yaml")))
     return base
 
 
 def test_shipped_configs_validate(cfg):
     C.validate(cfg)
     assert cfg["targets"]["models"] == ["tiny"] and cfg["comparison"]["models"] == ["tiny"]
-    shipped = C.validate(yaml.safe_load(open("config/config.yaml")))
+    shipped = C.validate(yaml.safe_load(open(REPO / "config" / "config.yaml")))
     assert shipped["targets"]["models"] == ["smol"] and shipped["models"]["smol"]["source"] == "gguf"
-    micro = yaml.safe_load(open("config/micro.yaml"))
+    micro = yaml.safe_load(open(REPO / "config" / "micro.yaml"))
     merged = copy.deepcopy(cfg)
     for k, v in micro.items():
         merged[k] = {**merged.get(k, {}), **v} if isinstance(v, dict) else v
-    C.validate(merged)
+    merged = C.validate(merged)
+    assert merged["targets"]["models"] == ["micro"] and merged["models"]["micro"]["source"] == "train"
+    # defaults the schema fills in are there after validation
+    assert merged["models"]["micro"]["min_keep_per_layer"] >= 1 and merged["ica"]["max_iter"] == 300
 
 
 def test_defaults_are_filled(cfg):
@@ -113,7 +119,13 @@ def _domains_check(cfg):
 
 
 def test_shipped_domains_check(cfg):
+    from fnprune import domains
+
     _domains_check(cfg)
+    # the shipped sources are aliases of one model: one table, every source x ratio x method a point
+    assert domains.bases(cfg) == ["tiny"]
+    assert len(domains.pruned_points(cfg, "tiny")) == len(cfg["domains"]["models"]) * len(cfg["domains"]["ratios"]) \
+        * len(cfg["domains"]["methods"])
 
 
 @pytest.mark.parametrize("path, value, needle", [
@@ -138,7 +150,7 @@ def test_domains_errors_name_the_key(cfg, path, value, needle):
 
 @pytest.fixture
 def micro_cfg():
-    base = yaml.safe_load(open("config/config.yaml"))
+    base = yaml.safe_load(open(REPO / "config" / "config.yaml"))
     for extra in ("config/paper.yaml", "config/micro.yaml"):
         over = yaml.safe_load(open(extra))
         for key, value in over.items():
@@ -209,9 +221,39 @@ def test_command_line_targets():
 
 def test_a_dry_run_refuses_a_bad_target_before_any_job(tmp_path):
     """The real snakemake, a fresh workdir: the error comes at DAG build, and nothing is created."""
-    from conftest import snakemake
+    from helpers import snakemake
 
     proc = snakemake(tmp_path, "-n", "results/micro_r20_random_bias/metrics.json", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Nearest valid form: micro_r20_random" in out, out[-3000:]
     assert "MissingRuleException" not in out and not (tmp_path / "results").exists()
+
+
+def test_method_options_parse_in_order():
+    m = C.parse_method("c16_exact_s3_x5_b2_hybrid_imp_m64_bias")
+    assert (m["k"], m["backend"], m["seed"], m["runs"], m["batches"], m["hybrid"], m["selection"], m["multiple"],
+            m["bias"]) == (16, "exact", 3, 5, 2, True, "imp", 64, True)
+    assert m["selector"] == "c16_exact_s3_x5_b2_hybrid_imp_m64" and m["ica_dir"] == "exact_c16_s3_x5"
+    assert m["needs_stats"]
+    plain = C.parse_method("c16")
+    assert (plain["selector"], plain["ica_dir"], plain["selection"], plain["needs_stats"]) == \
+        ("c16_torch", "torch_c16", "global", False)
+    assert C.parse_method("c16_zglobal")["needs_stats"] is False
+    b = C.parse_method("flap_mlp_m128")
+    assert (b["kind"], b["baseline"], b["multiple"], b["bias"], b["selector"]) == ("baseline", "flap_mlp", 128, True,
+                                                                                  "flap_mlp_m128")
+    assert not C.parse_method("random")["needs_stats"]
+
+
+@pytest.mark.parametrize("method, needle", [("c16_x1", "at least 2"), ("c0", "k must be at least 1"),
+                                            ("c16_m0", "_m<multiple> must be"), ("c16_b0", "at least 1"),
+                                            ("c16_uniform_hybrid", "expected c<k>"), ("flap_x5", "expected")])
+def test_bad_method_options_are_explained(method, needle):
+    with pytest.raises(ValueError, match=needle):
+        C.parse_method(method)
+
+
+def test_method_name_round_trips_and_changes():
+    for name in ("c16", "c16_nilearn_s2_x3_b4_hybrid_uniform_m64_bias", "c8_zglobal"):
+        assert C.method_name(C.ICA_METHOD.fullmatch(name)) == name
+    assert paper.variant("c16_x5_imp_bias", k=8, batches=2) == "c8_x5_b2_imp_bias"

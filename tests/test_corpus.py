@@ -77,7 +77,7 @@ def test_editing_a_text_corpus_file_reruns_its_corpus_job(tmp_path):
     """The file is the corpus job's input: after an edit the dry run schedules it again."""
     import yaml
 
-    from conftest import snakemake
+    from helpers import snakemake
     from test_workflow import jobs_of
 
     f = tmp_path / "t.txt"

@@ -11,6 +11,8 @@ import yaml
 from fnprune import config as C
 from fnprune import domains as D
 
+from helpers import mask_for
+
 
 def ppl_record(model, corpus, ppl, ratio=20, method="c16", calibration=None, weights="tiny"):
     dense = method == "dense"
@@ -30,8 +32,7 @@ RECORDS = [
 
 
 def mask(kept, sizes=(4, 4, 4), prunable=(False, True, True)):
-    return {"kept": [list(k) for k in kept], "intermediate_sizes": list(sizes), "prunable": list(prunable),
-            "method": "c16_torch", "ratio_requested": 0.2}
+    return mask_for(kept, sizes, prunable)
 
 
 def test_grid_rows_are_dense_then_sources_and_columns_corpora():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 from fnprune import ggufsource as G
 
 TEXTS = ["def area(r):\n    return 3.14159 * r * r\n", "The quick brown fox jumps over the lazy dog.",

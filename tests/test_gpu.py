@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fnprune.ica import canica_torch
-from fnprune.synthetic import auroc, dice, planted_networks
+from fnprune.mask import dice
+from fnprune.synthetic import auroc, planted_networks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import logits_with_fixed_inputs
+from helpers import logits_with_fixed_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A

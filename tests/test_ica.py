@@ -1,10 +1,12 @@
-"""CanICA backends on synthetic data with planted sparse networks."""
+"""CanICA backends and consensus ICA on synthetic data with planted sparse networks."""
 
 import numpy as np
 import pytest
 import torch
 
-from fnprune.ica import canica, exact_subspace, fastica_cube, load_shard, spatial_subspace, zscore_columns
+from fnprune.ica import (canica, canica_runs, consensus_scores, exact_subspace, fastica_cube, spatial_subspace,
+                         zscore_columns)
+from fnprune.shards import load_shard
 from fnprune.synthetic import auroc, planted_networks
 
 
@@ -108,8 +110,8 @@ def test_batched_fastica_equals_one_by_one(planted):
 
 @pytest.mark.parametrize("policy", ["keep", "retry", "skip", "fail"])
 def test_nonconvergence_policy(tmp_path, planted, policy):
-    from fnprune.ica import ica_batch
     from fnprune.mask import union_neuron_scores
+    from fnprune.shards import ica_batch
 
     x, _ = planted
     paths = []
@@ -150,9 +152,9 @@ def test_newton_schulz_polar_factor_equals_eigh_route(cond):
 
 @pytest.mark.parametrize("policy", ["keep_whole", "fail"])
 def test_constant_layer_policy(tmp_path, planted, policy):
-    from fnprune.ica import ica_batch
     from fnprune.io import save_npz
     from fnprune.mask import select_global, union_neuron_scores
+    from fnprune.shards import ica_batch
 
     x, _ = planted
     paths = [tmp_path / "L0.npy", tmp_path / "L1.npy"]
@@ -170,3 +172,38 @@ def test_constant_layer_policy(tmp_path, planted, policy):
     assert len(kept[1]) == 200 and len(kept[0]) == 150 and np.isfinite(t)
     with pytest.raises(ValueError, match="layers kept whole for constant activations"):
         select_global(scores, [True, True], 250, 0.9)
+
+
+@pytest.fixture(scope="module")
+def planted_background():
+    return planted_networks(n_tokens=800, n_signals=600, n_networks=8, network_size=15, noise=1.5, seed=5,
+                            n_background=6)
+
+
+def test_consensus_recovers_planted_networks_like_a_single_run(planted_background):
+    x, member = planted_background
+    runs = canica_runs(x, 10, "torch", [0, 1, 2, 3])
+    assert len(runs) == 4 and all(r.maps.shape == (10, 600) for r in runs)
+    scores, info = consensus_scores(runs)
+    assert info["clusters"] >= 10 and 1 <= info["recurring"] <= 10 and info["min_runs"] == 2
+    single = canica(x, 10, "torch", seed=0)
+    assert auroc(scores, member) > 0.85
+    assert auroc(scores, member) >= auroc(single.scores, member) - 0.03
+
+
+def test_consensus_keeps_only_recurring_networks():
+    rng = np.random.default_rng(0)
+
+    class Run:
+        def __init__(self, maps):
+            self.maps = maps
+
+    shared = rng.standard_normal((2, 500))
+    runs = [Run(np.vstack([shared + 0.05 * rng.standard_normal((2, 500)), rng.standard_normal((2, 500))]))
+            for _ in range(4)]
+    scores, info = consensus_scores(runs)
+    # The two shared maps recur in all runs; each run's own random maps recur in none.
+    assert info["recurring"] == 2
+    assert np.corrcoef(scores, np.abs(shared).max(0))[0, 1] > 0.95
+    with pytest.raises(ValueError, match="two runs"):
+        consensus_scores(runs[:1])

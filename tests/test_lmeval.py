@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fnprune.corpus import chunk_document
-from fnprune.lmeval import (HUB_TASKS, MC_TASK, PPL_TASK, passage_windows, ppl_documents, run_lm_eval,
-                            validate_task_names, write_embedded_tasks)
+from fnprune.embedded_tasks import MC_TASK, PPL_TASK, passage_windows, ppl_documents, write_embedded_tasks
+from fnprune.lmeval import HUB_TASKS, _task_manager, run_lm_eval
 from fnprune.train import build_model, train_tokenizer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "max_position": 256}
@@ -149,18 +149,25 @@ def test_run_lm_eval_fixed_batch_and_limit(tiny, tasks):
 
 
 def test_hub_task_names_validate():
-    validate_task_names(list(HUB_TASKS))
+    """The check run_lm_eval makes before it touches the model: every hub task is in lm-eval's registry."""
+    assert set(HUB_TASKS) <= set(_task_manager(list(HUB_TASKS), None).all_tasks)
 
 
 def test_misspelt_task_name_fails():
     with pytest.raises(ValueError, match="'hellaswg'.*hellaswag"):
-        validate_task_names(["arc_easy", "hellaswg"])
+        run_lm_eval(None, None, ["arc_easy", "hellaswg"])
+
+
+def test_task_list_must_be_a_list_of_names():
+    with pytest.raises(ValueError, match="non-empty list of lm-eval task names"):
+        run_lm_eval(None, None, MC_TASK)
 
 
 def test_embedded_names_validate_without_registry(tasks):
-    validate_task_names([MC_TASK, PPL_TASK], include_path=tasks["dir"])
+    manager = _task_manager([MC_TASK, PPL_TASK], include_path=tasks["dir"])
+    assert set(manager.all_tasks) == {MC_TASK, PPL_TASK}  # lm-eval's own tasks were not indexed
     with pytest.raises(ValueError, match="fnprune_mcq"):
-        validate_task_names(["fnprune_mcq"], include_path=tasks["dir"])
+        run_lm_eval(None, None, ["fnprune_mcq"], include_path=tasks["dir"])
 
 
 def test_hub_task_offline_fails_naming_it(tmp_path):

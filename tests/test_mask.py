@@ -1,10 +1,11 @@
-"""Union over batches, threshold search for a ratio, protected layers."""
+"""Union over batches, threshold search for a ratio, protected layers, per-layer budgets, rounding, z-scores."""
 
 import numpy as np
 import pytest
 
 from fnprune.io import save_npz
-from fnprune.mask import n_to_drop, prunable_layers, select_global, select_uniform, union_neuron_scores
+from fnprune.mask import (hybrid_scores, importance_budgets, n_to_drop, prunable_layers, round_kept, select_budgets,
+                          select_global, select_uniform, standardise_layers, union_neuron_scores)
 
 
 def scores(seed=0, layers=6, inter=50):
@@ -69,3 +70,50 @@ def test_no_layer_is_emptied():
     s = scores(layers=3, inter=10)
     kept, _ = select_global(s, [True, True, True], 27, 0.9, min_keep=1)
     assert all(len(k) >= 1 for k in kept)
+
+
+def layer_scores(seed=0, layers=6, inter=64):
+    rng = np.random.default_rng(seed)
+    return [rng.gamma(2.0, 1.0 + i, size=inter) for i in range(layers)]
+
+
+def test_round_kept_gives_multiples_close_to_the_total_and_keeps_the_best():
+    s = layer_scores()
+    prunable = [False, True, True, True, True, False]
+    kept, _ = select_global(s, prunable, 100, 0.3)
+    rounded = round_kept(kept, s, prunable, 16)
+    counts = [len(k) for k in rounded]
+    assert all(c % 16 == 0 for c, p in zip(counts, prunable) if p)
+    assert counts[0] == counts[-1] == 64
+    assert abs(sum(counts) - sum(len(k) for k in kept)) <= 8 * sum(prunable)
+    for layer in range(1, 5):
+        best = np.argsort(-s[layer], kind="stable")[: counts[layer]]
+        assert set(rounded[layer].tolist()) == set(best.tolist())
+
+
+def test_importance_budgets_follow_importance_and_sum_to_the_request():
+    sizes = [64] * 6
+    prunable = [False, True, True, True, True, False]
+    drops = importance_budgets([1.0, 1.0, 2.0, 4.0, 4.0, 1.0], sizes, prunable, 90, min_keep=1)
+    assert sum(drops) == 90 and drops[0] == drops[-1] == 0
+    assert drops[1] > drops[2] > drops[3] == drops[4]
+    capped = importance_budgets([1.0, 0.01, 1.0, 1.0, 1.0, 1.0], sizes, prunable, 150, min_keep=4)
+    assert sum(capped) == 150 and capped[1] == 60            # capped at size - min_keep, rest spread
+    with pytest.raises(ValueError, match="removable"):
+        importance_budgets([1.0] * 6, sizes, prunable, 4 * 63 + 1)
+    kept = select_budgets(layer_scores(), drops)
+    assert [len(k) for k in kept] == [64 - d for d in drops]
+
+
+def test_standardised_and_hybrid_scores():
+    s = layer_scores()
+    s[2][5] = np.inf
+    z = standardise_layers(s)
+    fin = np.isfinite(z[2])
+    assert np.isinf(z[2][5]) and abs(z[2][fin].mean()) < 1e-9 and abs(z[1].std(ddof=1) - 1) < 1e-9
+    h = hybrid_scores(layer_scores(1), layer_scores(2))
+    assert all(abs(x.mean()) < 1e-9 for x in h)
+    net, flu = layer_scores(3), layer_scores(4)
+    # A neuron top-ranked by both parents is top-ranked by the hybrid.
+    net[1][7], flu[1][7] = 1e3, 1e6
+    assert int(np.argmax(hybrid_scores(net, flu)[1])) == 7

@@ -13,6 +13,8 @@ import yaml
 from fnprune import paper, tables
 from fnprune.paper import Target
 
+from helpers import REPO, mask_for, snakemake
+
 FIX = Path(__file__).parent / "fixtures" / "metrics"
 MAIN = ["toy_dense", "toy_r20_c16", "toy_r20_c16_bias", "toy_r20_random", "toy_r20_flap",
         "toy_r30_c16", "toy_r30_c16_bias", "toy_r30_random", "toy_r30_flap"]
@@ -188,11 +190,12 @@ def test_summary_links_tables_and_figures(tmp_path):
     out = {f"{t}_{f}": str(tmp_path / f"{t}_table.{f}") for t in ("main", "ablation") for f in ("csv", "md", "tex")}
     del out["ablation_tex"]
     paper.tables(files(MAIN), files(COMPONENTS), ["acc"], out)
-    figures = [tmp_path / "toy" / f"{f}.png" for f in paper.FIGURES]
+    figures = [tmp_path / "toy" / f"{f.name}.png" for f in paper.FIGURES]
     paper.summary("toy_grid", out["main_md"], out["ablation_md"], [str(f) for f in figures],
                   str(tmp_path / "report.md"))
     text = (tmp_path / "report.md").read_text()
     assert "grid `toy_grid`" in text and "**23.00**" in text and "![overlap](toy/overlap.png)" in text
+    assert all(f"### {f.title}" in text for f in paper.FIGURES)
     assert Path(out["main_tex"]).read_text().startswith(r"\begin{tabular}")
 
 
@@ -202,3 +205,106 @@ def test_ties_at_display_precision_are_all_bold():
     recs[2]["lm_eval"]["fnprune_ppl"]["bits_per_byte"]["value"] = 2.1001
     rows = md_rows(tables.main_table(recs, ["acc", "bits_per_byte"])["md"])
     assert [r[6] for r in rows] == ["2.000", "**2.100**", "**2.100**"]
+
+
+def fake_batches(n_batches=4, layers=4, inter=40, seed=0, noise=0.5):
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 1.0, size=(layers, 2 * inter))
+    return [base + noise * rng.standard_normal(base.shape) for _ in range(n_batches)]
+
+
+def toy_mask(layers=4, inter=40, ratio=0.25):
+    prunable = [False] + [True] * (layers - 2) + [False]
+    return mask_for([range(inter)] * layers, [inter] * layers, prunable, "c8_torch", ratio,
+                    n_drop=int(ratio * inter * (layers - 2)))
+
+
+def test_seed_stability_measures():
+    batches = fake_batches()
+    mask = toy_mask()
+    res = paper.seed_stability(mask, batches, [batches[0], batches[0] + 0.3], [1, 2])
+    acc = res["accumulation"]
+    assert acc["n_batches"] == [1, 2, 4] and acc["dice_to_final"][-1] == 1.0
+    assert 0.5 < res["keep_fraction"] < 1
+    assert len(res["seed_dice_per_layer"]) == len(res["layers"]) == 2
+    assert all(0 <= d <= 1 for d in res["seed_dice_per_layer"] + res["batch_dice_per_layer"])
+    same = paper.seed_stability(mask, batches, [batches[0]], [1])
+    assert same["seed_dice_mean"] == 1.0           # an identical "seed" agrees exactly
+    assert res["batch_dice_mean"] < 1.0
+
+
+def test_seeds_figure_and_studies_table(tmp_path):
+    scores = []
+    for b, s in enumerate(fake_batches(3)):
+        np.savez(tmp_path / f"b{b}.npz", scores=s)
+        scores.append(str(tmp_path / f"b{b}.npz"))
+    (tmp_path / "mask.json").write_text(json.dumps(toy_mask()))
+    out = tmp_path / "seeds"
+    paper.seeds(str(tmp_path / "mask.json"), scores, scores[1:], [1, 2], "toy", f"{out}.png", f"{out}.pdf",
+                f"{out}.json")
+    assert (tmp_path / "seeds.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "seeds.json").read_text())["accumulation"]["n_batches"] == [1, 2, 3]
+
+
+def test_grid_studies_and_seeds_are_checked():
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg.update(yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    paper.check_grids(cfg)
+    assert paper.figures_of(cfg, "paper")[-1] == "seeds"
+    assert [t.method for t in paper.study_targets(cfg, "paper", "consensus") if t.ratio == 20] == ["c16", "c16_x5"]
+    assert paper.seeds_ica_dirs(cfg, "paper") == ("torch_c16", ["torch_c16_s1", "torch_c16_s2", "torch_c16_s3"])
+    # the config's own seed among the stability seeds is the reference itself: dropped, not an error
+    # (it used to refuse `seed: 1` for every target, in or out of the grid)
+    cfg["seed"] = 1
+    paper.check_grids(cfg)
+    assert paper.seeds_ica_dirs(cfg, "paper") == ("torch_c16", ["torch_c16_s2", "torch_c16_s3"])
+    cfg["paper"]["grids"]["paper"]["stability_seeds"] = [1]
+    assert "seeds" not in paper.figures_of(cfg, "paper")
+    cfg["paper"]["grids"]["paper"]["studies"]["bad"] = ["c16_nope"]
+    with pytest.raises(ValueError) as e:
+        paper.check_grids(cfg)
+    assert "paper.grids.paper.studies.bad" in str(e.value)
+
+
+MICRO_GRID = {"paper": {"grids": {"micro_grid": {
+    "models": ["micro"], "ratios": [20], "methods": ["c8"], "ablation_method": "c8", "components": [8],
+    "calibration_batches": [1, 2], "focus_ratio": 20, "task_metrics": ["acc", "bits_per_byte"],
+    "stability_seeds": [1],
+    "studies": {"consensus": ["c8", "c8_x2"], "selection": ["c8_imp"], "hybrid": ["c8_hybrid"],
+                "rounding": ["c8_m16", "flap_mlp_m16"]}}}}}
+
+
+@pytest.mark.slow
+def test_micro_grid_report_has_studies_and_seeds(micro_run, tmp_path):
+    wd, _ = micro_run
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(yaml.safe_dump(MICRO_GRID))
+    # --notemp: the workdir is shared and later tests read its (temp) activation shards
+    snakemake(wd, "results/paper/micro_grid/report.md", "--notemp", configs=(str(cfg),))
+    out = wd / "results" / "paper" / "micro_grid"
+    report = (out / "report.md").read_text()
+    for needle in ("### consensus", "consensus of 2", "importance budgets", "Hybrid ICA+FLAP", "x16 widths",
+                   "seeds.png"):
+        assert needle in report, needle
+    seeds = json.loads((out / "micro" / "seeds.json").read_text())
+    assert seeds["seeds"] == [1] and seeds["accumulation"]["dice_to_final"][-1] == 1.0
+    m16 = json.loads((wd / "results" / "micro" / "masks" / "r20_c8_torch_m16.json").read_text())
+    assert all(c % 16 == 0 for c in m16["kept_counts"])
+    ica = np.load(wd / "results" / "micro" / "ica" / "torch_c8_x2" / "b0.npz")
+    assert int(ica["runs"]) == 2 and (ica["recurring"] >= 1).all()
+
+
+def test_summary_includes_studies_and_domain_tables(tmp_path):
+    for name, text in (("main.md", "| a |\n"), ("abl.md", "| b |\n"),
+                       ("studies.md", "# Studies beyond the paper\n\n## consensus\n\n| c |\n"),
+                       ("tiny_domains.md", "# Cross-domain calibration: tiny\n\n## 20% removed\n\n| d |\n")):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "tiny_domains.png").write_bytes(b"png")
+    out = tmp_path / "grid" / "report.md"
+    out.parent.mkdir()
+    paper.summary("g", str(tmp_path / "main.md"), str(tmp_path / "abl.md"), [], str(out),
+                  studies_md=str(tmp_path / "studies.md"), domains_md=[str(tmp_path / "tiny_domains.md")])
+    text = out.read_text()
+    assert "## Studies beyond the paper" in text and "### consensus" in text
+    assert "## Cross-domain calibration: tiny" in text and "### 20% removed" in text
+    assert "![tiny_domains](../tiny_domains.png)" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 STABLE_EXCLUDED = {"stage_wall_s", "wall_s", "versions", "perplexity_detail", "lm_eval_versions"}
 
@@ -114,7 +114,7 @@ def _truncate(path, keep=0.5):
 
 def test_a_truncated_or_missing_shard_names_its_folder(tmp_path):
     """The raw mmap error ("mmap length is greater than file size") names no file: ours names the folder."""
-    from fnprune.ica import ica_batch
+    from fnprune.shards import ica_batch
 
     shards = tmp_path / "acts" / "b0"
     shards.mkdir(parents=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONFIGS, REPO
+from helpers import CONFIGS, REPO
 
 PROFILE = REPO / "profiles" / "slurm"
 SLURM_DIR = REPO / "tests" / "slurm"

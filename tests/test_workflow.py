@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import snakemake
+from helpers import snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -85,22 +85,17 @@ def test_loaded_pruned_model_has_per_layer_sizes(micro_run):
 def test_ica_backends_agree_as_well_as_seeds(micro_run):
     """torch vs nilearn CanICA on the micro model's real activations: the kept sets at 20%
     agree across backends as well as one backend agrees with itself across seeds (METHOD.md 4)."""
-    from fnprune.ica import canica, load_shard
-    from fnprune.mask import n_to_drop, prunable_layers, select_global
-    from fnprune.synthetic import dice
+    from fnprune.mask import dice, n_to_drop, neuron_scores, prunable_layers, select_global
+    from fnprune.shards import ica_batch
 
     wd, _ = micro_run
     n_layers, prunable = 4, prunable_layers(4, 1, 1)
 
     def kept(backend, seed):
-        scores = []
-        for layer in range(n_layers):
-            per_batch = []
-            for b in (0, 1):
-                s = canica(load_shard(wd / f"results/micro/acts/b{b}/L{layer}.npy"), 8, backend,
-                           seed=seed + 1000 * layer).scores
-                per_batch.append(np.maximum(s[:len(s) // 2], s[len(s) // 2:]))
-            scores.append(np.max(per_batch, axis=0))
+        # the workflow's own per-batch runner (its seed scheme), then the union over both batches
+        per_batch = [neuron_scores(ica_batch([wd / f"results/micro/acts/b{b}/L{layer}.npy" for layer in range(n_layers)],
+                                             8, backend, seed)["scores"]) for b in (0, 1)]
+        scores = list(np.max(per_batch, axis=0))
         n_drop = n_to_drop(0.2, sum(len(s) for s, p in zip(scores, prunable) if p), 1)
         keep, _ = select_global(scores, prunable, n_drop, 0.2)
         return np.concatenate([np.isin(np.arange(len(s)), k) for s, k, p in zip(scores, keep, prunable) if p])
@@ -150,7 +145,7 @@ def test_dense_embedded_model_beats_chance_on_its_multiple_choice_task(tmp_path)
     likelihood is discounted (lm-eval's acc_mutual_info)."""
     import subprocess
 
-    from conftest import REPO, SNAKEMAKE
+    from helpers import REPO, SNAKEMAKE
 
     proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
                            "results/tiny_dense/metrics.json", "--configfile", str(REPO / "config" / "config.yaml")],

@@ -30,11 +30,7 @@ class Adapter:
     v: str | None = "v_proj"
     qkv: str | None = None       # fused [q; k; v] projection
     o: str = "o_proj"
-    n_heads_attr: str = "num_attention_heads"      # config attribute names
-    n_kv_heads_attr: str = "num_key_value_heads"
-    hidden_attr: str = "hidden_size"
-    intermediate_attr: str = "intermediate_size"
-    n_layers_attr: str = "num_hidden_layers"
+    n_heads_attr: str = "num_attention_heads"      # config attribute of the number of attention heads
     seq_first: bool = False      # hidden states inside the blocks are (seq, batch, hidden)
 
     @property
@@ -50,9 +46,7 @@ _GLM4 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="
                 act="activation_fn")
 _CHATGLM = Adapter(layers="transformer.encoder.layers", mlp="mlp", gate_up="dense_h_to_4h",
                    down="dense_4h_to_h", act="activation_func", attn="self_attention",
-                   q=None, k=None, v=None, qkv="query_key_value", o="dense",
-                   n_kv_heads_attr="multi_query_group_num", intermediate_attr="ffn_hidden_size",
-                   n_layers_attr="num_layers", seq_first=True)
+                   q=None, k=None, v=None, qkv="query_key_value", o="dense", seq_first=True)
 
 REGISTRY: dict[str, Adapter] = {
     "LlamaForCausalLM": _LLAMA,

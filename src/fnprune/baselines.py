@@ -1,7 +1,7 @@
 """Baseline masks at the functional-network method's ratio and protected layers.
 
 Every baseline reuses the calibration statistics of the extraction pass (no forward pass of
-its own) and returns the mask record of :func:`fnprune.mask.describe_mask`:
+its own) and returns the mask record of :func:`fnprune.mask.mask_record`:
 
 - ``random``: seeded uniformly random neurons, the same number from every prunable layer.
 - ``magnitude`` (mag-sp): neuron ``j`` scores ``||W_down[:, j]||_2``; uniform per layer.
@@ -27,7 +27,8 @@ import torch
 
 from . import adapters as A
 from . import heads as H
-from .mask import describe_mask, n_to_drop, prunable_layers, round_kept, select_global, select_uniform
+from .mask import (mask_record, n_to_drop, prunable_layers, round_kept, select, standardise,
+                   threshold_between)
 
 METHODS = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
 
@@ -87,12 +88,6 @@ def wifv_scores(model, which: Literal["down", "o"], input_var: Sequence[np.ndarr
     return [v * sq for sq, v in zip(column_reduction(model, which, column_sqnorm), input_var)]
 
 
-def standardise(x: np.ndarray) -> np.ndarray:
-    """Zero mean, unit (sample) standard deviation; a constant vector becomes zeros."""
-    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
-    return (x - x.mean()) / (std if std > 0 else 1.0)
-
-
 def flap_group_scores(channel_wifv: np.ndarray, n_groups: int) -> np.ndarray:
     """Head-group scores of one layer: channel WIFV squared, standardised, averaged per group."""
     return standardise(channel_wifv ** 2).reshape(n_groups, -1).mean(axis=1)
@@ -135,10 +130,7 @@ def select_weighted(units: Sequence[tuple[Sequence[np.ndarray], Sequence[int], i
     gone[order[:n]] = True
     kept = [[np.setdiff1d(np.arange(len(s)), index[gone & (kind == k) & (layer == i)])
              for i, s in enumerate(scores)] for k, (scores, _, _) in enumerate(units)]
-    lo = score[order[n - 1]] if n > 0 else -np.inf
-    hi = score[order[n]] if n < len(score) else np.inf
-    threshold = (lo + hi) / 2 if np.isfinite(lo) and np.isfinite(hi) else (lo if np.isfinite(lo) else hi)
-    return kept, float(threshold)
+    return kept, threshold_between(score[order], n)
 
 
 def _flap(model, stats, prunable: list[bool], target: float, ratio: float, neuron_scores: list[np.ndarray],
@@ -165,9 +157,10 @@ def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ra
 
     ``stats`` is :func:`fnprune.extract.load_stats` of the extraction pass (``random`` and
     ``magnitude`` need none). ``multiple`` rounds each prunable layer's kept MLP neurons to a
-    multiple of it (:func:`fnprune.mask.round_kept`). Every prunable layer keeps its ``min_keep`` best neurons and, for
-    ``flap``, its best key/value head group. The record says whether bias compensation belongs
-    to the method (``down_mean`` for the MLP and, with ``kept_heads``, ``o_mean`` for ``o_proj``).
+    multiple of it (:func:`fnprune.mask.round_kept`). Every prunable layer keeps its ``min_keep``
+    best neurons and, for ``flap``, its best key/value head group. FLAP's targets prune with bias
+    compensation (``fnprune.config.parse_method``'s ``bias``), from ``down_mean`` and, with
+    ``kept_heads``, ``o_mean``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; expected one of: {', '.join(METHODS)}")
@@ -179,10 +172,10 @@ def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ra
     prunable = prunable_layers(len(blocks), protect_first, protect_last)
     block_params = A.block_parameter_count(model)
     neuron_params = A.mlp_neuron_params(blocks[0], ad)
-    fields: dict = {"method": method, "ratio_requested": ratio, "protect_first": protect_first,
-                    "protect_last": protect_last, "min_keep": min_keep, "seed": seed,
-                    "bias_compensation": method in ("flap", "flap_mlp"),
-                    "selection": "uniform" if method in ("random", "magnitude", "wanda_sp") else "global"}
+    n_drop = n_to_drop(ratio, block_params, neuron_params)
+    selection = "uniform" if method in ("random", "magnitude", "wanda_sp") else "global"
+    fields: dict = {"method": method, "kind": "baseline", "ratio_requested": ratio, "prunable": prunable,
+                    "n_drop": n_drop, "min_keep": min_keep, "selection": selection, "seed": seed}
     if method == "random":
         scores = random_scores(sizes, seed)
     elif method == "magnitude":
@@ -192,16 +185,15 @@ def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ra
     else:
         raw = wifv_scores(model, "down", stat(stats, "down_var", sizes, method))
         scores = [standardise(s) for s in raw]
-    if fields["selection"] == "uniform":
-        kept = select_uniform(scores, prunable, n_to_drop(ratio, block_params, neuron_params), ratio, min_keep)
-    elif method == "flap_mlp":
-        kept, fields["threshold"] = select_global(scores, prunable, n_to_drop(ratio, block_params, neuron_params),
-                                                  ratio, min_keep)
-    else:
+    if method == "flap":
         kept, extra = _flap(model, stats, prunable, ratio * block_params, ratio, scores, neuron_params, min_keep)
         fields.update(extra)
+        if multiple:
+            kept = round_kept(kept, scores, prunable, multiple)
+    else:
+        chosen = select(scores, selection, prunable, n_drop, ratio, min_keep, multiple=multiple)
+        kept, fields["threshold"] = chosen["kept"], chosen["threshold"]
     if multiple:
-        kept = round_kept(kept, scores, prunable, multiple)
         fields.update(method=f"{method}_m{multiple}", multiple=multiple)
     total_params = sum(p.numel() for p in model.parameters())
-    return describe_mask(kept, sizes, block_params, total_params, neuron_params, **fields)
+    return mask_record(kept, sizes, block_params, total_params, neuron_params, **fields)

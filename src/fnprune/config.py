@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .adapters import REGISTRY, supports_head_pruning  # torch-free: the registry is data
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 BACKENDS = ("torch", "exact", "nilearn")      # CanICA implementations (fnprune.ica)
@@ -158,11 +159,26 @@ def parse_target(target: str, models: list[str], default_backend: str = "torch")
                      f"with model in {', '.join(models)}")
 
 
+def method_problems(methods: list[str], key: str) -> list[str]:
+    """What is wrong with each method name of the config key ``key`` (none: an empty list)."""
+    problems = []
+    for method in methods:
+        try:
+            parse_method(method)
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Refuse a configuration with every problem found, one per line (each names its key)."""
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
 def head_pruning_problems(config: dict, models: list[str], method: str) -> list[str]:
     """``flap`` prunes attention heads, which needs separate q/k/v projections: name the models
     (fused qkv: Phi-3, ChatGLM3) it cannot run on."""
-    from .adapters import REGISTRY, supports_head_pruning
-
     if BASELINE_METHOD.fullmatch(method) is None or BASELINE_METHOD.fullmatch(method)["baseline"] != "flap":
         return []
     return [f"{method} prunes attention heads, which model {m} ({config['models'][m]['architecture']}, fused "
@@ -233,8 +249,7 @@ def expand_aliases(config: dict) -> None:
                          f"change {k}; set it on models.{base} or define a model of its own"
                          for k in WEIGHT_KEYS if k in spec and spec[k] != models[base].get(k)]
             expanded[name] = _merge(models[base], spec)
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    raise_problems(problems)
     models.update(expanded)
 
 
@@ -254,7 +269,7 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         msgs = [f"config key {'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in errors]
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(msgs))
+        raise_problems(msgs)
     for m in config["models"].values():
         if "calibration" in m:
             if m["calibration"]["corpus"] is None:
@@ -298,8 +313,6 @@ def check(config: dict) -> None:
             elif m["train"]["num_layers"] != m["num_layers"]:
                 problems.append(f"models.{name}.num_layers: {m['num_layers']} differs from "
                                 f"train.num_layers {m['train']['num_layers']}")
-        from .adapters import REGISTRY
-
         if m["architecture"] not in REGISTRY:
             problems.append(f"models.{name}.architecture: {m['architecture']!r} is not supported; "
                             f"supported: {', '.join(sorted(REGISTRY))}")
@@ -325,18 +338,13 @@ def check(config: dict) -> None:
                             f"part) and holds no '_r<digit>' or '_dense', which the path grammar uses")
     for section in ("targets", "comparison"):
         for method in config[section].get("methods", []):
-            try:
-                parse_method(method)
-            except ValueError as e:
-                problems.append(f"{section}.methods: {e}")
-                continue
-            problems += [f"{section}.methods: {e}" for e in head_pruning_problems(config, config["targets"]["models"],
-                                                                                 method)]
+            bad = method_problems([method], f"{section}.methods")
+            problems += bad or [f"{section}.methods: {e}"
+                                for e in head_pruning_problems(config, config["targets"]["models"], method)]
     for model in config["targets"]["models"]:
         if model not in models:
             problems.append(f"targets.models: {model!r} is not a key of models ({', '.join(models)})")
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    raise_problems(problems)
 
 
 def load(path: str | Path) -> dict:

@@ -19,8 +19,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import parse_method, parse_target, weights_of
-from .io import atomic_path, read_json
+from .config import method_problems, parse_target, raise_problems, weights_of
+from .io import atomic_path, read_json, write_text
+from .mask import dice, kept_vector, read_mask
+from .tables import Column, fmt, markdown_table, method_label
 
 # Corpus keys that decide which split a document's chunks land in (fnprune.corpus).
 SPLIT_KEYS = ("fractions", "max_chars", "min_chars", "group_chunks")
@@ -43,11 +45,7 @@ def check(config: dict) -> None:
     d, models, corpora = config["domains"], config["models"], config["corpora"]
     problems = [f"domains.models: {m!r} is not a key of models" for m in d["models"] if m not in models]
     problems += [f"domains.corpora: {c!r} is not a key of corpora" for c in d["corpora"] if c not in corpora]
-    for method in d["methods"]:
-        try:
-            parse_method(method)
-        except ValueError as e:
-            problems.append(f"domains.methods: {e}")
+    problems += method_problems(d["methods"], "domains.methods")
     sources = [m for m in d["models"] if m in models]
     used = list(dict.fromkeys([c for c in d["corpora"] if c in corpora]
                               + [models[m].get("calibration", {}).get("corpus", models[m]["corpus"])
@@ -64,8 +62,7 @@ def check(config: dict) -> None:
                 problems.append(f"corpora.{c}: splits the documents of corpora.{trained} (model {w}'s training "
                                 f"corpus) with another {', '.join(differ)}, so its test and calib texts could be "
                                 f"training text; give it the same {', '.join(differ)}")
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    raise_problems(problems)
 
 
 def bases(config: dict) -> list[str]:
@@ -141,32 +138,20 @@ def perplexity_grids(records: Sequence[dict]) -> list[Grid]:
     return grids
 
 
-def kept_vectors(mask: dict, layers: Sequence[int]) -> np.ndarray:
-    """The kept neurons of ``layers`` as one boolean vector."""
-    parts = []
-    for i in layers:
-        v = np.zeros(mask["intermediate_sizes"][i], dtype=bool)
-        v[mask["kept"][i]] = True
-        parts.append(v)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
-
-
 def mask_overlap(a: dict, b: dict) -> dict:
     """Dice of two masks' kept neurons over the prunable layers, and its chance level.
 
     The chance level is the expected Dice of two masks keeping the same numbers of neurons per
     layer at random: ``2 sum_l ka_l kb_l / n_l / (sum_l ka_l + kb_l)``.
     """
-    from .paper import prunable_of
-
-    layers = [i for i, (pa, pb) in enumerate(zip(prunable_of(a), prunable_of(b))) if pa or pb]
-    va, vb = kept_vectors(a, layers), kept_vectors(b, layers)
+    layers = [i for i, (pa, pb) in enumerate(zip(a["prunable"], b["prunable"])) if pa or pb]
+    va = kept_vector(a["kept"], a["intermediate_sizes"], layers)
+    vb = kept_vector(b["kept"], b["intermediate_sizes"], layers)
     total = va.sum() + vb.sum()
     ka = np.array([len(a["kept"][i]) for i in layers], dtype=float)
     kb = np.array([len(b["kept"][i]) for i in layers], dtype=float)
     n = np.array([a["intermediate_sizes"][i] for i in layers], dtype=float)
-    return {"dice": float(2 * (va & vb).sum() / total) if total else 1.0,
-            "chance": float(2 * (ka * kb / n).sum() / total) if total else 1.0,
+    return {"dice": dice(va, vb), "chance": float(2 * (ka * kb / n).sum() / total) if total else 1.0,
             "kept_a": int(va.sum()), "kept_b": int(vb.sum()), "neurons": int(len(va))}
 
 
@@ -182,41 +167,32 @@ def overlap_rows(masks: Sequence[tuple[str, int, str, dict]]) -> list[dict]:
     return rows
 
 
-def _fmt(x: float, digits: int = 2) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
-
-
 def grid_title(g: Grid) -> str:
-    from .tables import method_label
-
     return f"{g.ratio}% of block parameters removed, {method_label(g.method)} ({g.protocol})"
 
 
 def grid_markdown(g: Grid) -> str:
-    """The perplexity table of one grid; the best pruned value of each column is bold."""
-    header = ["calibration source", "calibrated on", *g.corpora]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    best = [min((v for v in g.ppl[1:, j] if not math.isnan(v)), default=math.nan) for j in range(len(g.corpora))]
+    """The perplexity table of one grid; the best displayed pruned value of each column is bold (ties all)."""
+    col = Column("ppl", "perplexity", lower_better=True)
+    best = [min((v for v in (col.shown(x) for x in g.ppl[1:, j]) if v is not None), default=None)
+            for j in range(len(g.corpora))]
+    rows = []
     for i, row in enumerate(g.rows):
         cells = []
         for j in range(len(g.corpora)):
             v = g.ppl[i, j]
-            s = _fmt(v) if i == 0 or math.isnan(v) else f"{_fmt(v)} ({g.change[i, j]:+.1f}%)"
-            cells.append(f"**{s}**" if i > 0 and v == best[j] and len(g.rows) > 2 else s)
-        lines.append("| " + " | ".join([row, g.calibration[i] or "-", *cells]) + " |")
-    return "\n".join(lines) + "\n"
+            s = fmt(v) if i == 0 or math.isnan(v) else f"{fmt(v)} ({g.change[i, j]:+.1f}%)"
+            bold = i > 0 and len(g.rows) > 2 and best[j] is not None and col.shown(v) == best[j]
+            cells.append(f"**{s}**" if bold else s)
+        rows.append([row, g.calibration[i] or "-", *cells])
+    return markdown_table(["calibration source", "calibrated on", *g.corpora], rows, 2)
 
 
 def overlap_markdown(rows: Sequence[dict]) -> str:
-    from .tables import method_label
-
-    header = ["ratio", "method", "source A", "source B", "Dice", "chance", "kept A", "kept B", "neurons"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append("| " + " | ".join([f"{r['ratio']}%", method_label(r["method"]), r["source_a"], r["source_b"],
-                                         _fmt(r["dice"], 3), _fmt(r["chance"], 3), str(r["kept_a"]),
-                                         str(r["kept_b"]), str(r["neurons"])]) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[f"{r['ratio']}%", method_label(r["method"]), r["source_a"], r["source_b"], fmt(r["dice"], 3),
+             fmt(r["chance"], 3), str(r["kept_a"]), str(r["kept_b"]), str(r["neurons"])] for r in rows]
+    return markdown_table(["ratio", "method", "source A", "source B", "Dice", "chance", "kept A", "kept B", "neurons"],
+                          body, 4)
 
 
 def markdown(base: str, grids: Sequence[Grid], overlaps: Sequence[dict], figure: str | None = None) -> str:
@@ -256,11 +232,6 @@ def overlap_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def _write(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def table(base: str, ppl_files: Sequence[str], mask_files: Sequence[str], mask_keys: Sequence[dict],
           out_md: str, out_csv: str, out_overlap_csv: str, out_png: str) -> None:
     """The stage: tables, overlaps and heatmap of one model's calibration sources.
@@ -272,11 +243,11 @@ def table(base: str, ppl_files: Sequence[str], mask_files: Sequence[str], mask_k
     if len(mask_files) != len(mask_keys):
         raise ValueError(f"{len(mask_files)} mask files but {len(mask_keys)} mask keys")
     grids = perplexity_grids([read_json(f) for f in ppl_files])
-    overlaps = overlap_rows([(k["source"], k["ratio"], k["method"], read_json(f))
+    overlaps = overlap_rows([(k["source"], k["ratio"], k["method"], read_mask(f))
                              for k, f in zip(mask_keys, mask_files)])
     fig = domain_figure(grids, [grid_title(g) for g in grids], f"{base}: calibration source x evaluation domain")
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    _write(out_csv, grids_csv(grids))
-    _write(out_overlap_csv, overlap_csv(overlaps))
-    _write(out_md, markdown(base, grids, overlaps, Path(out_png).name))
+    write_text(out_csv, grids_csv(grids))
+    write_text(out_overlap_csv, overlap_csv(overlaps))
+    write_text(out_md, markdown(base, grids, overlaps, Path(out_png).name))

@@ -205,20 +205,21 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
     wall = time.time() - t0
     if stats_path is not None:
         save_npz(stats_path, n_tokens=np.array(n_tokens),
-                 down_sum=_stack(rec.down_sum), down_sumsq=_stack(rec.down_sumsq),
-                 o_sum=_stack(rec.o_sum), o_sumsq=_stack(rec.o_sumsq), wall_s=np.array(wall))
+                 down_sum=_stack(rec.down_sum, "down_proj"), down_sumsq=_stack(rec.down_sumsq, "down_proj"),
+                 o_sum=_stack(rec.o_sum, "o_proj"), o_sumsq=_stack(rec.o_sumsq, "o_proj"), wall_s=np.array(wall))
     log.info("%s: %d texts, %d tokens, %d layers in %.1f s", desc, len(seqs), n_tokens, len(blocks), wall)
     return {"n_texts": len(seqs), "n_tokens": n_tokens, "wall_s": wall}
 
 
-def _stack(xs: list[torch.Tensor]) -> np.ndarray:
-    """Per-layer vectors as one (layers x width) array, or an object array if widths differ."""
+def _stack(xs: list[torch.Tensor], what: str) -> np.ndarray:
+    """Per-layer vectors of one width as one (layers x width) array (what :func:`load_stats` reads)."""
     arrs = [x.cpu().numpy() for x in xs]
-    if len({a.shape for a in arrs}) == 1:
-        return np.stack(arrs)
-    out = np.empty(len(arrs), dtype=object)
-    out[:] = arrs
-    return out
+    widths = sorted({a.shape[0] for a in arrs})
+    if len(widths) > 1:
+        raise ValueError(f"calibration statistics: the {what} inputs have per-layer widths {widths}; the "
+                         f"statistics pass needs a model whose layers all have one width (a dense model, "
+                         f"not a pruned one)")
+    return np.stack(arrs)
 
 
 def load_stats(paths: list[str | Path]) -> dict[str, np.ndarray]:

@@ -84,6 +84,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary name, then a rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
@@ -92,11 +98,6 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path}: expected a JSON file written by fnprune, found none") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun the rule that makes it") from None
-
-
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, array)
 
 
 def load_npz(path: str | os.PathLike, what: str, keys: tuple[str, ...], recover: str) -> dict[str, np.ndarray]:

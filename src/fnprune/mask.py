@@ -1,8 +1,9 @@
 """From scores to kept neurons: the union over batches, protected layers and the ratio search.
 
-The pruning ratio is FLAP's: the fraction of transformer-block parameters removed. A mask is a
-plain dict (written as JSON) holding the kept neuron indices of every layer, the threshold and
-the achieved ratios; pruning, baselines and reports all read that one format.
+The pruning ratio is FLAP's: the fraction of transformer-block parameters removed. A mask is one
+plain dict (:func:`mask_record`, written as JSON) holding the kept neuron indices of every layer,
+how they were chosen and the achieved ratios; ICA masks and baselines write it, pruning, metrics
+and reports read it (:func:`read_mask`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import load_npz, versions
+from .io import load_npz, read_json, versions
 
 # What a mask reads from an ICA score file (stages.ica); "?" marks keys older files may lack.
 SCORE_KEYS = ("scores", "converged", "n_iter", "wall_s", "skipped?", "n_tokens?", "extract_wall_s?")
 
 log = logging.getLogger(__name__)
+
+
+def neuron_scores(signal_scores: np.ndarray) -> np.ndarray:
+    """Neuron scores of (layers x 2*intermediate) signal scores: the larger of a neuron's gate and up.
+
+    A score file holds one score per signal, the gate signals of a layer first, then its up
+    signals (fnprune.extract's shard layout); a neuron belongs to a network if either does.
+    """
+    half = signal_scores.shape[-1] // 2
+    return np.maximum(signal_scores[..., :half], signal_scores[..., half:])
 
 
 def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray], dict]:
@@ -38,8 +49,7 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
         ext_wall.append(float(z.get("extract_wall_s", np.nan)))
         if np.isnan(s).any() or np.isneginf(s).any():
             raise ValueError(f"{path}: ICA scores hold NaN or -inf")
-        inter = s.shape[1] // 2
-        neuron = np.maximum(s[:, :inter], s[:, inter:])
+        neuron = neuron_scores(s)
         neuron[skip] = -np.inf
         best = neuron if best is None else np.maximum(best, neuron)
         voted = ~skip if voted is None else voted | ~skip
@@ -85,6 +95,16 @@ def _check_reachable(n_drop: int, sizes: list[int], prunable: list[bool], min_ke
                          f"the ratio or protect fewer layers (protect_first / protect_last)")
 
 
+def threshold_between(ascending: np.ndarray, n_drop: int) -> float:
+    """The threshold ``T`` that drops the ``n_drop`` lowest of ``ascending`` scores: midway between
+    the last dropped and the first kept (the one that exists when either end is reached)."""
+    lo = float(ascending[n_drop - 1]) if n_drop > 0 else float("-inf")
+    hi = float(ascending[n_drop]) if n_drop < len(ascending) else float("inf")
+    if np.isfinite(lo) and np.isfinite(hi):
+        return (lo + hi) / 2
+    return lo if np.isfinite(lo) else hi
+
+
 def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float,
                   min_keep: int = 1) -> tuple[list[np.ndarray], float]:
     """Drop the ``n_drop`` lowest-scoring neurons over all prunable layers (one threshold ``T``).
@@ -114,10 +134,7 @@ def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, r
     for layer, idx in zip(cl[drop], ci[drop]):
         dropped[layer].add(int(idx))
     kept = [np.array(sorted(set(range(n)) - d), dtype=np.int64) for n, d in zip(sizes, dropped)]
-    lo = float(cs[order[n_drop - 1]]) if n_drop > 0 else float("-inf")
-    hi = float(cs[order[n_drop]]) if n_drop < len(cs) else float("inf")
-    threshold = (lo + hi) / 2 if np.isfinite(lo) and np.isfinite(hi) else (lo if np.isfinite(lo) else hi)
-    return kept, threshold
+    return kept, threshold_between(cs[order], n_drop)
 
 
 def select_uniform(scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float,
@@ -137,18 +154,22 @@ def select_uniform(scores: list[np.ndarray], prunable: list[bool], n_drop: int, 
     return kept
 
 
+def standardise(x: np.ndarray) -> np.ndarray:
+    """Zero mean and unit sample standard deviation (ddof 1, as FLAP's code) over the finite values;
+    a constant vector becomes zeros, and non-finite values (a layer kept whole: +inf) stay."""
+    z = np.asarray(x, dtype=np.float64).copy()
+    fin = np.isfinite(z)
+    if fin.sum() > 1:
+        sd = float(z[fin].std(ddof=1))
+        z[fin] = (z[fin] - z[fin].mean()) / (sd if sd > 0 else 1.0)
+    elif fin.any():
+        z[fin] = 0.0
+    return z
+
+
 def standardise_layers(scores: list[np.ndarray]) -> list[np.ndarray]:
-    """Each layer's scores z-scored over its finite values (a layer kept whole stays +inf)."""
-    out = []
-    for s in scores:
-        s = np.asarray(s, dtype=np.float64)
-        fin = np.isfinite(s)
-        z = s.copy()
-        if fin.sum() > 1:
-            mu, sd = s[fin].mean(), s[fin].std()
-            z[fin] = (s[fin] - mu) / (sd if sd > 0 else 1.0)
-        out.append(z)
-    return out
+    """Each layer's scores standardised on their own (:func:`standardise`)."""
+    return [standardise(s) for s in scores]
 
 
 def hybrid_scores(network: list[np.ndarray], fluctuation: list[np.ndarray]) -> list[np.ndarray]:
@@ -236,13 +257,33 @@ def round_kept(kept: list[np.ndarray], scores: list[np.ndarray], prunable: list[
     return out
 
 
-def describe_mask(kept: list[np.ndarray], sizes: list[int], block_params: int, total_params: int,
-                  neuron_params: int, **fields) -> dict:
-    """The mask record: kept indices, counts and achieved ratios (block and whole model)."""
-    removed = sum(n - len(k) for n, k in zip(sizes, kept)) * neuron_params
-    removed += fields.pop("removed_other_params", 0)
-    rec = dict(fields)
-    rec.update({
+# Every mask record holds these (ICA and baseline masks alike); :func:`read_mask` checks them.
+MASK_KEYS = ("method", "kind", "ratio_requested", "prunable", "n_drop", "min_keep", "selection", "multiple",
+             "threshold", "intermediate_sizes", "kept_counts", "removed_block_params",
+             "block_params", "neuron_params", "achieved_block_ratio", "achieved_total_ratio", "kept")
+MASK_KINDS = ("ica", "baseline")
+
+
+def mask_record(kept: list[np.ndarray], sizes: list[int], block_params: int, total_params: int, neuron_params: int,
+                *, method: str, kind: str, ratio_requested: float, prunable: list[bool], n_drop: int, min_keep: int,
+                selection: str, threshold: float | None = None, multiple: int | None = None,
+                removed_other_params: int = 0, **extra) -> dict:
+    """The one mask record (written as JSON; pruning, metrics and reports read it): kept indices,
+    counts and achieved ratios (block and whole model), and how the mask was chosen.
+
+    ``n_drop`` is the number of MLP neurons the ratio asks for when only MLP neurons go
+    (:func:`n_to_drop`); ``removed_other_params`` counts what else goes (FLAP's head groups).
+    ``extra`` holds the fields of one kind (ICA: ``k``, ``backend``, ``ica``; FLAP: ``kept_heads``).
+    Bias compensation is not a property of the mask but of the target that prunes with it
+    (``_bias``, and FLAP's methods): the pruned model's sidecar records it.
+    """
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask kind {kind!r}: expected one of {MASK_KINDS}")
+    removed = sum(n - len(k) for n, k in zip(sizes, kept)) * neuron_params + removed_other_params
+    return {
+        "method": method, "kind": kind, "ratio_requested": ratio_requested, "prunable": [bool(p) for p in prunable],
+        "n_drop": int(n_drop), "min_keep": int(min_keep), "selection": selection, "multiple": multiple,
+        "threshold": threshold, **extra,
         "intermediate_sizes": list(sizes),
         "kept_counts": [len(k) for k in kept],
         "removed_block_params": int(removed),
@@ -250,7 +291,63 @@ def describe_mask(kept: list[np.ndarray], sizes: list[int], block_params: int, t
         "neuron_params": int(neuron_params),
         "achieved_block_ratio": removed / block_params,
         "achieved_total_ratio": removed / total_params,
-        "kept": [k.tolist() for k in kept],
+        "kept": [np.asarray(k).tolist() for k in kept],
         "versions": versions(),
-    })
+    }
+
+
+def read_mask(path: str | Path) -> dict:
+    """A mask record from its JSON file, checked for every key of :data:`MASK_KEYS` (naming the file)."""
+    rec = read_json(path)
+    missing = [k for k in MASK_KEYS if k not in rec] if isinstance(rec, dict) else list(MASK_KEYS)
+    if missing:
+        raise ValueError(f"{path}: not a mask record of this fnprune (missing {', '.join(missing)}); "
+                         f"delete it and rerun its mask job")
     return rec
+
+
+def kept_vector(kept: list[list[int]] | list[np.ndarray], sizes: list[int], layers: list[int]) -> np.ndarray:
+    """The kept neurons of ``layers`` as one boolean vector (layer after layer)."""
+    parts = []
+    for i in layers:
+        v = np.zeros(sizes[i], dtype=bool)
+        v[np.asarray(kept[i], dtype=np.int64)] = True
+        parts.append(v)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice index ``2|A & B| / (|A| + |B|)`` of two boolean membership vectors (1 when both are empty)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    size = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / size) if size else 1.0
+
+
+def select(scores: list[np.ndarray], selection: str, prunable: list[bool], n_drop: int, ratio: float,
+           min_keep: int = 1, fluctuation: list[np.ndarray] | None = None, multiple: int | None = None) -> dict:
+    """Kept neurons of one selection rule (``fnprune.config.SELECTIONS``) and what it decided.
+
+    ``global``: one threshold over the prunable layers; ``zglobal``: the same over per-layer
+    z-scores; ``uniform``: the same count from every layer; ``imp``: per-layer budgets inverse to
+    layer importance (mean FLAP fluctuation, ``fluctuation``). ``multiple`` then rounds each
+    layer's kept count (:func:`round_kept`). Returns ``kept``, ``threshold`` (None without one)
+    and ``layer_importance`` (None unless ``imp``).
+    """
+    threshold, importance = None, None
+    if selection == "zglobal":
+        scores = standardise_layers(scores)
+    if selection in ("global", "zglobal"):
+        kept, threshold = select_global(scores, prunable, n_drop, ratio, min_keep)
+    elif selection == "uniform":
+        kept = select_uniform(scores, prunable, n_drop, ratio, min_keep)
+    elif selection == "imp":
+        if fluctuation is None:
+            raise ValueError("selection 'imp' needs the fluctuation of every layer (calibration statistics)")
+        importance = [float(np.mean(f)) for f in fluctuation]
+        kept = select_budgets(scores, importance_budgets(importance, [len(s) for s in scores], prunable, n_drop,
+                                                         min_keep))
+    else:
+        raise ValueError(f"mask selection {selection!r}: expected global, zglobal, uniform or imp")
+    if multiple:
+        kept = round_kept(kept, scores, prunable, multiple)
+    return {"kept": kept, "threshold": threshold, "layer_importance": importance}

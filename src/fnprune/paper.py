@@ -12,16 +12,49 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .config import ICA_METHOD, method_name, parse_method
-from .io import atomic_path, load_npz, read_json, write_json
+from .config import ICA_METHOD, head_pruning_problems, method_name, method_problems, parse_method, raise_problems
+from .io import load_npz, read_json, write_json, write_text
+from .mask import dice, kept_vector, neuron_scores, read_mask, select_global
 
-METRIC_FIGURES = ("components", "calibration", "threshold", "kept_per_layer")
-FIGURES = METRIC_FIGURES + ("overlap", "stability")
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of every grid's model: ``results/paper/{grid}/{model}/{name}.{png,pdf}``.
+
+    ``fnprune.plots.{name}_figure`` draws it; a figure ``from_metrics`` reads only metrics files
+    (:func:`figure_targets`), and one rule per such figure is generated from this list
+    (workflow/rules/paper.smk). ``title`` heads its section of the report, ``label`` and
+    ``category`` place it in Snakemake's HTML report.
+    """
+
+    name: str
+    title: str
+    label: str
+    category: str
+    from_metrics: bool = False
+    needs_k: bool = False  # drawn with the ablation method's k
+
+
+FIGURES = (
+    FigureSpec("components", "Number of ICA components", "number of components", "Ablations", from_metrics=True),
+    FigureSpec("calibration", "Calibration size", "calibration size", "Ablations", from_metrics=True),
+    FigureSpec("threshold", "Threshold T and achieved pruning ratio", "threshold vs ratio", "Ablations",
+               from_metrics=True, needs_k=True),
+    FigureSpec("kept_per_layer", "Kept neurons per layer", "kept neurons per layer", "Masks", from_metrics=True),
+    FigureSpec("overlap", "Mask overlap between methods", "mask overlap", "Masks"),
+    FigureSpec("stability", "Stability of the ICA mask across calibration batches", "mask stability across batches",
+               "Masks"),
+    FigureSpec("seeds", "Network stability: FastICA seeds vs calibration data", "seeds vs data", "Masks"),
+)
+FIGURE = {f.name: f for f in FIGURES}
+METRIC_FIGURES = tuple(f.name for f in FIGURES if f.from_metrics)
 SEEDS_FIGURE = "seeds"  # only for grids with stability_seeds
 
 
@@ -140,7 +173,8 @@ def stability_seeds(config: dict, grid: str) -> list[int]:
 
 def figures_of(config: dict, grid: str) -> tuple[str, ...]:
     """The figures each model of a grid gets (the seeds figure needs stability seeds)."""
-    return FIGURES + ((SEEDS_FIGURE,) if stability_seeds(config, grid) else ())
+    seeds = bool(stability_seeds(config, grid))
+    return tuple(f.name for f in FIGURES if f.name != SEEDS_FIGURE or seeds)
 
 
 def study_targets(config: dict, grid: str, study: str) -> list[Target]:
@@ -166,17 +200,11 @@ def check_grids(config: dict) -> None:
     for name, g in config.get("paper", {}).get("grids", {}).items():
         key = f"paper.grids.{name}"
         problems += [f"{key}.models: {m!r} is not a key of models" for m in g["models"] if m not in config["models"]]
-        for meth in g["methods"]:
-            try:
-                parse_method(meth)
-            except ValueError as e:
-                problems.append(f"{key}.methods: {e}")
+        problems += method_problems(g["methods"], f"{key}.methods")
         try:
             variant(g["ablation_method"])
         except ValueError as e:
             problems.append(f"{key}.ablation_method: {e}")
-        from .config import head_pruning_problems
-
         for meth in set(g["methods"]).union(*g.get("studies", {}).values()):
             for m in g["models"]:
                 if _runs(g, m, meth):
@@ -185,11 +213,7 @@ def check_grids(config: dict) -> None:
         problems += [f"{key}.exclude: {m!r} is not a model of the grid" for m in g.get("exclude", {})
                      if m not in g["models"]]
         for study, methods in g.get("studies", {}).items():
-            for meth in methods:
-                try:
-                    parse_method(meth)
-                except ValueError as e:
-                    problems.append(f"{key}.studies.{study}: {e}")
+            problems += method_problems(methods, f"{key}.studies.{study}")
         if stability_seeds(config, name) and ICA_METHOD.fullmatch(g["ablation_method"]) and \
                 ICA_METHOD.fullmatch(g["ablation_method"])["seed"] is not None:
             problems.append(f"{key}.stability_seeds: the ablation method {g['ablation_method']!r} fixes its own seed")
@@ -199,8 +223,7 @@ def check_grids(config: dict) -> None:
             n_all = config["models"][m]["calibration"]["n_batches"]
             problems += [f"{key}.calibration_batches: {n} exceeds models.{m}.calibration.n_batches ({n_all})"
                          for n in g["calibration_batches"] if n > n_all]
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    raise_problems(problems)
 
 
 def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
@@ -208,20 +231,12 @@ def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
-def prunable_of(mask: dict) -> list[bool]:
-    """Prunable layers of a mask record (ICA masks list them; baselines give the protected counts)."""
-    if "prunable" in mask:
-        return list(mask["prunable"])
-    n = len(mask["kept"])
-    return [mask.get("protect_first", 0) <= i < n - mask.get("protect_last", 0) for i in range(n)]
-
-
 def overlap_by_layer(masks: list[dict]) -> tuple[list[tuple[str, str]], list[int], np.ndarray]:
     """Jaccard index of the kept neurons of every pair of masks in every prunable layer.
 
     Returns the method pairs, the layers and a (pairs x layers) array.
     """
-    layers = [i for i in range(len(masks[0]["kept"])) if any(prunable_of(m)[i] for m in masks)]
+    layers = [i for i in range(len(masks[0]["kept"])) if any(m["prunable"][i] for m in masks)]
     pairs = list(itertools.combinations(range(len(masks)), 2))
     values = np.array([[jaccard(masks[a]["kept"][i], masks[b]["kept"][i]) for i in layers] for a, b in pairs])
     return [(masks[a]["method"], masks[b]["method"]) for a, b in pairs], layers, values.reshape(len(pairs), len(layers))
@@ -230,36 +245,22 @@ def overlap_by_layer(masks: list[dict]) -> tuple[list[tuple[str, str]], list[int
 def batch_keep_counts(scores: Sequence[np.ndarray], threshold: float) -> np.ndarray:
     """How many batches keep each neuron: (layers x neurons) counts of batch scores above ``threshold``.
 
-    ``scores`` holds one (layers x 2*intermediate) array of max |z| per signal for each batch; a
-    neuron's score is the larger of its gate and up signals'.
+    ``scores`` holds one (layers x 2*intermediate) array of max |z| per signal for each batch
+    (:func:`fnprune.mask.neuron_scores` makes them neuron scores).
     """
-    counts = None
-    for s in scores:
-        half = s.shape[1] // 2
-        kept = (np.maximum(s[:, :half], s[:, half:]) > threshold).astype(np.int64)
-        counts = kept if counts is None else counts + kept
-    if counts is None:
+    if not scores:
         raise ValueError("no ICA score files to count kept neurons from")
-    return counts
+    return sum((neuron_scores(s) > threshold).astype(np.int64) for s in scores)
 
 
-def neuron_scores(batch_scores: np.ndarray) -> list[np.ndarray]:
-    """Per-layer neuron scores of one batch's (layers x 2*intermediate) signal scores."""
-    half = batch_scores.shape[1] // 2
-    return list(np.maximum(batch_scores[:, :half], batch_scores[:, half:]))
+def _kept_vectors(scores: Sequence[np.ndarray], mask: dict, layers: Sequence[int]) -> list[np.ndarray]:
+    """Per layer of ``layers``: the boolean kept vector of ``scores`` thresholded at the mask's ratio."""
+    kept, _ = select_global(list(scores), mask["prunable"], mask["n_drop"], mask["ratio_requested"], mask["min_keep"])
+    return [kept_vector(kept, mask["intermediate_sizes"], [i]) for i in layers]
 
 
-def _kept_sets(scores: list[np.ndarray], mask: dict) -> list[set[int]]:
-    from .mask import select_global
-
-    kept, _ = select_global(scores, prunable_of(mask), mask["n_drop"], mask["ratio_requested"], mask.get("min_keep", 1))
-    return [set(k.tolist()) for k in kept]
-
-
-def _dice(a: list[set[int]], b: list[set[int]], layers: Sequence[int]) -> float:
-    inter = sum(len(a[i] & b[i]) for i in layers)
-    size = sum(len(a[i]) + len(b[i]) for i in layers)
-    return 2 * inter / size if size else 1.0
+def _dice(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return dice(np.concatenate(a), np.concatenate(b))
 
 
 def seed_stability(mask: dict, batch_scores: Sequence[np.ndarray], seed_scores: Sequence[np.ndarray],
@@ -272,30 +273,31 @@ def seed_stability(mask: dict, batch_scores: Sequence[np.ndarray], seed_scores: 
     each single batch's Dice to the final union, and per prunable layer the mean pairwise Dice
     between seeds (batch 0, config seed included) and between batches (config seed).
     """
-    layers = [i for i, p in enumerate(prunable_of(mask)) if p]
-    per_batch = [neuron_scores(s) for s in batch_scores]
+    layers = [i for i, p in enumerate(mask["prunable"]) if p]
+    per_batch = [list(neuron_scores(s)) for s in batch_scores]
     union = per_batch[0]
     unions = []
     for b in per_batch:
         union = [np.maximum(u, x) for u, x in zip(union, b)]
         unions.append(union)
-    final = _kept_sets(unions[-1], mask)
+    final = _kept_vectors(unions[-1], mask, layers)
     n_all = len(per_batch)
     ns = sorted({n for n in (2 ** i for i in range(n_all.bit_length())) if n <= n_all} | {n_all})
-    singles = [_kept_sets(b, mask) for b in per_batch]
-    seed_sets = [singles[0]] + [_kept_sets(neuron_scores(s), mask) for s in seed_scores]
+    singles = [_kept_vectors(b, mask, layers) for b in per_batch]
+    seed_sets = [singles[0]] + [_kept_vectors(neuron_scores(s), mask, layers) for s in seed_scores]
 
-    def pairwise(sets: list[list[set[int]]]) -> list[float]:
+    def pairwise(sets: list[list[np.ndarray]]) -> list[float]:
         pairs = list(itertools.combinations(range(len(sets)), 2))
-        return [float(np.mean([_dice(sets[a], sets[b], [i]) for a, b in pairs])) for i in layers] if pairs else []
+        return [float(np.mean([dice(sets[a][j], sets[b][j]) for a, b in pairs])) for j in range(len(layers))
+                ] if pairs else []
 
-    kept = sum(len(final[i]) for i in layers)
-    total = sum(len(per_batch[0][i]) for i in layers)
+    kept = sum(int(v.sum()) for v in final)
+    total = sum(len(v) for v in final)
     seed_layer, batch_layer = pairwise(seed_sets), pairwise(singles)
     return {"layers": layers, "seeds": list(seeds), "n_batches_total": n_all, "keep_fraction": kept / total,
             "accumulation": {"n_batches": ns,
-                             "dice_to_final": [_dice(_kept_sets(unions[n - 1], mask), final, layers) for n in ns]},
-            "single_batch_dice_to_final": [_dice(s, final, layers) for s in singles],
+                             "dice_to_final": [_dice(_kept_vectors(unions[n - 1], mask, layers), final) for n in ns]},
+            "single_batch_dice_to_final": [_dice(s, final) for s in singles],
             "seed_dice_per_layer": seed_layer, "batch_dice_per_layer": batch_layer,
             "seed_dice_mean": float(np.mean(seed_layer)) if seed_layer else None,
             "batch_dice_mean": float(np.mean(batch_layer)) if batch_layer else None}
@@ -306,7 +308,7 @@ def seeds(mask_file: str, score_files: Sequence[str], seed_files: Sequence[str],
     """The seeds figure and its numbers (JSON)."""
     from . import plots
 
-    mask = read_json(mask_file)
+    mask = read_mask(mask_file)
     res = seed_stability(mask, load_scores(score_files), load_scores(seed_files), stability_seeds)
     res.update(method=mask["method"], ratio=mask["ratio_requested"], model=model)
     write_json(out_json, res)
@@ -326,8 +328,8 @@ def studies(files: dict[str, Sequence[str]], task_metrics: Sequence[str], out_md
         md += [f"## {study}", "", t["md"], ""]
         rows = t["csv"].splitlines()
         csv += ([f"study,{rows[0]}"] if not csv else []) + [f"{study},{r}" for r in rows[1:]]
-    _write(out_md, "\n".join(md))
-    _write(out_csv, "\n".join(csv) + "\n")
+    write_text(out_md, "\n".join(md))
+    write_text(out_csv, "\n".join(csv) + "\n")
 
 
 def load_scores(files: Sequence[str | Path]) -> list[np.ndarray]:
@@ -335,11 +337,6 @@ def load_scores(files: Sequence[str | Path]) -> list[np.ndarray]:
     for f in files:
         out.append(load_npz(f, "ICA scores", ("scores",), "delete it and rerun its ICA job")["scores"])
     return out
-
-
-def _write(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def tables(main_files: Sequence[str], ablation_files: Sequence[str], task_metrics: Sequence[str],
@@ -350,29 +347,25 @@ def tables(main_files: Sequence[str], ablation_files: Sequence[str], task_metric
     main = main_table([read_json(f) for f in main_files], task_metrics)
     ablation = ablation_table([read_json(f) for f in ablation_files], task_metrics)
     for fmt, text in main.items():
-        _write(out[f"main_{fmt}"], text)
+        write_text(out[f"main_{fmt}"], text)
     for fmt, text in ablation.items():
-        _write(out[f"ablation_{fmt}"], text)
+        write_text(out[f"ablation_{fmt}"], text)
 
 
 def metrics_figure(figure: str, metrics_files: Sequence[str], png: str, pdf: str, ablation_method: str) -> None:
-    """One figure of METRIC_FIGURES from metrics files (the threshold figure needs the ablation method's k)."""
+    """One figure of METRIC_FIGURES from metrics files (some are drawn with the ablation method's k)."""
     from . import plots
 
     records = [read_json(f) for f in metrics_files]
-    draw = {"components": plots.components_figure, "calibration": plots.calibration_figure,
-            "kept_per_layer": plots.kept_per_layer_figure}
-    if figure == "threshold":
-        fig = plots.threshold_figure(records, parse_method(ablation_method)["k"])
-    else:
-        fig = draw[figure](records)
+    draw = getattr(plots, f"{figure}_figure")
+    fig = draw(records, parse_method(ablation_method)["k"]) if FIGURE[figure].needs_k else draw(records)
     plots.save(fig, png, pdf)
 
 
 def overlap(mask_files: Sequence[str], model: str, png: str, pdf: str) -> None:
     from . import plots
 
-    masks = [read_json(f) for f in mask_files]
+    masks = [read_mask(f) for f in mask_files]
     pairs, layers, values = overlap_by_layer(masks)
     ratio = round(100 * masks[0]["ratio_requested"])
     title = f"{model}: overlap of kept neurons, {ratio}% of block parameters removed"
@@ -383,18 +376,16 @@ def stability(mask_file: str, score_files: Sequence[str], model: str, png: str, 
     """How many calibration batches keep each neuron, at the union mask's threshold."""
     from . import plots
 
-    mask = read_json(mask_file)
+    mask = read_mask(mask_file)
     counts = batch_keep_counts(load_scores(score_files), mask["threshold"])
     title = (f"{model}, {round(100 * mask['ratio_requested'])}% removed, T = {mask['threshold']:.2f}, "
              f"{len(score_files)} batches")
-    plots.save(plots.stability_figure(counts, prunable_of(mask), len(score_files), mask["method"], title), png, pdf)
+    plots.save(plots.stability_figure(counts, mask["prunable"], len(score_files), mask["method"], title), png, pdf)
 
 
 def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], out: str,
             studies_md: str | None = None, domains_md: Sequence[str] = ()) -> None:
     """A Markdown report of the grid: both tables and every PNG figure (linked relative to ``out``)."""
-    from .plots import FIGURE_TITLES
-
     base = Path(out).parent
     lines = [f"# fnprune paper results: grid `{grid}`", "",
              "Built only from `metrics.json` files (and mask JSONs and ICA scores for overlap and stability).",
@@ -411,5 +402,5 @@ def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], o
         lines += [f"## Figures: {model}", ""]
         for f in figs:
             rel = Path(f).relative_to(base)
-            lines += [f"### {FIGURE_TITLES[Path(f).stem]}", "", f"![{Path(f).stem}]({rel.as_posix()})", ""]
-    _write(out, "\n".join(lines))
+            lines += [f"### {FIGURE[Path(f).stem].title}", "", f"![{Path(f).stem}]({rel.as_posix()})", ""]
+    write_text(out, "\n".join(lines))

@@ -18,16 +18,6 @@ from .config import parse_method
 from .io import atomic_path
 from .tables import calibration_texts, full_calibration, method_label, metric_value, nonconverged_fraction, ratio_pct
 
-FIGURE_TITLES = {
-    "components": "Number of ICA components",
-    "calibration": "Calibration size",
-    "threshold": "Threshold T and achieved pruning ratio",
-    "kept_per_layer": "Kept neurons per layer",
-    "overlap": "Mask overlap between methods",
-    "stability": "Stability of the ICA mask across calibration batches",
-    "seeds": "Network stability: FastICA seeds vs calibration data",
-}
-
 Getter = Callable[[dict], float | None]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 STYLES = ("-", "--", "-.", ":")

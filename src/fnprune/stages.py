@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import BUILT_SOURCES
-from .io import load_npz, read_json, setup_logging, versions, write_json
+from .io import load_npz, read_json, setup_logging, versions, write_json, write_text
 
 # Written by the shard pass beside the shards (tokens, wall time), carried into each ICA score file.
 EXTRACT_RECORD = "extract.json"
@@ -107,7 +107,7 @@ def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, o
 
 def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str,
         runs: int = 1) -> None:
-    from .ica import ica_batch
+    from .shards import ica_batch
     from .io import save_npz
     from .modeling import resolve_device
 
@@ -151,9 +151,7 @@ def _fluctuation(model_spec: dict, source: str, stats_files: list[str]) -> list[
 def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float, selector: dict, out: str,
              stats_files: list[str] = ()) -> None:
     """The mask of an ICA method (``selector``: :func:`fnprune.config.parse_method` of its name)."""
-    from .mask import (describe_mask, hybrid_scores, importance_budgets, n_to_drop, prunable_layers,
-                       round_kept, select_budgets, select_global, select_uniform, standardise_layers,
-                       union_neuron_scores)
+    from .mask import hybrid_scores, mask_record, n_to_drop, prunable_layers, select, union_neuron_scores
 
     t0 = time.time()
     info = _shape(model_spec, source)
@@ -161,36 +159,21 @@ def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float
     prunable = prunable_layers(info["n_layers"], model_spec["protect_first"], model_spec["protect_last"])
     n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
     min_keep = model_spec["min_keep_per_layer"]
-    sel = selector["selection"]
     fluct = _fluctuation(model_spec, source, stats_files) if selector["needs_stats"] else None
     if selector["hybrid"]:
         scores = hybrid_scores(scores, fluct)
-    threshold, layer_importance = None, None
-    if sel == "global":
-        kept, threshold = select_global(scores, prunable, n_drop, ratio, min_keep)
-    elif sel == "zglobal":
-        scores = standardise_layers(scores)
-        kept, threshold = select_global(scores, prunable, n_drop, ratio, min_keep)
-    elif sel == "uniform":
-        kept = select_uniform(scores, prunable, n_drop, ratio, min_keep)
-    elif sel == "imp":
-        layer_importance = [float(np.mean(f)) for f in fluct]
-        drops = importance_budgets(layer_importance, info["intermediate_sizes"], prunable, n_drop, min_keep)
-        kept = select_budgets(scores, drops)
-    else:
-        raise ValueError(f"mask selection {sel!r}: expected global, zglobal, uniform or imp")
-    if selector["multiple"]:
-        kept = round_kept(kept, scores, prunable, selector["multiple"])
-    rec = describe_mask(kept, info["intermediate_sizes"], info["block_params"], info["total_params"],
-                        info["neuron_params"], method=selector["selector"], kind="ica", k=selector["k"],
-                        backend=selector["backend"], ica_seed=selector["seed"], consensus_runs=selector["runs"],
-                        hybrid=selector["hybrid"], selection=sel, multiple=selector["multiple"],
-                        layer_importance=layer_importance, ratio_requested=ratio, threshold=threshold,
-                        n_drop=n_drop, prunable=prunable, min_keep=min_keep, ica=ica_info)
+    chosen = select(scores, selector["selection"], prunable, n_drop, ratio, min_keep, fluct, selector["multiple"])
+    rec = mask_record(chosen["kept"], info["intermediate_sizes"], info["block_params"], info["total_params"],
+                      info["neuron_params"], method=selector["selector"], kind="ica", ratio_requested=ratio,
+                      prunable=prunable, n_drop=n_drop, min_keep=min_keep, selection=selector["selection"],
+                      multiple=selector["multiple"], threshold=chosen["threshold"],
+                      k=selector["k"], backend=selector["backend"],
+                      ica_seed=selector["seed"], consensus_runs=selector["runs"], hybrid=selector["hybrid"],
+                      layer_importance=chosen["layer_importance"], ica=ica_info)
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
     log.info("%s: keeps %s neurons per layer; achieved block ratio %.4f (threshold %s)", selector["selector"],
-             rec["kept_counts"], rec["achieved_block_ratio"], threshold)
+             rec["kept_counts"], rec["achieved_block_ratio"], chosen["threshold"])
 
 
 def baseline_mask(method: str, stats_files: list[str], model_spec: dict, source: str, ratio: float,
@@ -211,10 +194,11 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
           out_dir: str, device: str = "auto") -> None:
     from .extract import load_stats
     from .ggufsource import read_provenance
+    from .mask import read_mask
     from .modeling import apply_mask, save_pruned
 
     t0 = time.time()
-    rec = read_json(mask)
+    rec = read_mask(mask)
     model, tok = _load(model_spec, source, device)
     stats = load_stats(stats_files) if bias else {}
     apply_mask(model, rec, down_mean=stats.get("down_mean"), o_mean=stats.get("o_mean"))
@@ -268,7 +252,7 @@ def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, o
 
 
 def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: int) -> None:
-    from .lmeval import write_embedded_tasks
+    from .embedded_tasks import write_embedded_tasks
 
     write_embedded_tasks(test_split, validation_split, out_dir, seed=seed)
 
@@ -282,6 +266,7 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
     ``base_dir`` is the directory the workflow built the base model into (trained, or converted
     from GGUF: its provenance is recorded)."""
     from .ggufsource import read_provenance
+    from .mask import read_mask
 
     weights = model_spec.get("base") or model
     source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}"}.get(model_spec["source"])
@@ -311,14 +296,14 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         rec.setdefault("calibration", {})["tokens"] = n_tok
         stages["calibration_stats"] = ext
     if mask:
-        m = read_json(mask)
+        m = read_mask(mask)
         rec.update({
             "ratio_requested": m["ratio_requested"],
             "achieved_block_ratio": m["achieved_block_ratio"],
             "achieved_total_ratio": m["achieved_total_ratio"],
             "block_params": m["block_params"],
             "neuron_params": m["neuron_params"],
-            "threshold": m.get("threshold"),
+            "threshold": m["threshold"],
             "k": m.get("k"), "backend": m.get("backend"),
             "kept_neurons_per_layer": m["kept_counts"],
             "intermediate_sizes": m["intermediate_sizes"],
@@ -364,25 +349,19 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
 
 def summary(dense_metrics: str, pruned_metrics: str, out: str) -> None:
     """A short dense-vs-pruned summary of one target (the demo's last output), also logged."""
-    from .io import atomic_path
     from .tables import summary_text
 
     text = summary_text(read_json(dense_metrics), read_json(pruned_metrics))
-    with atomic_path(out) as tmp:
-        tmp.write_text(text)
+    write_text(out, text)
     log.info("\n%s", text)
 
 
 def comparison(metrics_files: list[str], out_md: str, out_csv: str) -> None:
     from .tables import comparison_table
 
-    rows = [read_json(f) for f in metrics_files]
-    md, csv = comparison_table(rows)
-    from .io import atomic_path
-
-    for path, text in ((out_md, md), (out_csv, csv)):
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
+    md, csv = comparison_table([read_json(f) for f in metrics_files])
+    write_text(out_md, md)
+    write_text(out_csv, csv)
 
 
 # Sidecar keys a pruned model's GGUF carries as fnprune.* metadata (what it is and where it came from).

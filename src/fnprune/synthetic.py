@@ -42,9 +42,3 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     ranks = rankdata(scores)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0

@@ -9,27 +9,27 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 
-def _fmt(x, digits: int = 2) -> str:
+def fmt(x, digits: int = 2) -> str:
+    """A number with ``digits`` decimals; ``-`` for a missing one (None or NaN)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{digits}f}"
 
 
-def comparison_rows(records: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per target: method, ratios, every perplexity and lm-eval metric, in a fixed order."""
-    ppl_keys = sorted({k for r in records for k in r.get("perplexity", {})})
-    task_metrics = sorted({(t, m) for r in records for t, ms in (r.get("lm_eval") or {}).items() for m in ms})
-    header = ["model", "method", "ratio_requested", "achieved_block_ratio"]
-    header += [f"ppl:{k}" for k in ppl_keys] + [f"{t}:{m}" for t, m in task_metrics]
-    rows = []
-    order = sorted(records, key=lambda r: (r["model"], r.get("ratio_requested") or 0.0,
-                                           r["method"] != "dense", r["method"]))
-    for r in order:
-        row = [r["model"], r["method"], r.get("ratio_requested"), r.get("achieved_block_ratio")]
-        row += [r.get("perplexity", {}).get(k) for k in ppl_keys]
-        row += [(r.get("lm_eval") or {}).get(t, {}).get(m, {}).get("value") for t, m in task_metrics]
-        rows.append(row)
-    return header, rows
+COMPARISON_IDS = ["model", "method", "ratio_requested", "achieved_block_ratio"]
+
+
+def comparison_columns(records: list[dict]) -> list[Column]:
+    """Every perplexity protocol and every lm-eval task x metric of the records, raw values, 3 decimals."""
+    keys = sorted({f"ppl:{k}" for r in records for k in r.get("perplexity") or {}})
+    keys += sorted({f"{t}:{m}" for r in records for t, ms in (r.get("lm_eval") or {}).items() for m in ms})
+    return [Column(k, k, lower_is_better(k), digits=3) for k in keys]
+
+
+def comparison_order(records: list[dict]) -> list[dict]:
+    """Per model and ratio, dense first, then methods alphabetically."""
+    return sorted(records, key=lambda r: (r["model"], r.get("ratio_requested") or 0.0, r["method"] != "dense",
+                                          r["method"]))
 
 
 def paired_ratio(nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -82,50 +82,32 @@ def paired_ppl_rows(records: list[dict]) -> list[dict]:
 
 def paired_ppl_markdown(rows: list[dict]) -> str:
     """The paired perplexity rows as Markdown; ties with the best (interval includes 1) in bold."""
-    lines = ["| model | ratio | protocol | method | PPL | x dense [95% CI] | x best [95% CI] |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        vd = r.get("vs_dense")
-        vb = r["vs_best"]
-        cell = _fmt(r["ppl"])
-        lines.append(f"| {r['model']} | {_fmt(r['ratio'])} | {r['protocol']} | {r['method']} | "
-                     f"{f'**{cell}**' if r['tied'] else cell} | "
-                     + (f"{vd[0]:.3f} [{vd[1]:.3f}, {vd[2]:.3f}]" if vd else "-") + " | "
-                     + ("best" if r["method"] == r["best"] else f"{vb[0]:.3f} [{vb[1]:.3f}, {vb[2]:.3f}]") + " |")
-    return "\n".join(lines) + "\n"
+    def ci(v: tuple[float, float, float]) -> str:
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    body = [[r["model"], fmt(r["ratio"]), r["protocol"], r["method"],
+             f"**{fmt(r['ppl'])}**" if r["tied"] else fmt(r["ppl"]),
+             ci(r["vs_dense"]) if r.get("vs_dense") else "-",
+             "best" if r["method"] == r["best"] else ci(r["vs_best"])] for r in rows]
+    return markdown_table(["model", "ratio", "protocol", "method", "PPL", "x dense [95% CI]", "x best [95% CI]"],
+                          body, 4)
 
 
 def comparison_table(records: list[dict]) -> tuple[str, str]:
-    """Markdown and CSV text of the method comparison; the best pruned value per ratio is bold.
+    """Markdown and CSV text of the method comparison; the best displayed pruned value per model x
+    ratio and column is bold (:func:`best_cells`, ties all bold).
 
     The Markdown adds lm-eval standard errors and, where the metrics carry per-window NLLs, the
     paired perplexity table (:func:`paired_ppl_rows`)."""
-    header, rows = comparison_rows(records)
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    lower_better = [h.startswith("ppl:") or "perplexity" in h or "bits_per_byte" in h for h in header]
-    best: dict[tuple, float] = {}
-    for row in rows:
-        if row[1] == "dense":
-            continue
-        for j in range(4, len(header)):
-            v = row[j]
-            if v is None:
-                continue
-            key = (row[0], row[2], j)
-            cur = best.get(key)
-            if cur is None or (v < cur if lower_better[j] else v > cur):
-                best[key] = v
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row[0], row[1], _fmt(row[2]), _fmt(row[3], 4)]
-        for j in range(4, len(header)):
-            s = _fmt(row[j], 3)
-            if row[1] != "dense" and row[j] is not None and best.get((row[0], row[2], j)) == row[j]:
-                s = f"**{s}**"
-            cells.append(s)
-        lines.append("| " + " | ".join(cells) + " |")
-    md = "\n".join(lines) + "\n"
+    records = comparison_order(records)
+    cols = comparison_columns(records)
+    bold = best_cells(records, cols)
+    ids = [[r["model"], r["method"], r.get("ratio_requested"), r.get("achieved_block_ratio")] for r in records]
+    raw = [row + [metric_value(r, c.key) for c in cols] for row, r in zip(ids, records)]
+    rows = [[r["model"], r["method"], fmt(r.get("ratio_requested")), fmt(r.get("achieved_block_ratio"), 4)]
+            + [f"**{c.display(metric_value(r, c.key))}**" if (i, j) in bold else c.display(metric_value(r, c.key))
+               for j, c in enumerate(cols)] for i, r in enumerate(records)]
+    md = markdown_table(COMPARISON_IDS + [c.label for c in cols], rows, 4)
     paired = paired_ppl_rows(records)
     if paired:
         md += ("\n## Perplexity, paired over windows\n\nRatio of each method's perplexity to dense and to the best "
@@ -135,7 +117,7 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
     errs = stderr_rows(records)
     if errs:
         md += "\n## lm-eval, with standard errors\n\n" + errs
-    return md, buf.getvalue()
+    return md, _csv(COMPARISON_IDS + [c.key for c in cols], raw)
 
 
 def stderr_rows(records: list[dict]) -> str:
@@ -144,20 +126,16 @@ def stderr_rows(records: list[dict]) -> str:
                       if v.get("stderr") is not None and math.isfinite(v["stderr"])})
     if not metrics:
         return ""
-    lines = ["| model | ratio | method | " + " | ".join(f"{t} {m}" for t, m in metrics) + " |",
-             "|" + "---|" * (3 + len(metrics))]
-    for r in sorted(records, key=lambda r: (r["model"], r.get("ratio_requested") or 0.0, r["method"] != "dense",
-                                            r["method"])):
-        cells = [_pm((r.get("lm_eval") or {}).get(t, {}).get(m)) for t, m in metrics]
-        lines.append(f"| {r['model']} | {_fmt(r.get('ratio_requested'))} | {r['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[r["model"], fmt(r.get("ratio_requested")), r["method"]]
+            + [_pm((r.get("lm_eval") or {}).get(t, {}).get(m)) for t, m in metrics] for r in comparison_order(records)]
+    return markdown_table(["model", "ratio", "method", *(f"{t} {m}" for t, m in metrics)], body, 3)
 
 
 def _pm(v: dict | None, digits: int = 3) -> str:
     if not v or v.get("value") is None:
         return "-"
     err = v.get("stderr")
-    return _fmt(v["value"], digits) + (f" ± {_fmt(err, digits)}" if err is not None and math.isfinite(err) else "")
+    return fmt(v["value"], digits) + (f" ± {fmt(err, digits)}" if err is not None and math.isfinite(err) else "")
 
 
 def summary_text(dense: dict, pruned: dict) -> str:
@@ -173,9 +151,9 @@ def summary_text(dense: dict, pruned: dict) -> str:
     rows = [("parameters", f"{params(dense):,}" if params(dense) else "-",
              f"{params(pruned):,}" if params(pruned) else "-"),
             ("weights on disk", mb(dense), mb(pruned)),
-            ("block parameters removed", "0", _fmt(pruned.get("achieved_block_ratio"), 4))]
+            ("block parameters removed", "0", fmt(pruned.get("achieved_block_ratio"), 4))]
     for key in sorted(set(dense.get("perplexity", {})) | set(pruned.get("perplexity", {}))):
-        rows.append((key, _fmt(dense.get("perplexity", {}).get(key)), _fmt(pruned.get("perplexity", {}).get(key))))
+        rows.append((key, fmt(dense.get("perplexity", {}).get(key)), fmt(pruned.get("perplexity", {}).get(key))))
     for task in sorted(set(dense.get("lm_eval") or {}) | set(pruned.get("lm_eval") or {})):
         for metric in sorted(set((dense.get("lm_eval") or {}).get(task, {})) |
                              set((pruned.get("lm_eval") or {}).get(task, {}))):
@@ -287,7 +265,7 @@ class Column:
         return round(value * 100 if self.percent else value, self.digits)
 
     def display(self, value: float | None) -> str:
-        return _fmt(self.shown(value), self.digits)
+        return fmt(self.shown(value), self.digits)
 
 
 def _ordered(items: Iterable[str]) -> list[str]:
@@ -339,8 +317,9 @@ def _csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def _markdown(header: list[str], rows: list[list[str]], right: int) -> str:
-    align = ["---"] * right + ["---:"] * (len(header) - right)
+def markdown_table(header: list[str], rows: list[list[str]], left: int) -> str:
+    """A Markdown table: the first ``left`` columns left-aligned (identifiers), the rest right (numbers)."""
+    align = ["---"] * left + ["---:"] * (len(header) - left)
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
@@ -378,7 +357,7 @@ def main_table(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_
 
 def _id_cells(r: dict) -> list[str]:
     ratio = "-" if r["method"] == "dense" else f"{ratio_pct(r)}%"
-    return [r["model"], ratio, method_label(r["method"]), _fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1)]
+    return [r["model"], ratio, method_label(r["method"]), fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1)]
 
 
 def _main_markdown(records: list[dict], cols: list[Column], bold: set[tuple[int, int]]) -> str:
@@ -387,7 +366,7 @@ def _main_markdown(records: list[dict], cols: list[Column], bold: set[tuple[int,
     for i, r in enumerate(records):
         cells = [c.display(metric_value(r, c.key)) for c in cols]
         rows.append(_id_cells(r) + [f"**{s}**" if (i, j) in bold else s for j, s in enumerate(cells)])
-    return _markdown(header, rows, 3)
+    return markdown_table(header, rows, 3)
 
 
 def _main_latex(records: list[dict], cols: list[Column], bold: set[tuple[int, int]]) -> str:
@@ -425,11 +404,11 @@ def ablation_table(records: list[dict], task_metrics: Sequence[str] = ("acc", "w
     raw = [row + [metric_value(r, c.key) for c in cols] for row, r in zip(ids, records)]
     header = ["Model", "Ratio", "Method", "k", "Texts", "Batches", "T", "Removed %", "Non-conv. %"]
     rows = [[r["model"], "-" if r["method"] == "dense" else f"{ratio_pct(r)}%", method_label(r["method"]),
-             _int(r.get("k")), _int(calibration_texts(r)), _int(batches_used(r)), _fmt(r.get("threshold"), 3),
-             _fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1), _pct(nonconverged_fraction(r))]
+             _int(r.get("k")), _int(calibration_texts(r)), _int(batches_used(r)), fmt(r.get("threshold"), 3),
+             fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1), _pct(nonconverged_fraction(r))]
             + [c.display(metric_value(r, c.key)) for c in cols] for r in records]
     header += [c.label + _arrow(c, False) for c in cols]
-    return {"csv": _csv(ABLATION_IDS + [c.key for c in cols], raw), "md": _markdown(header, rows, 3)}
+    return {"csv": _csv(ABLATION_IDS + [c.key for c in cols], raw), "md": markdown_table(header, rows, 3)}
 
 
 def _int(x: int | None) -> str:
@@ -437,4 +416,4 @@ def _int(x: int | None) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else _fmt(100 * x, 1)
+    return "-" if x is None else fmt(100 * x, 1)

@@ -336,6 +336,21 @@ def paper_table_inputs(wildcards):
             "ablation": paper_metrics_files(fpaper.ablation_targets(config, wildcards.grid))}
 
 
+def figure_outputs(figure):
+    """The PNG and PDF of one figure of a grid's model (fnprune.paper.FIGURES), as report items."""
+    spec = fpaper.FIGURE[figure]
+    return {
+        fmt: report(
+            f"results/paper/{{grid}}/{{model}}/{figure}.{fmt}",
+            caption=f"../report/paper_{figure}.rst",
+            category=spec.category,
+            subcategory="{grid}",
+            labels={"model": "{model}", "figure": spec.label, "format": fmt.upper()},
+        )
+        for fmt in ("png", "pdf")
+    }
+
+
 def paper_figure_metrics(figure):
     """Input function of one figure of a grid's model (fnprune.paper.METRIC_FIGURES): its metrics files."""
 

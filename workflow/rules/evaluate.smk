@@ -45,7 +45,9 @@ rule perplexity:
         "../scripts/perplexity.py"
 
 
-rule perplexity_domain:
+# The same evaluation on another corpus's test split, recording which target and calibration it is
+# (fnprune.domains.ppl_fields): the cells of the cross-domain tables.
+use rule perplexity as perplexity_domain with:
     input:
         model=eval_model,
         test=corpus_split("test"),
@@ -60,15 +62,6 @@ rule perplexity_domain:
         spec=stage_spec("perplexity"),
         source=eval_source,
         fields=domain_ppl_fields,
-    threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=60,
-        gpu=gpus_of_model,
-    conda:
-        "../../envs/fnprune.yaml"
-    script:
-        "../scripts/perplexity_domain.py"
 
 
 rule lm_eval:
