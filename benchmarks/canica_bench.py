@@ -32,16 +32,25 @@ def rss_mb() -> float:
 def synthetic(args):
     from fnprune.synthetic import planted_networks
 
-    return planted_networks(args.tokens, args.signals, args.networks, args.network_size,
-                            noise=args.noise, seed=args.data_seed, n_background=args.background)
+    return planted_networks(
+        args.tokens,
+        args.signals,
+        args.networks,
+        args.network_size,
+        noise=args.noise,
+        seed=args.data_seed,
+        n_background=args.background,
+    )
 
 
 def load_input(args) -> tuple[np.ndarray, np.ndarray | None]:
     if args.real:
         x = np.load(Path(args.real) / f"L{args.layer}.npy").astype(np.float32)
         return x, None
-    cache = OUT / (f"planted_{args.tokens}x{args.signals}_n{args.networks}x{args.network_size}_"
-                   f"bg{args.background}_noise{args.noise}_s{args.data_seed}.npz")
+    cache = OUT / (
+        f"planted_{args.tokens}x{args.signals}_n{args.networks}x{args.network_size}_"
+        f"bg{args.background}_noise{args.noise}_s{args.data_seed}.npz"
+    )
     if not cache.exists():
         OUT.mkdir(parents=True, exist_ok=True)
         x, member = synthetic(args)
@@ -63,8 +72,19 @@ def worker(args) -> None:
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.save(OUT / f"scores_{args.tag}.npy", res.scores)
-    print(json.dumps({"backend": args.backend, "seed": args.seed, "wall_s": wall, "converged": res.converged,
-                      "n_iter": res.n_iter, "extra_mb": peak - base, "info": res.info}))
+    print(
+        json.dumps(
+            {
+                "backend": args.backend,
+                "seed": args.seed,
+                "wall_s": wall,
+                "converged": res.converged,
+                "n_iter": res.n_iter,
+                "extra_mb": peak - base,
+                "info": res.info,
+            }
+        )
+    )
 
 
 def dice_top(a: np.ndarray, b: np.ndarray, keep: float) -> float:
@@ -90,8 +110,18 @@ def compare(args) -> None:
         if backend not in args.backends:
             continue
         tag = f"{backend}_{seed}_{'real' if args.real else 'syn'}"
-        cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--seed", str(seed), "--tag", tag,
-               *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--backend",
+            backend,
+            "--seed",
+            str(seed),
+            "--tag",
+            tag,
+            *sys.argv[1:],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{backend} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -103,26 +133,36 @@ def compare(args) -> None:
     ref = results[("exact", 0)]["scores"]
     seed_dice = dice_top(ref, results[("exact", 1)]["scores"], args.keep)
     what = f"real activations {args.real}/L{args.layer}.npy" if args.real else "planted synthetic"
-    print(f"\nCanICA, {what} ({shape[0]} tokens x {shape[1]} signals): "
-          f"k={args.k}, threads={args.threads}, keep fraction {args.keep}")
-    print(f"{'backend':8} {'seed':>4} {'wall s':>8} {'iters':>6} {'conv':>5} {'extra MB':>9} "
-          f"{'AUROC':>7} {'Dice vs exact0':>15}  subspace")
+    print(
+        f"\nCanICA, {what} ({shape[0]} tokens x {shape[1]} signals): "
+        f"k={args.k}, threads={args.threads}, keep fraction {args.keep}"
+    )
+    print(
+        f"{'backend':8} {'seed':>4} {'wall s':>8} {'iters':>6} {'conv':>5} {'extra MB':>9} "
+        f"{'AUROC':>7} {'Dice vs exact0':>15}  subspace"
+    )
     for (backend, seed), r in results.items():
         au = f"{auroc(r['scores'], member):.4f}" if member is not None else "-"
         d = dice_top(ref, r["scores"], args.keep)
-        print(f"{backend:8} {seed:>4} {r['wall_s']:>8.2f} {r['n_iter']:>6} {str(r['converged']):>5} "
-              f"{r['extra_mb']:>9.0f} {au:>7} {d:>15.4f}  {r['info'].get('subspace')}")
+        print(
+            f"{backend:8} {seed:>4} {r['wall_s']:>8.2f} {r['n_iter']:>6} {str(r['converged']):>5} "
+            f"{r['extra_mb']:>9.0f} {au:>7} {d:>15.4f}  {r['info'].get('subspace')}"
+        )
     t_exact = np.mean([results[("exact", s)]["wall_s"] for s in (0, 1)])
     t_torch = np.mean([results[("torch", s)]["wall_s"] for s in (0, 1)])
     print(f"\nexact seed-to-seed Dice: {seed_dice:.4f}")
-    print(f"torch seed-to-seed Dice: "
-          f"{dice_top(results[('torch', 0)]['scores'], results[('torch', 1)]['scores'], args.keep):.4f}")
+    print(
+        f"torch seed-to-seed Dice: "
+        f"{dice_top(results[('torch', 0)]['scores'], results[('torch', 1)]['scores'], args.keep):.4f}"
+    )
     print(f"speedup torch vs exact: {t_exact / t_torch:.2f}x")
     if ("nilearn", 0) in results:
         print(f"speedup torch vs nilearn: {results[('nilearn', 0)]['wall_s'] / t_torch:.2f}x")
     if member is not None:
         print(f"AUROC torch0 - exact0: {auroc(results[('torch', 0)]['scores'], member) - auroc(ref, member):+.4f}")
-    print(f"Dice(torch0, exact0) - Dice(exact0, exact1): {dice_top(ref, results[('torch', 0)]['scores'], args.keep) - seed_dice:+.4f}")
+    print(
+        f"Dice(torch0, exact0) - Dice(exact0, exact1): {dice_top(ref, results[('torch', 0)]['scores'], args.keep) - seed_dice:+.4f}"
+    )
 
 
 def gpu_layers(args) -> None:
@@ -134,23 +174,33 @@ def gpu_layers(args) -> None:
 
     x, member = synthetic(args)
     xs = torch.from_numpy(x).cuda()
-    canica_torch(xs[:, :2048], 16, seed=0, device="cuda")            # warm-up (CUDA context, kernels)
+    canica_torch(xs[:, :2048], 16, seed=0, device="cuda")  # warm-up (CUDA context, kernels)
     for name, batched in (("layer by layer", False), ("layers batched", True)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        seeds = [LAYER_SEED_STRIDE * layer for layer in range(args.layers)]   # as ica_batch seeds layers
+        seeds = [LAYER_SEED_STRIDE * layer for layer in range(args.layers)]  # as ica_batch seeds layers
         if batched:
             res = canica_torch_layers([xs] * args.layers, args.k, seeds, device="cuda")
         else:
             res = [canica_torch(xs, args.k, seed=s, device="cuda") for s in seeds]
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        print(f"GPU {torch.cuda.get_device_name()} ({name}): {args.layers} layers of {args.tokens} tokens x "
-              f"{args.signals} signals, k={args.k}: {total:.2f} s total, {total / args.layers:.3f} s per layer")
-        print("  iterations:", [r.n_iter for r in res], "all converged:", all(r.converged for r in res),
-              "subspace:", sorted({r.info["subspace"] for r in res}))
-        print(f"  planted AUROC (layer 0): {auroc(res[0].scores, member):.4f}; peak GPU memory "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(
+            f"GPU {torch.cuda.get_device_name()} ({name}): {args.layers} layers of {args.tokens} tokens x "
+            f"{args.signals} signals, k={args.k}: {total:.2f} s total, {total / args.layers:.3f} s per layer"
+        )
+        print(
+            "  iterations:",
+            [r.n_iter for r in res],
+            "all converged:",
+            all(r.converged for r in res),
+            "subspace:",
+            sorted({r.info["subspace"] for r in res}),
+        )
+        print(
+            f"  planted AUROC (layer 0): {auroc(res[0].scores, member):.4f}; peak GPU memory "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        )
 
 
 def main() -> None:

@@ -34,13 +34,13 @@ def plain_pass(model, tok, batch: list[str], max_length: int, micro: int) -> flo
     seqs = tokenize_batch(tok, batch, max_length)
     with torch.no_grad():
         for s in range(0, len(seqs), micro):
-            chunk = seqs[s:s + micro]
+            chunk = seqs[s : s + micro]
             width = max(map(len, chunk))
             ids = torch.full((len(chunk), width), tok.pad_token_id)
             mask = torch.zeros_like(ids)
             for r, q in enumerate(chunk):
-                ids[r, :len(q)] = torch.tensor(q)
-                mask[r, :len(q)] = 1
+                ids[r, : len(q)] = torch.tensor(q)
+                mask[r, : len(q)] = 1
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     return time.perf_counter() - t0
 
@@ -63,8 +63,9 @@ def main() -> None:
     else:
         tok = train_tokenizer(texts(200), 4096)
         torch.manual_seed(0)
-        model = build_model(dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
-                                 max_position=args.max_length), tok).eval()
+        model = build_model(
+            dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, max_position=args.max_length), tok
+        ).eval()
     n_layers = model.config.num_hidden_layers
     plain, hooked = [], []
     with tempfile.TemporaryDirectory() as d:
@@ -74,8 +75,10 @@ def main() -> None:
             t0 = time.perf_counter()
             info = extract_batch(model, tok, batch, paths, Path(d) / f"r{r}.npz", args.max_length, args.micro)
             hooked.append(time.perf_counter() - t0)
-    print(f"model: {args.model or 'random LLaMA hidden 512, 8 layers, 1376 MLP neurons'}; "
-          f"{info['n_texts']} texts, {info['n_tokens']} tokens, threads {args.threads}")
+    print(
+        f"model: {args.model or 'random LLaMA hidden 512, 8 layers, 1376 MLP neurons'}; "
+        f"{info['n_texts']} texts, {info['n_tokens']} tokens, threads {args.threads}"
+    )
     print(f"plain forward: {min(plain):.3f} s; hooked pass (shards + statistics): {min(hooked):.3f} s")
     print(f"ratio hooked / plain: {min(hooked) / min(plain):.3f}x (target <= 1.15x)")
 

@@ -31,8 +31,11 @@ def load(path: str):
     from fnprune.modeling import load_base, load_pruned, load_tokenizer
 
     p = Path(path)
-    model = load_pruned(p, dtype="float32", device="cpu") if (p / "fnprune.json").exists() else \
-        load_base(str(p), dtype="float32", device="cpu")
+    model = (
+        load_pruned(p, dtype="float32", device="cpu")
+        if (p / "fnprune.json").exists()
+        else load_base(str(p), dtype="float32", device="cpu")
+    )
     return model.eval(), load_tokenizer(str(p))
 
 
@@ -46,7 +49,7 @@ def windows_of(tok, test_file: str, n: int, seqlen: int) -> list[list[int]]:
     ids = tok("\n\n".join(texts))["input_ids"]
     if len(ids) < n * seqlen:
         raise SystemExit(f"{test_file}: {len(ids)} tokens, {n} x {seqlen} needed")
-    return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
+    return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n)]
 
 
 def main() -> None:
@@ -78,27 +81,39 @@ def main() -> None:
             agree = agreement(f32, model, wins, n_threads=args.threads)
             f32.unlink()
             ffn = widths["feed_forward_length"]
-            rows.append({"model": path, "ffn_widths": f"{min(ffn)}..{max(ffn)}",
-                         "widths_multiple_of_64": all(w % 64 == 0 for w in ffn),
-                         "heads": sum(widths["head_count"]), "matmul_params": matmul_params(model), **agree,
-                         "prompt_tokens_per_s": 0.0, "generate_tokens_per_s": 0.0})
+            rows.append(
+                {
+                    "model": path,
+                    "ffn_widths": f"{min(ffn)}..{max(ffn)}",
+                    "widths_multiple_of_64": all(w % 64 == 0 for w in ffn),
+                    "heads": sum(widths["head_count"]),
+                    "matmul_params": matmul_params(model),
+                    **agree,
+                    "prompt_tokens_per_s": 0.0,
+                    "generate_tokens_per_s": 0.0,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             del model
-        prompt = wins[0][:args.prompt]
-        for _ in range(args.repeats):              # rounds over all models: load drifts hit each alike
+        prompt = wins[0][: args.prompt]
+        for _ in range(args.repeats):  # rounds over all models: load drifts hit each alike
             for r, path in zip(rows, f16):
                 sp = speed(path, prompt, args.generate, n_threads=args.threads)
                 for key, value in sp.items():
                     r[key] = max(r[key], value)
     dense = rows[0]
-    print(f"\n{'model':48s} {'max|dlogp|':>10s} {'ppl torch':>9s} {'ppl l.cpp':>9s} {'rel':>7s} "
-          f"{'pp tok/s':>8s} {'tg tok/s':>8s} {'pp x':>5s} {'tg x':>5s} {'ideal x':>7s}")
+    print(
+        f"\n{'model':48s} {'max|dlogp|':>10s} {'ppl torch':>9s} {'ppl l.cpp':>9s} {'rel':>7s} "
+        f"{'pp tok/s':>8s} {'tg tok/s':>8s} {'pp x':>5s} {'tg x':>5s} {'ideal x':>7s}"
+    )
     for r in rows:
-        print(f"{r['model'][-48:]:48s} {r['max_abs_logprob_diff']:10.2e} {r['ppl_torch']:9.3f} {r['ppl_llamacpp']:9.3f} "
-              f"{r['ppl_rel_diff']:7.2%} {r['prompt_tokens_per_s']:8.1f} {r['generate_tokens_per_s']:8.1f} "
-              f"{r['prompt_tokens_per_s'] / dense['prompt_tokens_per_s']:5.2f} "
-              f"{r['generate_tokens_per_s'] / dense['generate_tokens_per_s']:5.2f} "
-              f"{dense['matmul_params'] / r['matmul_params']:7.2f}")
+        print(
+            f"{r['model'][-48:]:48s} {r['max_abs_logprob_diff']:10.2e} {r['ppl_torch']:9.3f} {r['ppl_llamacpp']:9.3f} "
+            f"{r['ppl_rel_diff']:7.2%} {r['prompt_tokens_per_s']:8.1f} {r['generate_tokens_per_s']:8.1f} "
+            f"{r['prompt_tokens_per_s'] / dense['prompt_tokens_per_s']:5.2f} "
+            f"{r['generate_tokens_per_s'] / dense['generate_tokens_per_s']:5.2f} "
+            f"{dense['matmul_params'] / r['matmul_params']:7.2f}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 

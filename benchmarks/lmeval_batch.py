@@ -65,10 +65,12 @@ def main() -> None:
     p.add_argument("--model-dir", default="results/models/tiny")
     p.add_argument("--tasks-dir", default="results/data/stdlib/lm_eval_tasks")
     p.add_argument("--tasks", nargs="+", default=["fnprune_mc", "fnprune_ppl"])
-    p.add_argument("--batch-sizes", nargs="+", type=parse_bs, default=[1, "auto", 32],
-                   help="compared against the first (1)")
-    p.add_argument("--max-batch-size", type=int, default=None,
-                   help="cap of 'auto' (default: run_lm_eval's, 8 on CPU, 64 on CUDA)")
+    p.add_argument(
+        "--batch-sizes", nargs="+", type=parse_bs, default=[1, "auto", 32], help="compared against the first (1)"
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, default=None, help="cap of 'auto' (default: run_lm_eval's, 8 on CPU, 64 on CUDA)"
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit); default all")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -96,12 +98,19 @@ def main() -> None:
     def run(bs, lim):
         rec.reset()
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):      # lm-eval prints its batch-size probe
-            out = run_lm_eval(model, tok, args.tasks, batch_size=bs, limit=lim, include_path=args.tasks_dir,
-                              max_batch_size=args.max_batch_size)
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints its batch-size probe
+            out = run_lm_eval(
+                model,
+                tok,
+                args.tasks,
+                batch_size=bs,
+                limit=lim,
+                include_path=args.tasks_dir,
+                max_batch_size=args.max_batch_size,
+            )
         return out, time.perf_counter() - t0, rec.seconds, dict(rec.values)
 
-    run(1, 2)                                             # warm-up: datasets cache, lm-eval imports, torch
+    run(1, 2)  # warm-up: datasets cache, lm-eval imports, torch
     walls, scoring, outs, values = defaultdict(list), defaultdict(list), {}, {}
     load = [os.getloadavg()[0]]
     for r in range(args.repeats):
@@ -123,20 +132,28 @@ def main() -> None:
     n_req = defaultdict(int)
     for kind, *_ in values[1]:
         n_req[kind] += 1
-    print(f"lm-eval {ref['versions']['lm_eval']} on {args.model_dir}, tasks {' '.join(args.tasks)} "
-          f"({args.tasks_dir}); limit {limit if limit is not None else 'none (all documents)'}; "
-          f"n_samples {ref['n_samples']}; requests {dict(n_req)}; device {args.device}, torch threads "
-          f"{args.threads}, torch {torch.__version__}; best of {args.repeats}, order alternated")
-    print(f"1-min load average of the machine (cores: {os.cpu_count()}) before/after each run: "
-          f"{' '.join(f'{x:.1f}' for x in load)}")
-    print(f"\n{'batch size':>10} {'used':>12} {'wall s (best)':>14} {'scoring s':>10} {'speedup':>8} "
-          f"{'scoring speedup':>16}  all walls")
+    print(
+        f"lm-eval {ref['versions']['lm_eval']} on {args.model_dir}, tasks {' '.join(args.tasks)} "
+        f"({args.tasks_dir}); limit {limit if limit is not None else 'none (all documents)'}; "
+        f"n_samples {ref['n_samples']}; requests {dict(n_req)}; device {args.device}, torch threads "
+        f"{args.threads}, torch {torch.__version__}; best of {args.repeats}, order alternated"
+    )
+    print(
+        f"1-min load average of the machine (cores: {os.cpu_count()}) before/after each run: "
+        f"{' '.join(f'{x:.1f}' for x in load)}"
+    )
+    print(
+        f"\n{'batch size':>10} {'used':>12} {'wall s (best)':>14} {'scoring s':>10} {'speedup':>8} "
+        f"{'scoring speedup':>16}  all walls"
+    )
     b1, s1 = min(walls[1]), min(scoring[1])
     for bs in args.batch_sizes:
         used = outs[bs]["config"]["batch_sizes"] or [bs]
-        print(f"{str(bs):>10} {','.join(map(str, used)):>12} {min(walls[bs]):>14.2f} {min(scoring[bs]):>10.2f} "
-              f"{b1 / min(walls[bs]):>7.2f}x {s1 / min(scoring[bs]):>15.2f}x  "
-              f"{' '.join(f'{w:.2f}' for w in walls[bs])}")
+        print(
+            f"{str(bs):>10} {','.join(map(str, used)):>12} {min(walls[bs]):>14.2f} {min(scoring[bs]):>10.2f} "
+            f"{b1 / min(walls[bs]):>7.2f}x {s1 / min(scoring[bs]):>15.2f}x  "
+            f"{' '.join(f'{w:.2f}' for w in walls[bs])}"
+        )
 
     print("\nagreement with batch size 1 (max abs difference):")
     for bs in args.batch_sizes[1:]:
@@ -145,13 +162,17 @@ def main() -> None:
             for m, v in metrics.items():
                 w = outs[bs]["tasks"][task][m]["value"]
                 rel = abs(w - v["value"]) / abs(v["value"]) if v["value"] else float("nan")
-                print(f"    {task:12} {m:18} bs1 {v['value']:.6f}  bs {bs} {w:.6f}  |d| {abs(w - v['value']):.3g}"
-                      f"  (rel {rel:.2g})")
+                print(
+                    f"    {task:12} {m:18} bs1 {v['value']:.6f}  bs {bs} {w:.6f}  |d| {abs(w - v['value']):.3g}"
+                    f"  (rel {rel:.2g})"
+                )
         for kind in sorted(n_req):
             keys = [k for k in values[1] if k[0] == kind]
             d = np.array([abs(values[bs][k] - values[1][k]) for k in keys])
-            print(f"    per-request {kind}: max |d loglik| {d.max():.3g}, mean {d.mean():.3g}, "
-                  f"identical {int((d == 0).sum())}/{len(d)}")
+            print(
+                f"    per-request {kind}: max |d loglik| {d.max():.3g}, mean {d.mean():.3g}, "
+                f"identical {int((d == 0).sum())}/{len(d)}"
+            )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def main() -> None:
 
     def recording(lm, requests, *a, **kw):
         for _, ctx, cont in requests:
-            captured.append((ctx + cont)[-(lm.max_length + 1):][:-1])
+            captured.append((ctx + cont)[-(lm.max_length + 1) :][:-1])
         t0 = time.perf_counter()
         out = inner(lm, requests, *a, **kw)
         scoring[0] += time.perf_counter() - t0
@@ -71,8 +71,15 @@ def main() -> None:
         L._scoring_lm_class = (lambda: HFLM) if stock else ours
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
-            out = run_lm_eval(model, tok, args.tasks, batch_size=args.batch_size, limit=args.limit,
-                              include_path=args.tasks_dir, max_length=args.max_length)
+            out = run_lm_eval(
+                model,
+                tok,
+                args.tasks,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                include_path=args.tasks_dir,
+                max_length=args.max_length,
+            )
         return time.perf_counter() - t0, scoring[0], out
 
     ours = L._scoring_lm_class
@@ -84,7 +91,7 @@ def main() -> None:
         i = 0
         while i < len(order):
             n = max(1, min(args.batch_size, ours().LOGITS_TOKENS // len(order[i])))
-            yield order[i:i + n]
+            yield order[i : i + n]
             i += n
 
     @torch.no_grad()
@@ -94,11 +101,11 @@ def main() -> None:
             width = len(chunk[0])
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for j, s in enumerate(chunk):
-                ids[j, :len(s)] = torch.tensor(s)
-            model(input_ids=ids).logits
+                ids[j, : len(s)] = torch.tensor(s)
+            model(input_ids=ids)
         return time.perf_counter() - t0
 
-    lm_eval_run()                                   # warm-up: datasets cache, imports; captures the sequences
+    lm_eval_run()  # warm-up: datasets cache, imports; captures the sequences
     seqs = [list(s) for s in captured]
     n_tok = sum(len(s) for s in seqs)
     padded = sum(len(c[0]) * len(c) for c in batches(seqs))
@@ -115,26 +122,35 @@ def main() -> None:
                 scores[which].append(sc)
                 results[which] = out
             load.append(os.getloadavg()[0])
-    print(f"model {args.model_dir} ({sum(p.numel() for p in model.parameters()):,} parameters), tasks "
-          f"{' '.join(args.tasks)}, n_samples {out['n_samples']}, batch size {args.batch_size}, max length "
-          f"{out['config']['max_length']}, torch threads {args.threads}, torch {torch.__version__}; best of "
-          f"{args.repeats}, order alternated")
+    print(
+        f"model {args.model_dir} ({sum(p.numel() for p in model.parameters()):,} parameters), tasks "
+        f"{' '.join(args.tasks)}, n_samples {out['n_samples']}, batch size {args.batch_size}, max length "
+        f"{out['config']['max_length']}, torch threads {args.threads}, torch {torch.__version__}; best of "
+        f"{args.repeats}, order alternated"
+    )
     print(f"sequences scored: {len(seqs)}, tokens {n_tok:,} ({padded:,} with the batches' right padding)")
     print(f"1-min load average (cores: {os.cpu_count()}) before/after each run: {' '.join(f'{x:.1f}' for x in load)}")
     best_plain = min(plains)
     print(f"\n{'':34} {'s (best)':>9} {'tokens/s':>10}  all")
-    print(f"{'plain batched forward':34} {best_plain:>9.2f} {n_tok / best_plain:>10.0f}  "
-          f"{' '.join(f'{x:.2f}' for x in plains)}")
+    print(
+        f"{'plain batched forward':34} {best_plain:>9.2f} {n_tok / best_plain:>10.0f}  "
+        f"{' '.join(f'{x:.2f}' for x in plains)}"
+    )
     for which, label in (("ours", "fnprune HFLM"), ("stock", "lm-eval stock HFLM")):
         for what, times in ((f"{label} scoring", scores[which]), (f"{label} whole call", walls[which])):
             print(f"{what:34} {min(times):>9.2f} {n_tok / min(times):>10.0f}  {' '.join(f'{x:.2f}' for x in times)}")
     print()
     for which, label in (("ours", "fnprune HFLM"), ("stock", "lm-eval stock HFLM")):
-        print(f"{label}: scoring tokens/s vs plain forward {best_plain / min(scores[which]):.2f}, whole call "
-              f"{best_plain / min(walls[which]):.2f}")
+        print(
+            f"{label}: scoring tokens/s vs plain forward {best_plain / min(scores[which]):.2f}, whole call "
+            f"{best_plain / min(walls[which]):.2f}"
+        )
     print(f"fnprune HFLM vs stock HFLM, whole call: {min(walls['stock']) / min(walls['ours']):.2f}x")
-    diff = max(abs(results["ours"]["tasks"][t][m]["value"] - results["stock"]["tasks"][t][m]["value"])
-               for t in results["ours"]["tasks"] for m in results["ours"]["tasks"][t])
+    diff = max(
+        abs(results["ours"]["tasks"][t][m]["value"] - results["stock"]["tasks"][t][m]["value"])
+        for t in results["ours"]["tasks"]
+        for m in results["ours"]["tasks"][t]
+    )
     print(f"largest metric difference fnprune vs stock HFLM: {diff:.3g}")
 
 

@@ -28,9 +28,16 @@ def build(args):
         from fnprune.modeling import load_base
 
         return load_base(args.model, device="cpu")
-    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=32,
-                      max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=512,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    )
     with torch.device("cpu"):
         return LlamaForCausalLM(cfg).eval()
 
@@ -75,8 +82,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a saved model directory (default: a LLaMA-7B-shaped block)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
-    p.add_argument("--round", type=int, default=0, dest="round_to",
-                   help="also run every ratio with kept neurons rounded to this multiple")
+    p.add_argument(
+        "--round",
+        type=int,
+        default=0,
+        dest="round_to",
+        help="also run every ratio with kept neurons rounded to this multiple",
+    )
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -85,10 +97,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dense = build(args)
     d_pre, d_dec = speed(dense, args.prompt, args.new_tokens, args.repeats)
-    print(f"model: {args.model or 'LLaMA-7B-shaped decoder block (random)'}; prompt {args.prompt} tokens, "
-          f"{args.new_tokens} decoded, threads {args.threads}, best of {args.repeats}")
-    print(f"{'variant':10} {'MLP width':>9} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} "
-          f"{'ideal x':>8} {'prefill/ideal':>13}")
+    print(
+        f"model: {args.model or 'LLaMA-7B-shaped decoder block (random)'}; prompt {args.prompt} tokens, "
+        f"{args.new_tokens} decoded, threads {args.threads}, best of {args.repeats}"
+    )
+    print(
+        f"{'variant':10} {'MLP width':>9} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} "
+        f"{'ideal x':>8} {'prefill/ideal':>13}"
+    )
     width = A.intermediate_size(A.layers(dense, A.adapter_for(dense))[0], A.adapter_for(dense))
     print(f"{'dense':10} {width:>9} {d_pre:>10.4f} {d_dec:>13.1f} {1:>10.2f} {1:>9.2f} {1:>8.2f} {1:>13.2f}")
     for r in args.ratios:
@@ -98,8 +114,10 @@ def main() -> None:
             ideal = block_flops(dense) / block_flops(pruned)
             name = f"r{int(r * 100)}" + (f"_m{round_to}" if round_to else "")
             w = A.intermediate_size(A.layers(pruned, A.adapter_for(pruned))[0], A.adapter_for(pruned))
-            print(f"{name:10} {w:>9} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f} "
-                  f"{d_pre / pre / ideal:>13.2f}")
+            print(
+                f"{name:10} {w:>9} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f} "
+                f"{d_pre / pre / ideal:>13.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,22 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class ChatGLMConfig(PretrainedConfig):
     model_type = "chatglm"
 
-    def __init__(self, num_layers=2, hidden_size=32, ffn_hidden_size=80, num_attention_heads=4,
-                 multi_query_attention=True, multi_query_group_num=2, kv_channels=8, padded_vocab_size=100,
-                 add_bias_linear=False, add_qkv_bias=True, layernorm_epsilon=1e-5, seq_length=64, **kwargs):
+    def __init__(
+        self,
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=80,
+        num_attention_heads=4,
+        multi_query_attention=True,
+        multi_query_group_num=2,
+        kv_channels=8,
+        padded_vocab_size=100,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        layernorm_epsilon=1e-5,
+        seq_length=64,
+        **kwargs,
+    ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
@@ -97,8 +110,9 @@ def apply_rotary_pos_emb(x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Ten
     x, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     xs = x.reshape(sq, -1, np_, rot_dim // 2, 2)
     rc = rope_cache[:sq].view(sq, -1, 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * rc[..., 0] - xs[..., 1] * rc[..., 1],
-                       xs[..., 1] * rc[..., 0] + xs[..., 0] * rc[..., 1]], -1).flatten(3)
+    out = torch.stack(
+        [xs[..., 0] * rc[..., 0] - xs[..., 1] * rc[..., 1], xs[..., 1] * rc[..., 0] + xs[..., 0] * rc[..., 1]], -1
+    ).flatten(3)
     return torch.cat((out, x_pass), dim=-1)
 
 
@@ -117,14 +131,18 @@ class SelfAttention(nn.Module):
         self.groups = config.multi_query_group_num
         self.head_dim = config.kv_channels
         projection = self.heads * self.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, projection + 2 * self.groups * self.head_dim,
-                                         bias=config.add_bias_linear or config.add_qkv_bias)
+        self.query_key_value = nn.Linear(
+            config.hidden_size,
+            projection + 2 * self.groups * self.head_dim,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+        )
         self.core_attention = CoreAttention()
         self.dense = nn.Linear(projection, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x, blocked, rope):
         q, k, v = self.query_key_value(x).split(
-            [self.heads * self.head_dim, self.groups * self.head_dim, self.groups * self.head_dim], dim=-1)
+            [self.heads * self.head_dim, self.groups * self.head_dim, self.groups * self.head_dim], dim=-1
+        )
         q = apply_rotary_pos_emb(q.view(*q.shape[:2], self.heads, self.head_dim), rope)
         k = apply_rotary_pos_emb(k.view(*k.shape[:2], self.groups, self.head_dim), rope)
         v = v.view(*v.shape[:2], self.groups, self.head_dim)

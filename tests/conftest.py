@@ -19,7 +19,10 @@ def micro_run(tmp_path_factory):
     passes ``--notemp``, since the activation shards are ``temp()`` and other tests read them.
     """
     wd = tmp_path_factory.mktemp("micro")
-    targets = ["results/micro_dense/metrics.json", "results/micro_r20_c8/metrics.json",
-               "results/micro_r20_c8_bias/metrics.json"]
+    targets = [
+        "results/micro_dense/metrics.json",
+        "results/micro_r20_c8/metrics.json",
+        "results/micro_r20_c8_bias/metrics.json",
+    ]
     proc = snakemake(wd, *targets, "--notemp")
     return wd, proc

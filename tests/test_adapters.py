@@ -13,12 +13,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
+from chatglm_tree import ChatGLMConfig, ChatGLMForConditionalGeneration, register
 from fnprune import adapters as A
 from fnprune.extract import extract_batch, tokenize_batch
 from fnprune.modeling import apply_mask, layout_of, load_config, load_pruned, read_sidecar, save_pruned
 from fnprune.train import train_tokenizer
-
-from chatglm_tree import ChatGLMConfig, ChatGLMForConditionalGeneration, register
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -73,16 +72,34 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 def build(arch: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "ChatGLMModel":
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig(
-            num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=INTER, num_attention_heads=HEADS,
-            multi_query_group_num=KV_HEADS, kv_channels=HIDDEN // HEADS, padded_vocab_size=len(tokenizer)))
+        model = ChatGLMForConditionalGeneration(
+            ChatGLMConfig(
+                num_layers=LAYERS,
+                hidden_size=HIDDEN,
+                ffn_hidden_size=INTER,
+                num_attention_heads=HEADS,
+                multi_query_group_num=KV_HEADS,
+                kv_channels=HIDDEN // HEADS,
+                padded_vocab_size=len(tokenizer),
+            )
+        )
     else:
         model_type, extra = HF_MODELS[arch]
         cfg = AutoConfig.for_model(
-            model_type, architectures=[arch], vocab_size=len(tokenizer), hidden_size=HIDDEN,
-            intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+            model_type,
+            architectures=[arch],
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=INTER,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **extra,
+        )
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         assert type(model).__name__ == arch
     _randomise(model, seed)
@@ -95,8 +112,8 @@ def _batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = 1
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
     return ids, mask
 
 
@@ -119,6 +136,7 @@ def _logits_with_down_inputs(model, ids, mask, kept, fill=None) -> torch.Tensor:
             x = args[0].clone()
             x[..., dropped] = value
             return (x,)
+
         handles.append(A.mlp_linears(block, ad)["down"].register_forward_pre_hook(pre))
     try:
         return _logits(model, ids, mask)
@@ -158,10 +176,14 @@ def _direct_signals(model, seqs: list[list[int]]) -> dict[str, list[np.ndarray]]
         def capture(key, i=i):
             def pre(mod, args):
                 out[key][i].append(args[0].reshape(-1, args[0].shape[-1]))
+
             return pre
-        handles += [A.mlp_of(block, ad).register_forward_pre_hook(mlp_pre),
-                    lin["down"].register_forward_pre_hook(capture("down_in")),
-                    A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(capture("o_in"))]
+
+        handles += [
+            A.mlp_of(block, ad).register_forward_pre_hook(mlp_pre),
+            lin["down"].register_forward_pre_hook(capture("down_in")),
+            A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(capture("o_in")),
+        ]
     try:
         for s in seqs:
             ids = torch.tensor([s])
@@ -216,8 +238,16 @@ def test_extraction_writes_gate_and_up_of_real_tokens(arch, tokenizer, tmp_path)
     seqs = tokenize_batch(tokenizer, texts, MAX_LEN)
     assert len({len(s) for s in seqs[:3]}) > 1
     paths = [tmp_path / f"layer{i}.npy" for i in range(LAYERS)]
-    info = extract_batch(model, tokenizer, texts, paths, tmp_path / "stats.npz", max_length=MAX_LEN,
-                         micro_batch_size=3, shard_dtype="float32")
+    info = extract_batch(
+        model,
+        tokenizer,
+        texts,
+        paths,
+        tmp_path / "stats.npz",
+        max_length=MAX_LEN,
+        micro_batch_size=3,
+        shard_dtype="float32",
+    )
     n_tokens = sum(len(s) for s in seqs)
     assert info["n_tokens"] == n_tokens
     direct = _direct_signals(model, seqs)
@@ -309,8 +339,9 @@ def test_statistics_of_per_layer_widths_fail_naming_them(tokenizer, tmp_path):
 
 
 def test_unknown_architecture_fails_before_any_work(tokenizer, tmp_path):
-    cfg = GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=len(tokenizer),
-                     architectures=["GPT2LMHeadModel"])
+    cfg = GPT2Config(
+        n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=len(tokenizer), architectures=["GPT2LMHeadModel"]
+    )
     model = GPT2LMHeadModel(cfg).eval()
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'") as err:

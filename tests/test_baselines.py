@@ -3,8 +3,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from helpers import logits_with_fixed_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A
@@ -14,11 +12,14 @@ from fnprune.heads import group_channels, head_geometry
 from fnprune.mask import MASK_KEYS
 from fnprune.modeling import apply_mask, load_pruned, save_pruned
 from fnprune.train import train_tokenizer
+from helpers import logits_with_fixed_inputs
 
 LAYERS, HEADS, HEAD_DIM, INTER = 4, 4, 16, 128
 PROTECT = (1, 1)
-WORDS = ("the a function returns value list of string module object class method file path error "
-         "type name raises when argument default is not None and or if for in with").split()
+WORDS = (
+    "the a function returns value list of string module object class method file path error "
+    "type name raises when argument default is not None and or if for in with"
+).split()
 
 
 def texts(n: int, seed: int) -> list[str]:
@@ -33,9 +34,17 @@ def tokenizer():
 
 def tiny_llama(n_kv: int, vocab: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=HEADS * HEAD_DIM, intermediate_size=INTER,
-                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=n_kv,
-                      max_position_embeddings=64, initializer_range=0.1, architectures=["LlamaForCausalLM"])
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        architectures=["LlamaForCausalLM"],
+    )
     model = LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():
         for layer in (1, 2):
@@ -48,8 +57,16 @@ def tiny_llama(n_kv: int, vocab: int) -> LlamaForCausalLM:
 def setup(request, tokenizer, tmp_path_factory):
     model = tiny_llama(request.param, len(tokenizer))
     out = tmp_path_factory.mktemp(f"stats{request.param}")
-    extract_batch(model, tokenizer, texts(24, 1), [out / f"layer{i}.npy" for i in range(LAYERS)],
-                  out / "stats.npz", max_length=32, micro_batch_size=8, shard_dtype="float32")
+    extract_batch(
+        model,
+        tokenizer,
+        texts(24, 1),
+        [out / f"layer{i}.npy" for i in range(LAYERS)],
+        out / "stats.npz",
+        max_length=32,
+        micro_batch_size=8,
+        shard_dtype="float32",
+    )
     return model, load_stats([out / "stats.npz"])
 
 
@@ -109,10 +126,13 @@ def test_flap_mlp_threshold_splits_direct_scores(setup):
         assert (neuron[dropped] <= thr).all() and (neuron[mask["kept"][layer]] > thr).all()
 
 
-@pytest.mark.parametrize("method,direct", [
-    ("magnitude", lambda w, st, layer: np.linalg.norm(w, axis=0)),
-    ("wanda_sp", lambda w, st, layer: np.abs(w).mean(axis=0) * np.sqrt(st["down_sqnorm"][layer])),
-])
+@pytest.mark.parametrize(
+    "method,direct",
+    [
+        ("magnitude", lambda w, st, layer: np.linalg.norm(w, axis=0)),
+        ("wanda_sp", lambda w, st, layer: np.abs(w).mean(axis=0) * np.sqrt(st["down_sqnorm"][layer])),
+    ],
+)
 def test_uniform_methods_drop_lowest_direct_scores(setup, method, direct):
     model, stats = setup
     mask = mask_of(method, setup)

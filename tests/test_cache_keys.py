@@ -39,9 +39,20 @@ CASES = [
     ("ica.max_iter", {"ica": {"max_iter": 100}}, {"ica": 2, **FROM_MASK}),
     ("ica.tol", {"ica": {"tol": 0.001}}, {"ica": 2, **FROM_MASK}),
     ("ica.backend (c8 means another backend)", {"ica": {"backend": "exact"}}, {"ica": 2, **FROM_MASK}),
-    ("torch_threads", {"torch_threads": 1},
-     {"train_model": 1, "extract": 2, "ica": 2, "mask_ica": 1, "prune": 1, "perplexity": 2, "lm_eval": 2,
-      "metrics": 2}),
+    (
+        "torch_threads",
+        {"torch_threads": 1},
+        {
+            "train_model": 1,
+            "extract": 2,
+            "ica": 2,
+            "mask_ica": 1,
+            "prune": 1,
+            "perplexity": 2,
+            "lm_eval": 2,
+            "metrics": 2,
+        },
+    ),
 ]
 
 
@@ -74,15 +85,15 @@ def test_a_new_variant_after_the_shards_are_gone_leaves_built_targets_up_to_date
     import shutil
 
     wd = tmp_path / "wd"
-    shutil.copytree(micro_run[0], wd, symlinks=True)           # copy2: modification times kept
+    shutil.copytree(micro_run[0], wd, symlinks=True)  # copy2: modification times kept
     for shards in (wd / "results/micro/acts").glob("b[0-9]"):
-        shutil.rmtree(shards)                                   # as a run without --notemp leaves it
+        shutil.rmtree(shards)  # as a run without --notemp leaves it
     built = (*TARGETS, "results/micro_r20_c8_bias/metrics.json", "results/micro_r20_wanda_sp/metrics.json")
     snakemake(wd, *built)
     stats = sorted((wd / "results/micro/acts").glob("b*.stats.npz"))
     before = [p.stat().st_mtime_ns for p in stats]
     new = snakemake(wd, "results/micro/masks/r20_c4_torch.json")
-    log = new.stdout + new.stderr                               # a real run logs its job table on stderr
+    log = new.stdout + new.stderr  # a real run logs its job table on stderr
     assert jobs_of(log) == {"extract": 2, "ica": 2, "mask_ica": 1}, log[-3000:]
     assert [p.stat().st_mtime_ns for p in stats] == before, "re-extraction must not touch the statistics"
     proc = snakemake(wd, "-n", *built)

@@ -7,7 +7,6 @@ import yaml
 
 from fnprune import config as C
 from fnprune import paper
-
 from helpers import REPO
 
 
@@ -40,20 +39,27 @@ def test_defaults_are_filled(cfg):
     assert cfg["models"]["vicuna7b"]["trust_remote_code"] is False
 
 
-@pytest.mark.parametrize("path, value, needle", [
-    (("models", "tiny", "calibration", "batch_size"), 0, "models.tiny.calibration.batch_size"),
-    (("models", "tiny", "corpus"), "nope", "models.tiny.corpus"),
-    (("models", "tiny", "protect_first"), 7, "protect_first + protect_last"),
-    (("targets", "methods"), ["c16_bogus"], "targets.methods"),
-    (("targets", "ratios"), [120], "targets.ratios"),
-    (("targets", "models"), ["llama9"], "targets.models"),
-    (("ica", "backend"), "jax", "ica.backend"),
-    (("models", "tiny", "num_layers"), 6, "differs from train.num_layers"),
-    (("models", "tiny", "architecture"), "GPT2LMHeadModel", "models.tiny.architecture: 'GPT2LMHeadModel' is not supported"),
-    (("models", "tiny", "eval", "ppl_seqlens"), [512], "models.tiny.eval.ppl_seqlens: 512 exceeds"),
-    (("targets", "methods"), ["c2000"], "k=2000 components but model tiny has only 1024"),
-    (("models", "tiny", "calibration", "n_batches"), 0, "models.tiny.calibration.n_batches"),
-])
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [
+        (("models", "tiny", "calibration", "batch_size"), 0, "models.tiny.calibration.batch_size"),
+        (("models", "tiny", "corpus"), "nope", "models.tiny.corpus"),
+        (("models", "tiny", "protect_first"), 7, "protect_first + protect_last"),
+        (("targets", "methods"), ["c16_bogus"], "targets.methods"),
+        (("targets", "ratios"), [120], "targets.ratios"),
+        (("targets", "models"), ["llama9"], "targets.models"),
+        (("ica", "backend"), "jax", "ica.backend"),
+        (("models", "tiny", "num_layers"), 6, "differs from train.num_layers"),
+        (
+            ("models", "tiny", "architecture"),
+            "GPT2LMHeadModel",
+            "models.tiny.architecture: 'GPT2LMHeadModel' is not supported",
+        ),
+        (("models", "tiny", "eval", "ppl_seqlens"), [512], "models.tiny.eval.ppl_seqlens: 512 exceeds"),
+        (("targets", "methods"), ["c2000"], "k=2000 components but model tiny has only 1024"),
+        (("models", "tiny", "calibration", "n_batches"), 0, "models.tiny.calibration.n_batches"),
+    ],
+)
 def test_errors_name_the_key(cfg, path, value, needle):
     node = cfg
     for p in path[:-1]:
@@ -85,26 +91,34 @@ def test_alias_is_its_base_with_its_own_keys(cfg):
     alias, base = cfg["models"]["tiny_langref"], cfg["models"]["tiny"]
     assert alias["base"] == "tiny" and alias["calibration"]["corpus"] == "langref"
     assert base["calibration"]["corpus"] == "stdlib" and base["calibration"]["seed"] == cfg["seed"]
-    assert {k: v for k, v in alias["calibration"].items() if k != "corpus"} == \
-        {k: v for k, v in base["calibration"].items() if k != "corpus"}
-    assert {k: v for k, v in alias.items() if k not in ("base", "calibration")} == \
-        {k: v for k, v in base.items() if k not in ("base", "calibration")}
+    assert {k: v for k, v in alias["calibration"].items() if k != "corpus"} == {
+        k: v for k, v in base["calibration"].items() if k != "corpus"
+    }
+    assert {k: v for k, v in alias.items() if k not in ("base", "calibration")} == {
+        k: v for k, v in base.items() if k not in ("base", "calibration")
+    }
     assert C.weights_of(cfg, "tiny_langref") == "tiny" and C.weights_of(cfg, "tiny") == "tiny"
     again = copy.deepcopy(cfg)
     C.validate(again)
     assert again == cfg
 
 
-@pytest.mark.parametrize("alias, needle", [
-    ({"base": "nope"}, "models.bad.base: 'nope' is not a key of models"),
-    ({"base": "bad"}, "models.bad.base: a model cannot be its own base"),
-    ({"base": "tiny_langref"}, "models.bad.base: 'tiny_langref' is itself an alias"),
-    ({"base": 3}, "models.bad.base: expected a model slug"),
-    ({"base": "tiny", "train": {"steps": 10}}, "models.bad.train: an alias shares the weights of its base 'tiny'"),
-    ({"base": "tiny", "corpus": "langref"}, "models.bad.corpus: an alias shares the weights"),
-    ({"base": "tiny", "calibration": {"corpus": "nope"}}, "models.bad.calibration.corpus: 'nope' is not a key of corpora"),
-    ({"base": "tiny", "calibration": {"n_batches": 0}}, "models.bad.calibration.n_batches"),
-])
+@pytest.mark.parametrize(
+    "alias, needle",
+    [
+        ({"base": "nope"}, "models.bad.base: 'nope' is not a key of models"),
+        ({"base": "bad"}, "models.bad.base: a model cannot be its own base"),
+        ({"base": "tiny_langref"}, "models.bad.base: 'tiny_langref' is itself an alias"),
+        ({"base": 3}, "models.bad.base: expected a model slug"),
+        ({"base": "tiny", "train": {"steps": 10}}, "models.bad.train: an alias shares the weights of its base 'tiny'"),
+        ({"base": "tiny", "corpus": "langref"}, "models.bad.corpus: an alias shares the weights"),
+        (
+            {"base": "tiny", "calibration": {"corpus": "nope"}},
+            "models.bad.calibration.corpus: 'nope' is not a key of corpora",
+        ),
+        ({"base": "tiny", "calibration": {"n_batches": 0}}, "models.bad.calibration.n_batches"),
+    ],
+)
 def test_alias_errors_name_the_key(cfg, alias, needle):
     cfg["models"]["bad"] = alias
     with pytest.raises(ValueError, match=needle):
@@ -124,19 +138,26 @@ def test_shipped_domains_check(cfg):
     _domains_check(cfg)
     # the shipped sources are aliases of one model: one table, every source x ratio x method a point
     assert domains.bases(cfg) == ["tiny"]
-    assert len(domains.pruned_points(cfg, "tiny")) == len(cfg["domains"]["models"]) * len(cfg["domains"]["ratios"]) \
-        * len(cfg["domains"]["methods"])
+    assert len(domains.pruned_points(cfg, "tiny")) == len(cfg["domains"]["models"]) * len(
+        cfg["domains"]["ratios"]
+    ) * len(cfg["domains"]["methods"])
 
 
-@pytest.mark.parametrize("path, value, needle", [
-    (("domains", "models"), ["tiny", "nope"], "domains.models: 'nope' is not a key of models"),
-    (("domains", "corpora"), ["stdlib", "nope"], "domains.corpora: 'nope' is not a key of corpora"),
-    (("domains", "methods"), ["c16_bogus"], "domains.methods"),
-    (("domains", "ratios"), [0], "domains.ratios"),
-    (("corpora", "langref", "fractions"), {"train": 0.7, "calib": 0.2, "validation": 0.05, "test": 0.05},
-     "corpora.langref: splits the documents of corpora.stdlib .* another fractions"),
-    (("corpora", "libdocs", "max_chars"), 900, "corpora.libdocs: splits the documents of corpora.stdlib"),
-])
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [
+        (("domains", "models"), ["tiny", "nope"], "domains.models: 'nope' is not a key of models"),
+        (("domains", "corpora"), ["stdlib", "nope"], "domains.corpora: 'nope' is not a key of corpora"),
+        (("domains", "methods"), ["c16_bogus"], "domains.methods"),
+        (("domains", "ratios"), [0], "domains.ratios"),
+        (
+            ("corpora", "langref", "fractions"),
+            {"train": 0.7, "calib": 0.2, "validation": 0.05, "test": 0.05},
+            "corpora.langref: splits the documents of corpora.stdlib .* another fractions",
+        ),
+        (("corpora", "libdocs", "max_chars"), 900, "corpora.libdocs: splits the documents of corpora.stdlib"),
+    ],
+)
 def test_domains_errors_name_the_key(cfg, path, value, needle):
     node = cfg
     for p in path[:-1]:
@@ -148,6 +169,7 @@ def test_domains_errors_name_the_key(cfg, path, value, needle):
 
 # ---- requested targets: the grammar and impossible values, before any job ------------------------
 
+
 @pytest.fixture
 def micro_cfg():
     base = yaml.safe_load(open(REPO / "config" / "config.yaml"))
@@ -158,33 +180,42 @@ def micro_cfg():
     return C.validate(base)
 
 
-@pytest.mark.parametrize("target,nearest", [
-    ("micro_r20_c16_bias_bias", "micro_r20_c16_bias"),
-    ("micro_r20_random_bias", "micro_r20_random"),
-    ("micro_r20_bias_c16", "micro_r20_c16_bias"),
-    ("micor_r20_c16", "micro_r20_c16"),
-    ("micro_r20_flap_mlp_m16_bias", "micro_r20_flap_mlp_m16"),
-    ("micro_r20_c8_torch_torch", "micro_r20_c8_torch"),
-])
+@pytest.mark.parametrize(
+    "target,nearest",
+    [
+        ("micro_r20_c16_bias_bias", "micro_r20_c16_bias"),
+        ("micro_r20_random_bias", "micro_r20_random"),
+        ("micro_r20_bias_c16", "micro_r20_c16_bias"),
+        ("micor_r20_c16", "micro_r20_c16"),
+        ("micro_r20_flap_mlp_m16_bias", "micro_r20_flap_mlp_m16"),
+        ("micro_r20_c8_torch_torch", "micro_r20_c8_torch"),
+    ],
+)
 def test_a_target_outside_the_grammar_gets_the_grammar_and_the_nearest_form(micro_cfg, target, nearest):
     models = list(micro_cfg["models"])
     with pytest.raises(ValueError, match="outside the path grammar") as e:
         C.check_target(target, micro_cfg, models)
     assert f"Nearest valid form: {nearest}" in str(e.value) and "Expected: results/{model}_dense" in str(e.value)
-    C.check_target(nearest, micro_cfg, models)          # the suggestion itself is valid
+    C.check_target(nearest, micro_cfg, models)  # the suggestion itself is valid
 
 
-@pytest.mark.parametrize("target,match", [
-    ("micro_r101_c8", r"ratio r101 is outside 1\.\.99"),
-    ("micro_r0_random", r"ratio r0 is outside 1\.\.99"),
-    ("micro_r20_c99999", r"k = 99999 components exceed the at most 512 tokens .*4 x 128"),
-    ("micro_r20_c200", r"k = 200 components exceed the 192 signals of a layer"),
-    ("micro_r20_c8_b3", r"_b3 uses more batches than models\.micro\.calibration\.n_batches = 2"),
-    ("micro_r20_c8_m64", r"multiples of 64 \(96-wide layers, 2 prunable\) the ratio 20% cannot be reached: at best 10\.0%"),
-    ("micro_r20_c8_m96", r"_m96 .* layers are 96 wide"),
-    ("chatglm3_6b_r20_flap", r"fused query_key_value\) does not support; use flap_mlp"),
-    ("smol_r20_c4000", r"k = 4000 components exceed the 3072 signals"),
-])
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        ("micro_r101_c8", r"ratio r101 is outside 1\.\.99"),
+        ("micro_r0_random", r"ratio r0 is outside 1\.\.99"),
+        ("micro_r20_c99999", r"k = 99999 components exceed the at most 512 tokens .*4 x 128"),
+        ("micro_r20_c200", r"k = 200 components exceed the 192 signals of a layer"),
+        ("micro_r20_c8_b3", r"_b3 uses more batches than models\.micro\.calibration\.n_batches = 2"),
+        (
+            "micro_r20_c8_m64",
+            r"multiples of 64 \(96-wide layers, 2 prunable\) the ratio 20% cannot be reached: at best 10\.0%",
+        ),
+        ("micro_r20_c8_m96", r"_m96 .* layers are 96 wide"),
+        ("chatglm3_6b_r20_flap", r"fused query_key_value\) does not support; use flap_mlp"),
+        ("smol_r20_c4000", r"k = 4000 components exceed the 3072 signals"),
+    ],
+)
 def test_impossible_values_are_refused_naming_the_value(micro_cfg, target, match):
     with pytest.raises(ValueError, match=match):
         C.check_target(target, micro_cfg, list(micro_cfg["models"]))
@@ -192,8 +223,16 @@ def test_impossible_values_are_refused_naming_the_value(micro_cfg, target, match
 
 def test_possible_targets_pass(micro_cfg):
     models = list(micro_cfg["models"])
-    for t in ("micro_dense", "micro_r20_c8", "micro_r20_c8_m32", "micro_r20_flap_mlp_m16", "micro_r30_c8_b2_hybrid_imp_bias",
-              "chatglm3_6b_r20_flap_mlp", "smol_r20_c64", "vicuna7b_r20_c128"):
+    for t in (
+        "micro_dense",
+        "micro_r20_c8",
+        "micro_r20_c8_m32",
+        "micro_r20_flap_mlp_m16",
+        "micro_r30_c8_b2_hybrid_imp_bias",
+        "chatglm3_6b_r20_flap_mlp",
+        "smol_r20_c64",
+        "vicuna7b_r20_c128",
+    ):
         assert C.check_target(t, micro_cfg, models)["model"]
 
 
@@ -202,7 +241,9 @@ def test_requested_paths(micro_cfg, tmp_path):
     C.check_requested_path("results/micro_r20_c8/metrics.json", micro_cfg, models, str(tmp_path))
     C.check_requested_path("results/micro/masks/r20_c8_torch.json", micro_cfg, models, str(tmp_path))
     C.check_requested_path("comparison", micro_cfg, models, str(tmp_path))
-    with pytest.raises(ValueError, match=r"give it relative to the working directory: results/micro_dense/metrics\.json"):
+    with pytest.raises(
+        ValueError, match=r"give it relative to the working directory: results/micro_dense/metrics\.json"
+    ):
         C.check_requested_path(str(tmp_path / "results/micro_dense/metrics.json"), micro_cfg, models, str(tmp_path))
     with pytest.raises(ValueError, match="outside the working directory"):
         C.check_requested_path("/elsewhere/results/x", micro_cfg, models, str(tmp_path))
@@ -213,8 +254,18 @@ def test_requested_paths(micro_cfg, tmp_path):
 
 
 def test_command_line_targets():
-    argv = ["/venv/bin/snakemake", "-s", "Snakefile", "--cores", "2", "-n", "results/a/metrics.json",
-            "--configfile", "config/config.yaml", "config/micro.yaml"]
+    argv = [
+        "/venv/bin/snakemake",
+        "-s",
+        "Snakefile",
+        "--cores",
+        "2",
+        "-n",
+        "results/a/metrics.json",
+        "--configfile",
+        "config/config.yaml",
+        "config/micro.yaml",
+    ]
     assert C.command_line_targets(argv) == ["results/a/metrics.json"]
     assert C.command_line_targets(["/usr/bin/python", "-m", "pytest", "results/x"]) == []
 
@@ -231,23 +282,49 @@ def test_a_dry_run_refuses_a_bad_target_before_any_job(tmp_path):
 
 def test_method_options_parse_in_order():
     m = C.parse_method("c16_exact_s3_x5_b2_hybrid_imp_m64_bias")
-    assert (m["k"], m["backend"], m["seed"], m["runs"], m["batches"], m["hybrid"], m["selection"], m["multiple"],
-            m["bias"]) == (16, "exact", 3, 5, 2, True, "imp", 64, True)
+    assert (
+        m["k"],
+        m["backend"],
+        m["seed"],
+        m["runs"],
+        m["batches"],
+        m["hybrid"],
+        m["selection"],
+        m["multiple"],
+        m["bias"],
+    ) == (16, "exact", 3, 5, 2, True, "imp", 64, True)
     assert m["selector"] == "c16_exact_s3_x5_b2_hybrid_imp_m64" and m["ica_dir"] == "exact_c16_s3_x5"
     assert m["needs_stats"]
     plain = C.parse_method("c16")
-    assert (plain["selector"], plain["ica_dir"], plain["selection"], plain["needs_stats"]) == \
-        ("c16_torch", "torch_c16", "global", False)
+    assert (plain["selector"], plain["ica_dir"], plain["selection"], plain["needs_stats"]) == (
+        "c16_torch",
+        "torch_c16",
+        "global",
+        False,
+    )
     assert C.parse_method("c16_zglobal")["needs_stats"] is False
     b = C.parse_method("flap_mlp_m128")
-    assert (b["kind"], b["baseline"], b["multiple"], b["bias"], b["selector"]) == ("baseline", "flap_mlp", 128, True,
-                                                                                  "flap_mlp_m128")
+    assert (b["kind"], b["baseline"], b["multiple"], b["bias"], b["selector"]) == (
+        "baseline",
+        "flap_mlp",
+        128,
+        True,
+        "flap_mlp_m128",
+    )
     assert not C.parse_method("random")["needs_stats"]
 
 
-@pytest.mark.parametrize("method, needle", [("c16_x1", "at least 2"), ("c0", "k must be at least 1"),
-                                            ("c16_m0", "_m<multiple> must be"), ("c16_b0", "at least 1"),
-                                            ("c16_uniform_hybrid", "expected c<k>"), ("flap_x5", "expected")])
+@pytest.mark.parametrize(
+    "method, needle",
+    [
+        ("c16_x1", "at least 2"),
+        ("c0", "k must be at least 1"),
+        ("c16_m0", "_m<multiple> must be"),
+        ("c16_b0", "at least 1"),
+        ("c16_uniform_hybrid", "expected c<k>"),
+        ("flap_x5", "expected"),
+    ],
+)
 def test_bad_method_options_are_explained(method, needle):
     with pytest.raises(ValueError, match=needle):
         C.parse_method(method)

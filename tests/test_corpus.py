@@ -6,8 +6,12 @@ import pytest
 
 from fnprune.corpus import SPLITS, build_corpus, chunk_document, embedded_documents, read_records, read_split
 
-SPEC = {"source": "embedded", "fractions": {"train": 0.75, "calib": 0.15, "validation": 0.05, "test": 0.05},
-        "max_chars": 1500, "min_chars": 200}
+SPEC = {
+    "source": "embedded",
+    "fractions": {"train": 0.75, "calib": 0.15, "validation": 0.05, "test": 0.05},
+    "max_chars": 1500,
+    "min_chars": 200,
+}
 
 
 def test_embedded_corpus_is_deterministic(tmp_path):
@@ -16,7 +20,7 @@ def test_embedded_corpus_is_deterministic(tmp_path):
     assert a["sha256"] == b["sha256"]
     total = sum(v["chars"] for v in a["splits"].values())
     assert total > 500_000
-    ids = [set(json.loads(l)["id"] for l in open(tmp_path / "a" / f"{s}.jsonl")) for s in SPLITS]
+    ids = [set(json.loads(row)["id"] for row in open(tmp_path / "a" / f"{s}.jsonl")) for s in SPLITS]
     assert all(not (ids[i] & ids[j]) for i in range(4) for j in range(i + 1, 4))
     assert len(read_split(tmp_path / "a" / "test.jsonl")) >= 20
 
@@ -39,8 +43,10 @@ def test_embedded_parts_split_like_the_whole_corpus(tmp_path):
     the other part's documents removed: every split of it is a subset of the whole corpus's split,
     so its test split is held out of a model trained on the whole corpus's train split."""
     whole = {s: read_records(p) for s, p in _build(SPEC, tmp_path / "stdlib").items()}
-    parts = {name: {s: read_records(p) for s, p in _build({**SPEC, "parts": [name]}, tmp_path / name).items()}
-             for name in ("topics", "modules")}
+    parts = {
+        name: {s: read_records(p) for s, p in _build({**SPEC, "parts": [name]}, tmp_path / name).items()}
+        for name in ("topics", "modules")
+    }
     for split in SPLITS:
         recs = {r["id"]: r["text"] for r in whole[split]}
         topics = {r["id"]: r["text"] for r in parts["topics"][split]}
@@ -63,8 +69,9 @@ def test_unknown_part_is_named():
         embedded_documents(["topics", "tutorial"])
 
 
-@pytest.mark.parametrize("content,match", [(b"", "is empty; expected text"),
-                                           (b"\xff\xfe\x00binary", "is not UTF-8 text")])
+@pytest.mark.parametrize(
+    "content,match", [(b"", "is empty; expected text"), (b"\xff\xfe\x00binary", "is not UTF-8 text")]
+)
 def test_a_bad_text_corpus_file_is_named(tmp_path, content, match):
     f = tmp_path / "t.txt"
     f.write_bytes(content)
@@ -87,7 +94,8 @@ def test_editing_a_text_corpus_file_reruns_its_corpus_job(tmp_path):
     wd = tmp_path / "wd"
     snakemake(wd, "results/data/mytext/test.jsonl", configs=(str(overlay),))
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(
-        snakemake(wd, "-n", "results/data/mytext/test.jsonl", configs=(str(overlay),)))
+        snakemake(wd, "-n", "results/data/mytext/test.jsonl", configs=(str(overlay),))
+    )
     f.write_text(f.read_text() + "\n\n\nDocument 60. " + "word " * 100)
     proc = snakemake(wd, "-n", "results/data/mytext/test.jsonl", configs=(str(overlay),))
     assert jobs_of(proc.stdout) == {"corpus": 1}, proc.stdout[-2000:]

@@ -10,20 +10,27 @@ import yaml
 
 from fnprune import config as C
 from fnprune import domains as D
-
 from helpers import mask_for
 
 
 def ppl_record(model, corpus, ppl, ratio=20, method="c16", calibration=None, weights="tiny"):
     dense = method == "dense"
-    return {"target": f"{model}_dense" if dense else f"{model}_r{ratio}_{method}", "model": model,
-            "weights": weights, "dense": dense, "ratio": None if dense else ratio, "method": method,
-            "corpus": corpus, "calibration_corpus": None if dense else calibration,
-            "results": [{"protocol": "flap_token_ppl", "seqlen": 128, "ppl": ppl, "windows": 10}]}
+    return {
+        "target": f"{model}_dense" if dense else f"{model}_r{ratio}_{method}",
+        "model": model,
+        "weights": weights,
+        "dense": dense,
+        "ratio": None if dense else ratio,
+        "method": method,
+        "corpus": corpus,
+        "calibration_corpus": None if dense else calibration,
+        "results": [{"protocol": "flap_token_ppl", "seqlen": 128, "ppl": ppl, "windows": 10}],
+    }
 
 
 RECORDS = [
-    ppl_record("tiny", "langref", 100.0, method="dense"), ppl_record("tiny", "libdocs", 200.0, method="dense"),
+    ppl_record("tiny", "langref", 100.0, method="dense"),
+    ppl_record("tiny", "libdocs", 200.0, method="dense"),
     ppl_record("tiny_langref", "langref", 110.0, calibration="langref"),
     ppl_record("tiny_langref", "libdocs", 260.0, calibration="langref"),
     ppl_record("tiny_libdocs", "langref", 130.0, calibration="libdocs"),
@@ -92,18 +99,32 @@ def test_stage_writes_tables_and_figure(tmp_path):
     masks = [tmp_path / "m0.json", tmp_path / "m1.json"]
     masks[0].write_text(json.dumps(mask([[0], [0, 1], [2]])))
     masks[1].write_text(json.dumps(mask([[0], [0, 2], [2]])))
-    keys = [{"source": "tiny_langref", "ratio": 20, "method": "c16"},
-            {"source": "tiny_libdocs", "ratio": 20, "method": "c16"}]
+    keys = [
+        {"source": "tiny_langref", "ratio": 20, "method": "c16"},
+        {"source": "tiny_libdocs", "ratio": 20, "method": "c16"},
+    ]
     out = {k: tmp_path / "out" / f"tiny_domains{k}" for k in (".md", ".csv", "_overlap.csv", ".png")}
-    D.table("tiny", [str(f) for f in files], [str(m) for m in masks], keys, out[".md"], out[".csv"],
-            out["_overlap.csv"], out[".png"])
+    D.table(
+        "tiny",
+        [str(f) for f in files],
+        [str(m) for m in masks],
+        keys,
+        out[".md"],
+        out[".csv"],
+        out["_overlap.csv"],
+        out[".png"],
+    )
     md = out[".md"].read_text()
-    assert "# Cross-domain calibration: tiny" in md and "| 20% | ICA k=16 | tiny_langref | tiny_libdocs | 0.667 | 0.417 |" in md
+    assert (
+        "# Cross-domain calibration: tiny" in md
+        and "| 20% | ICA k=16 | tiny_langref | tiny_libdocs | 0.667 | 0.417 |" in md
+    )
     assert "![perplexity heatmap](tiny_domains.png)" in md
     rows = list(csv.DictReader(io.StringIO(out[".csv"].read_text())))
     assert len(rows) == 6 and {r["eval_corpus"] for r in rows} == {"langref", "libdocs"}
-    assert float(next(r for r in rows if r["source"] == "tiny_libdocs" and r["eval_corpus"] == "libdocs")
-                 ["change_pct"]) == pytest.approx(10.0)
+    assert float(
+        next(r for r in rows if r["source"] == "tiny_libdocs" and r["eval_corpus"] == "libdocs")["change_pct"]
+    ) == pytest.approx(10.0)
     (ov,) = csv.DictReader(io.StringIO(out["_overlap.csv"].read_text()))
     assert float(ov["dice"]) == pytest.approx(2 / 3)
     assert out[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,6 +139,14 @@ def test_ppl_fields_and_points_of_the_shipped_config():
     assert points[:2] == [("tiny", 20, "c16"), ("tiny", 20, "wanda_sp")]
     assert {p[0] for p in points} == set(cfg["domains"]["models"])
     f = D.ppl_fields(cfg, "tiny_langref_r20_c16", "libdocs")
-    assert f == {"target": "tiny_langref_r20_c16", "model": "tiny_langref", "weights": "tiny", "dense": False,
-                 "ratio": 20, "method": "c16", "corpus": "libdocs", "calibration_corpus": "langref"}
+    assert f == {
+        "target": "tiny_langref_r20_c16",
+        "model": "tiny_langref",
+        "weights": "tiny",
+        "dense": False,
+        "ratio": 20,
+        "method": "c16",
+        "corpus": "libdocs",
+        "calibration_corpus": "langref",
+    }
     assert D.ppl_fields(cfg, "tiny_dense", "stdlib")["calibration_corpus"] is None

@@ -1,7 +1,6 @@
 """The conda environment and the pip requirement sets pin the same versions."""
 
 import re
-from pathlib import Path
 
 import yaml
 

@@ -8,11 +8,14 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, snakemake
 from fnprune import ggufsource as G
+from helpers import REPO, snakemake
 
-TEXTS = ["def area(r):\n    return 3.14159 * r * r\n", "The quick brown fox jumps over the lazy dog.",
-         "Return a new list containing all items from the iterable in ascending order."] * 30
+TEXTS = [
+    "def area(r):\n    return 3.14159 * r * r\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "Return a new list containing all items from the iterable in ascending order.",
+] * 30
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +26,20 @@ def micro_llama():
     from fnprune.train import train_tokenizer
 
     tok = train_tokenizer(TEXTS, 300)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        architectures=["LlamaForCausalLM"],
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval(), tok
 
@@ -57,8 +70,12 @@ def converted(micro_llama, tmp_path_factory):
         path = wd / f"micro_{dtype}.gguf"
         G.write_gguf(model, tok, path, dtype=dtype)
         models[f"gg{dtype.lower().replace('_', '')}"] = {
-            "source": "gguf", "path": str(path), "architecture": "LlamaForCausalLM", "num_layers": 2,
-            "corpus": "stdlib"}
+            "source": "gguf",
+            "path": str(path),
+            "architecture": "LlamaForCausalLM",
+            "num_layers": 2,
+            "corpus": "stdlib",
+        }
     overlay = wd / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"models": models}))
     snakemake(wd, *[f"results/models/{m}" for m in models], configs=(str(overlay),))
@@ -109,10 +126,13 @@ def one_tensor_gguf(path, arch: str, dtype) -> str:
     return path
 
 
-@pytest.mark.parametrize("arch,dtype,message", [
-    ("gpt2", np.float32, r"architecture 'gpt2' is not supported; supported: llama"),
-    ("llama", np.int32, r"tensor type\(s\) I32 cannot be dequantised; supported: .*Q4_1"),
-])
+@pytest.mark.parametrize(
+    "arch,dtype,message",
+    [
+        ("gpt2", np.float32, r"architecture 'gpt2' is not supported; supported: llama"),
+        ("llama", np.int32, r"tensor type\(s\) I32 cannot be dequantised; supported: .*Q4_1"),
+    ],
+)
 def test_what_cannot_be_converted_is_refused_by_name(tmp_path, arch, dtype, message):
     with pytest.raises(ValueError, match=message):
         G.inspect(one_tensor_gguf(tmp_path / "x.gguf", arch, dtype))
@@ -135,8 +155,7 @@ def test_config_refuses_a_gguf_model_without_a_file():
     from fnprune import config as C
 
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["models"]["bad"] = {"source": "gguf", "architecture": "LlamaForCausalLM", "num_layers": 2,
-                            "corpus": "stdlib"}
+    cfg["models"]["bad"] = {"source": "gguf", "architecture": "LlamaForCausalLM", "num_layers": 2, "corpus": "stdlib"}
     with pytest.raises(ValueError, match=r"models.bad: source gguf needs path"):
         C.validate(cfg)
     cfg["models"]["bad"]["path"] = "/nonexistent/model.gguf"
@@ -167,6 +186,7 @@ def test_real_smollm2_converts_to_a_pretrained_model(tmp_path):
 
 # ---- export of pruned models ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pruned_micro(micro_llama):
     """micro_llama with different MLP widths per layer (100 and 37 of 128) and bias compensation."""
@@ -191,7 +211,7 @@ def test_a_pruned_model_exports_with_per_layer_widths_and_reads_back(micro_llama
     widths = G.write_gguf(model, tok, path, "F32", name="micro_r20", metadata={"method": "c8", "ratio": 0.2})
     assert widths["feed_forward_length"] == [100, 37] and widths["head_count"] == [4, 4]
     r = GGUFReader(str(path))
-    assert r.fields["general.architecture"].contents() == "deci"     # llama.cpp: LLaMA graph, per-layer shapes
+    assert r.fields["general.architecture"].contents() == "deci"  # llama.cpp: LLaMA graph, per-layer shapes
     assert r.fields["deci.feed_forward_length"].contents() == [100, 37]
     assert r.fields["fnprune.method"].contents() == "c8" and r.fields["fnprune.ratio"].contents() == "0.2"
     tensors = {t.name: t for t in r.tensors}
@@ -200,8 +220,9 @@ def test_a_pruned_model_exports_with_per_layer_widths_and_reads_back(micro_llama
             w = getattr(layer.mlp, hf).weight.detach().numpy()
             got = np.asarray(tensors[f"blk.{i}.{gg}.weight"].data).reshape(w.shape)
             np.testing.assert_array_equal(got, w)
-        np.testing.assert_array_equal(np.asarray(tensors[f"blk.{i}.ffn_down.bias"].data),
-                                      layer.mlp.down_proj.bias.detach().numpy())
+        np.testing.assert_array_equal(
+            np.asarray(tensors[f"blk.{i}.ffn_down.bias"].data), layer.mlp.down_proj.bias.detach().numpy()
+        )
     dense = tmp_path / "dense.gguf"
     G.write_gguf(micro_llama[0], tok, dense, "Q8_0")
     assert GGUFReader(str(dense)).fields["general.architecture"].contents() == "llama"
@@ -213,8 +234,8 @@ def test_q8_0_keeps_widths_that_blocks_do_not_divide_in_f16(pruned_micro, tmp_pa
     model, tok = pruned_micro
     G.write_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0")
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "q8.gguf")).tensors}
-    assert types["blk.0.ffn_gate.weight"] == "Q8_0"          # rows of 64 inputs
-    assert types["blk.1.ffn_down.weight"] == "F16"           # rows of 37 inputs: no Q8_0 block fits
+    assert types["blk.0.ffn_gate.weight"] == "Q8_0"  # rows of 64 inputs
+    assert types["blk.1.ffn_down.weight"] == "F16"  # rows of 37 inputs: no Q8_0 block fits
 
 
 def test_export_rule_refuses_a_non_llama_model_before_any_job(tmp_path):

@@ -37,8 +37,9 @@ def test_extraction_and_perplexity_on_cuda(tmp_path):
     texts = [f"Line {i}: functional networks of neurons in layer {i % 5} fire together." for i in range(30)]
     tok = train_tokenizer(texts, 300)
     torch.manual_seed(0)
-    model = build_model(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                             max_position=128), tok).eval()
+    model = build_model(
+        dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_position=128), tok
+    ).eval()
     outs = {}
     for dev in ("cpu", "cuda"):
         m = model.to(dev)

@@ -3,21 +3,28 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from helpers import logits_with_fixed_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A
 from fnprune.heads import group_channels, head_geometry, heads_layout, prune_heads, resize_heads
+from helpers import logits_with_fixed_inputs
 
 LAYERS, HEADS, HEAD_DIM = 4, 4, 16
 
 
 def tiny_llama(n_kv: int, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=HEADS * HEAD_DIM, intermediate_size=128,
-                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=n_kv,
-                      max_position_embeddings=64, initializer_range=0.1, architectures=["LlamaForCausalLM"])
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        architectures=["LlamaForCausalLM"],
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).float().eval()
 
@@ -38,8 +45,9 @@ def o_projs(model) -> list[torch.nn.Linear]:
 def o_input_means(model) -> list[np.ndarray]:
     ids, mask = inputs()
     sums = []
-    handles = [o.register_forward_pre_hook(lambda mod, args: sums.append(args[0][mask.bool()].mean(0)))
-               for o in o_projs(model)]
+    handles = [
+        o.register_forward_pre_hook(lambda mod, args: sums.append(args[0][mask.bool()].mean(0))) for o in o_projs(model)
+    ]
     try:
         model(input_ids=ids, attention_mask=mask)
     finally:
@@ -85,8 +93,9 @@ def test_removed_heads_equal_fixed_o_inputs(n_kv, attn, compensate):
         fixed[layer] = (dropped, value)
     ids, mask = inputs()
     linears = o_projs(dense)
-    expected = logits_with_fixed_inputs(dense, [(linears[layer], idx, val) for layer, (idx, val) in fixed.items()],
-                                        input_ids=ids, attention_mask=mask)
+    expected = logits_with_fixed_inputs(
+        dense, [(linears[layer], idx, val) for layer, (idx, val) in fixed.items()], input_ids=ids, attention_mask=mask
+    )
     pruned = copy.deepcopy(dense)
     prune_heads(pruned, KEPT[n_kv], means if compensate else None)
     ids, mask = inputs()

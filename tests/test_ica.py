@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from fnprune.ica import (canica, canica_runs, consensus_scores, exact_subspace, fastica_cube, spatial_subspace,
-                         zscore_columns)
+from fnprune.ica import (
+    canica,
+    canica_runs,
+    consensus_scores,
+    exact_subspace,
+    fastica_cube,
+    spatial_subspace,
+    zscore_columns,
+)
 from fnprune.shards import load_shard
 from fnprune.synthetic import auroc, planted_networks
 
@@ -117,7 +124,7 @@ def test_nonconvergence_policy(tmp_path, planted, policy):
     paths = []
     for layer in range(2):
         paths.append(tmp_path / f"L{layer}.npy")
-        np.save(paths[-1], x[:, layer * 400:(layer + 1) * 400].astype(np.float16))
+        np.save(paths[-1], x[:, layer * 400 : (layer + 1) * 400].astype(np.float16))
     if policy == "fail":
         with pytest.raises(RuntimeError, match="L0.npy: FastICA did not converge"):
             ica_batch(paths, 8, "torch", 0, max_iter=2, on_nonconvergence=policy)
@@ -176,8 +183,9 @@ def test_constant_layer_policy(tmp_path, planted, policy):
 
 @pytest.fixture(scope="module")
 def planted_background():
-    return planted_networks(n_tokens=800, n_signals=600, n_networks=8, network_size=15, noise=1.5, seed=5,
-                            n_background=6)
+    return planted_networks(
+        n_tokens=800, n_signals=600, n_networks=8, network_size=15, noise=1.5, seed=5, n_background=6
+    )
 
 
 def test_consensus_recovers_planted_networks_like_a_single_run(planted_background):
@@ -199,8 +207,9 @@ def test_consensus_keeps_only_recurring_networks():
             self.maps = maps
 
     shared = rng.standard_normal((2, 500))
-    runs = [Run(np.vstack([shared + 0.05 * rng.standard_normal((2, 500)), rng.standard_normal((2, 500))]))
-            for _ in range(4)]
+    runs = [
+        Run(np.vstack([shared + 0.05 * rng.standard_normal((2, 500)), rng.standard_normal((2, 500))])) for _ in range(4)
+    ]
     scores, info = consensus_scores(runs)
     # The two shared maps recur in all runs; each run's own random maps recur in none.
     assert info["recurring"] == 2

@@ -30,8 +30,9 @@ SMALL = {"passage_chars": 160, "continuation_chars": 48}
 def _records(names: list[str]) -> list[dict]:
     from pydoc_data.topics import topics
 
-    return [{"id": f"topic:{n}#{i}", "text": c}
-            for n in names for i, c in enumerate(chunk_document(topics[n], 600, 200))]
+    return [
+        {"id": f"topic:{n}#{i}", "text": c} for n in names for i, c in enumerate(chunk_document(topics[n], 600, 200))
+    ]
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -45,15 +46,18 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
     names = sorted(topics)
     d = tmp_path_factory.mktemp("corpus")
-    return {"test": _write(d / "test.jsonl", _records(names[:6])),
-            "validation": _write(d / "validation.jsonl", _records(names[6:10])),
-            "train": _write(d / "train.jsonl", _records(names[10:40]))}
+    return {
+        "test": _write(d / "test.jsonl", _records(names[:6])),
+        "validation": _write(d / "validation.jsonl", _records(names[6:10])),
+        "train": _write(d / "train.jsonl", _records(names[10:40])),
+    }
 
 
 @pytest.fixture(scope="module")
 def tasks(corpus, tmp_path_factory) -> dict:
-    return write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path_factory.mktemp("tasks"),
-                                seed=0, n_items=24, **SMALL)
+    return write_embedded_tasks(
+        corpus["test"], corpus["validation"], tmp_path_factory.mktemp("tasks"), seed=0, n_items=24, **SMALL
+    )
 
 
 def _jsonl(path: str | Path) -> list[dict]:
@@ -70,10 +74,18 @@ def test_windows_cut_at_single_spaces():
 
 
 def test_ppl_documents_join_consecutive_chunks_only():
-    recs = [{"id": "a#0", "text": "x"}, {"id": "a#1", "text": "y"}, {"id": "a#3", "text": "z"},
-            {"id": "test:6", "text": " "}, {"id": "test:7", "text": "w"}]
-    assert ppl_documents(recs) == [{"id": "a", "text": "x\n\ny"}, {"id": "a", "text": "z"},
-                                   {"id": "test:7", "text": "w"}]
+    recs = [
+        {"id": "a#0", "text": "x"},
+        {"id": "a#1", "text": "y"},
+        {"id": "a#3", "text": "z"},
+        {"id": "test:6", "text": " "},
+        {"id": "test:7", "text": "w"},
+    ]
+    assert ppl_documents(recs) == [
+        {"id": "a", "text": "x\n\ny"},
+        {"id": "a", "text": "z"},
+        {"id": "test:7", "text": "w"},
+    ]
 
 
 def test_embedded_tasks_deterministic(corpus, tasks, tmp_path):
@@ -119,8 +131,9 @@ def tiny(corpus):
 def test_run_lm_eval_embedded(tiny, tasks, tmp_path):
     model, tok = tiny
     raw_out = tmp_path / "raw.json"
-    out = run_lm_eval(model, tok, [MC_TASK, PPL_TASK], batch_size="auto", include_path=tasks["dir"],
-                      raw_out=raw_out, max_length=2048)
+    out = run_lm_eval(
+        model, tok, [MC_TASK, PPL_TASK], batch_size="auto", include_path=tasks["dir"], raw_out=raw_out, max_length=2048
+    )
     mc, ppl = out["tasks"][MC_TASK], out["tasks"][PPL_TASK]
     assert set(mc) == {"acc", "acc_norm", "acc_mutual_info"} and 0 <= mc["acc"]["value"] <= 1
     assert all(math.isfinite(v[k]) for v in mc.values() for k in ("value", "stderr"))
@@ -196,7 +209,7 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
 
     model, tok = tiny
     words = "the module returns a new list of items sorted by key and value in order".split()
-    pairs = [(" ".join(words[: 2 + (i * 5) % 13]), " " + " ".join(words[i % 7: i % 7 + 1 + i % 4])) for i in range(23)]
+    pairs = [(" ".join(words[: 2 + (i * 5) % 13]), " " + " ".join(words[i % 7 : i % 7 + 1 + i % 4])) for i in range(23)]
     pairs += [("", " sorted list"), ("x", " y")]
     ll = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     rolling = [Instance("loglikelihood_rolling", {}, (" ".join(words * (1 + i)),), i) for i in range(3)]

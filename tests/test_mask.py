@@ -4,8 +4,18 @@ import numpy as np
 import pytest
 
 from fnprune.io import save_npz
-from fnprune.mask import (hybrid_scores, importance_budgets, n_to_drop, prunable_layers, round_kept, select_budgets,
-                          select_global, select_uniform, standardise_layers, union_neuron_scores)
+from fnprune.mask import (
+    hybrid_scores,
+    importance_budgets,
+    n_to_drop,
+    prunable_layers,
+    round_kept,
+    select_budgets,
+    select_global,
+    select_uniform,
+    standardise_layers,
+    union_neuron_scores,
+)
 
 
 def scores(seed=0, layers=6, inter=50):
@@ -38,8 +48,9 @@ def test_union_is_or_of_batch_masks(tmp_path):
         rng = np.random.default_rng(b)
         sc = rng.gamma(2.0, 1.0, size=(4, 40)).astype(np.float32)
         per_batch.append(sc)
-        save_npz(tmp_path / f"b{b}.npz", scores=sc, converged=np.ones(4, bool), n_iter=np.full(4, 7),
-                 wall_s=np.zeros(4))
+        save_npz(
+            tmp_path / f"b{b}.npz", scores=sc, converged=np.ones(4, bool), n_iter=np.full(4, 7), wall_s=np.zeros(4)
+        )
         files.append(tmp_path / f"b{b}.npz")
     union, info = union_neuron_scores(files)
     t = 3.0
@@ -98,7 +109,7 @@ def test_importance_budgets_follow_importance_and_sum_to_the_request():
     assert sum(drops) == 90 and drops[0] == drops[-1] == 0
     assert drops[1] > drops[2] > drops[3] == drops[4]
     capped = importance_budgets([1.0, 0.01, 1.0, 1.0, 1.0, 1.0], sizes, prunable, 150, min_keep=4)
-    assert sum(capped) == 150 and capped[1] == 60            # capped at size - min_keep, rest spread
+    assert sum(capped) == 150 and capped[1] == 60  # capped at size - min_keep, rest spread
     with pytest.raises(ValueError, match="removable"):
         importance_budgets([1.0] * 6, sizes, prunable, 4 * 63 + 1)
     kept = select_budgets(layer_scores(), drops)

@@ -12,15 +12,30 @@ import yaml
 
 from fnprune import paper, tables
 from fnprune.paper import Target
-
 from helpers import REPO, mask_for, snakemake
 
 FIX = Path(__file__).parent / "fixtures" / "metrics"
-MAIN = ["toy_dense", "toy_r20_c16", "toy_r20_c16_bias", "toy_r20_random", "toy_r20_flap",
-        "toy_r30_c16", "toy_r30_c16_bias", "toy_r30_random", "toy_r30_flap"]
+MAIN = [
+    "toy_dense",
+    "toy_r20_c16",
+    "toy_r20_c16_bias",
+    "toy_r20_random",
+    "toy_r20_flap",
+    "toy_r30_c16",
+    "toy_r30_c16_bias",
+    "toy_r30_random",
+    "toy_r30_flap",
+]
 COMPONENTS = ["toy_dense", "toy_r20_c8", "toy_r20_c16", "toy_r20_c32", "toy_r30_c8", "toy_r30_c16", "toy_r30_c32"]
-CALIBRATION = ["toy_dense", "toy_r20_c16_b1", "toy_r20_c16_b2", "toy_r20_c16", "toy_r30_c16_b1", "toy_r30_c16_b2",
-               "toy_r30_c16"]
+CALIBRATION = [
+    "toy_dense",
+    "toy_r20_c16_b1",
+    "toy_r20_c16_b2",
+    "toy_r20_c16",
+    "toy_r30_c16_b1",
+    "toy_r30_c16_b2",
+    "toy_r30_c16",
+]
 MASKS = [FIX / "toy" / "masks" / f"r20_{s}.json" for s in ("c16_torch", "random", "flap")]
 
 
@@ -44,8 +59,16 @@ def md_rows(md):
 def test_main_csv_rows_in_grid_order_with_raw_values(main):
     rows = list(csv.DictReader(io.StringIO(main["csv"])))
     assert [(r["ratio_requested"], r["method"]) for r in rows] == [
-        ("0.0", "dense"), ("0.2", "c16"), ("0.2", "c16_bias"), ("0.2", "random"), ("0.2", "flap"),
-        ("0.3", "c16"), ("0.3", "c16_bias"), ("0.3", "random"), ("0.3", "flap")]
+        ("0.0", "dense"),
+        ("0.2", "c16"),
+        ("0.2", "c16_bias"),
+        ("0.2", "random"),
+        ("0.2", "flap"),
+        ("0.3", "c16"),
+        ("0.3", "c16_bias"),
+        ("0.3", "random"),
+        ("0.3", "flap"),
+    ]
     assert list(rows[0])[4:] == ["ppl:flap_token_ppl@64", "fnprune_mc:acc", "fnprune_ppl:bits_per_byte", "mean_acc"]
     assert float(rows[1]["ppl:flap_token_ppl@64"]) == 24.0 and float(rows[4]["fnprune_mc:acc"]) == 0.47
     assert float(rows[2]["achieved_block_ratio"]) == pytest.approx(0.2)
@@ -68,7 +91,7 @@ def test_main_latex_is_booktabs_with_bold_best(main):
     assert tex.startswith(r"\begin{tabular}{lrlrrrrr}") and tex.rstrip().endswith(r"\end{tabular}")
     assert tex.count(r"\toprule") == 1 and tex.count(r"\bottomrule") == 1 and tex.count(r"\midrule") == 3
     assert r"fnprune\_mc acc $\uparrow$" in tex and r"PPL@64 $\downarrow$" in tex
-    line = next(l for l in tex.splitlines() if "ICA k=16 +bias" in l and r"20\%" not in l and "23" in l)
+    line = next(x for x in tex.splitlines() if "ICA k=16 +bias" in x and r"20\%" not in x and "23" in x)
     assert line.split(" & ")[4] == r"\textbf{23.00}"
     assert tex.count(r"\textbf{") == 8
 
@@ -117,8 +140,9 @@ def test_shipped_grids_pass_the_checks(config):
 def test_head_pruning_on_fused_qkv_must_be_excluded(config):
     cfg = copy.deepcopy(config)
     cfg["paper"]["grids"]["paper_full"]["exclude"] = {}
-    with pytest.raises(ValueError, match="paper.grids.paper_full.methods: flap prunes attention heads, which model "
-                                         "chatglm3_6b"):
+    with pytest.raises(
+        ValueError, match="paper.grids.paper_full.methods: flap prunes attention heads, which model chatglm3_6b"
+    ):
         paper.check_grids(cfg)
 
 
@@ -134,13 +158,16 @@ def test_embedded_grid_expansion(config):
     assert paper.variant("c16_nilearn_bias", k=8, batches=2) == "c8_nilearn_b2_bias"
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("models", ["nope"], "paper.grids.paper.models"),
-    ("methods", ["c16_bogus"], "paper.grids.paper.methods"),
-    ("ablation_method", "c16_b2", "paper.grids.paper.ablation_method"),
-    ("focus_ratio", 25, "paper.grids.paper.focus_ratio"),
-    ("calibration_batches", [1, 5], "paper.grids.paper.calibration_batches"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("models", ["nope"], "paper.grids.paper.models"),
+        ("methods", ["c16_bogus"], "paper.grids.paper.methods"),
+        ("ablation_method", "c16_b2", "paper.grids.paper.ablation_method"),
+        ("focus_ratio", 25, "paper.grids.paper.focus_ratio"),
+        ("calibration_batches", [1, 5], "paper.grids.paper.calibration_batches"),
+    ],
+)
 def test_grid_errors_name_the_key(config, key, value, needle):
     cfg = copy.deepcopy(config)
     cfg["paper"]["grids"]["paper"][key] = value
@@ -162,12 +189,15 @@ def assert_figure(png: Path, pdf: Path):
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("figure, targets", [
-    ("components", COMPONENTS),
-    ("calibration", CALIBRATION),
-    ("threshold", sorted(set(COMPONENTS + CALIBRATION) - {"toy_dense"})),
-    ("kept_per_layer", MAIN[:5]),
-])
+@pytest.mark.parametrize(
+    "figure, targets",
+    [
+        ("components", COMPONENTS),
+        ("calibration", CALIBRATION),
+        ("threshold", sorted(set(COMPONENTS + CALIBRATION) - {"toy_dense"})),
+        ("kept_per_layer", MAIN[:5]),
+    ],
+)
 def test_metric_figures_render(tmp_path, figure, targets):
     png, pdf = tmp_path / f"{figure}.png", tmp_path / f"{figure}.pdf"
     paper.metrics_figure(figure, files(targets), str(png), str(pdf), "c16")
@@ -191,8 +221,9 @@ def test_summary_links_tables_and_figures(tmp_path):
     del out["ablation_tex"]
     paper.tables(files(MAIN), files(COMPONENTS), ["acc"], out)
     figures = [tmp_path / "toy" / f"{f.name}.png" for f in paper.FIGURES]
-    paper.summary("toy_grid", out["main_md"], out["ablation_md"], [str(f) for f in figures],
-                  str(tmp_path / "report.md"))
+    paper.summary(
+        "toy_grid", out["main_md"], out["ablation_md"], [str(f) for f in figures], str(tmp_path / "report.md")
+    )
     text = (tmp_path / "report.md").read_text()
     assert "grid `toy_grid`" in text and "**23.00**" in text and "![overlap](toy/overlap.png)" in text
     assert all(f"### {f.title}" in text for f in paper.FIGURES)
@@ -215,8 +246,9 @@ def fake_batches(n_batches=4, layers=4, inter=40, seed=0, noise=0.5):
 
 def toy_mask(layers=4, inter=40, ratio=0.25):
     prunable = [False] + [True] * (layers - 2) + [False]
-    return mask_for([range(inter)] * layers, [inter] * layers, prunable, "c8_torch", ratio,
-                    n_drop=int(ratio * inter * (layers - 2)))
+    return mask_for(
+        [range(inter)] * layers, [inter] * layers, prunable, "c8_torch", ratio, n_drop=int(ratio * inter * (layers - 2))
+    )
 
 
 def test_seed_stability_measures():
@@ -229,7 +261,7 @@ def test_seed_stability_measures():
     assert len(res["seed_dice_per_layer"]) == len(res["layers"]) == 2
     assert all(0 <= d <= 1 for d in res["seed_dice_per_layer"] + res["batch_dice_per_layer"])
     same = paper.seed_stability(mask, batches, [batches[0]], [1])
-    assert same["seed_dice_mean"] == 1.0           # an identical "seed" agrees exactly
+    assert same["seed_dice_mean"] == 1.0  # an identical "seed" agrees exactly
     assert res["batch_dice_mean"] < 1.0
 
 
@@ -240,8 +272,9 @@ def test_seeds_figure_and_studies_table(tmp_path):
         scores.append(str(tmp_path / f"b{b}.npz"))
     (tmp_path / "mask.json").write_text(json.dumps(toy_mask()))
     out = tmp_path / "seeds"
-    paper.seeds(str(tmp_path / "mask.json"), scores, scores[1:], [1, 2], "toy", f"{out}.png", f"{out}.pdf",
-                f"{out}.json")
+    paper.seeds(
+        str(tmp_path / "mask.json"), scores, scores[1:], [1, 2], "toy", f"{out}.png", f"{out}.pdf", f"{out}.json"
+    )
     assert (tmp_path / "seeds.png").stat().st_size > 1000
     assert json.loads((tmp_path / "seeds.json").read_text())["accumulation"]["n_batches"] == [1, 2, 3]
 
@@ -266,12 +299,29 @@ def test_grid_studies_and_seeds_are_checked():
     assert "paper.grids.paper.studies.bad" in str(e.value)
 
 
-MICRO_GRID = {"paper": {"grids": {"micro_grid": {
-    "models": ["micro"], "ratios": [20], "methods": ["c8"], "ablation_method": "c8", "components": [8],
-    "calibration_batches": [1, 2], "focus_ratio": 20, "task_metrics": ["acc", "bits_per_byte"],
-    "stability_seeds": [1],
-    "studies": {"consensus": ["c8", "c8_x2"], "selection": ["c8_imp"], "hybrid": ["c8_hybrid"],
-                "rounding": ["c8_m16", "flap_mlp_m16"]}}}}}
+MICRO_GRID = {
+    "paper": {
+        "grids": {
+            "micro_grid": {
+                "models": ["micro"],
+                "ratios": [20],
+                "methods": ["c8"],
+                "ablation_method": "c8",
+                "components": [8],
+                "calibration_batches": [1, 2],
+                "focus_ratio": 20,
+                "task_metrics": ["acc", "bits_per_byte"],
+                "stability_seeds": [1],
+                "studies": {
+                    "consensus": ["c8", "c8_x2"],
+                    "selection": ["c8_imp"],
+                    "hybrid": ["c8_hybrid"],
+                    "rounding": ["c8_m16", "flap_mlp_m16"],
+                },
+            }
+        }
+    }
+}
 
 
 @pytest.mark.slow
@@ -283,8 +333,14 @@ def test_micro_grid_report_has_studies_and_seeds(micro_run, tmp_path):
     snakemake(wd, "results/paper/micro_grid/report.md", "--notemp", configs=(str(cfg),))
     out = wd / "results" / "paper" / "micro_grid"
     report = (out / "report.md").read_text()
-    for needle in ("### consensus", "consensus of 2", "importance budgets", "Hybrid ICA+FLAP", "x16 widths",
-                   "seeds.png"):
+    for needle in (
+        "### consensus",
+        "consensus of 2",
+        "importance budgets",
+        "Hybrid ICA+FLAP",
+        "x16 widths",
+        "seeds.png",
+    ):
         assert needle in report, needle
     seeds = json.loads((out / "micro" / "seeds.json").read_text())
     assert seeds["seeds"] == [1] and seeds["accumulation"]["dice_to_final"][-1] == 1.0
@@ -295,15 +351,25 @@ def test_micro_grid_report_has_studies_and_seeds(micro_run, tmp_path):
 
 
 def test_summary_includes_studies_and_domain_tables(tmp_path):
-    for name, text in (("main.md", "| a |\n"), ("abl.md", "| b |\n"),
-                       ("studies.md", "# Studies beyond the paper\n\n## consensus\n\n| c |\n"),
-                       ("tiny_domains.md", "# Cross-domain calibration: tiny\n\n## 20% removed\n\n| d |\n")):
+    for name, text in (
+        ("main.md", "| a |\n"),
+        ("abl.md", "| b |\n"),
+        ("studies.md", "# Studies beyond the paper\n\n## consensus\n\n| c |\n"),
+        ("tiny_domains.md", "# Cross-domain calibration: tiny\n\n## 20% removed\n\n| d |\n"),
+    ):
         (tmp_path / name).write_text(text)
     (tmp_path / "tiny_domains.png").write_bytes(b"png")
     out = tmp_path / "grid" / "report.md"
     out.parent.mkdir()
-    paper.summary("g", str(tmp_path / "main.md"), str(tmp_path / "abl.md"), [], str(out),
-                  studies_md=str(tmp_path / "studies.md"), domains_md=[str(tmp_path / "tiny_domains.md")])
+    paper.summary(
+        "g",
+        str(tmp_path / "main.md"),
+        str(tmp_path / "abl.md"),
+        [],
+        str(out),
+        studies_md=str(tmp_path / "studies.md"),
+        domains_md=[str(tmp_path / "tiny_domains.md")],
+    )
     text = out.read_text()
     assert "## Studies beyond the paper" in text and "### consensus" in text
     assert "## Cross-domain calibration: tiny" in text and "### 20% removed" in text

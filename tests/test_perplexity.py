@@ -27,7 +27,7 @@ def test_matches_direct_computation(model_and_tok):
     nlls = []
     with torch.no_grad():
         for w in range(n):
-            x = torch.tensor([ids[w * seqlen:(w + 1) * seqlen]])
+            x = torch.tensor([ids[w * seqlen : (w + 1) * seqlen]])
             logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
             nlls.append(-sum(logp[t, x[0, t + 1]].item() for t in range(seqlen - 1)) / (seqlen - 1))
     expected = math.exp(sum(nlls) / len(nlls))

@@ -84,8 +84,13 @@ def test_missing_local_model_directory_is_named():
     from fnprune import config as C
 
     cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
-    cfg["models"]["mine"] = {"source": "local", "hf_id": "/nonexistent/model", "architecture": "LlamaForCausalLM",
-                             "num_layers": 2, "corpus": "stdlib"}
+    cfg["models"]["mine"] = {
+        "source": "local",
+        "hf_id": "/nonexistent/model",
+        "architecture": "LlamaForCausalLM",
+        "num_layers": 2,
+        "corpus": "stdlib",
+    }
     with pytest.raises(ValueError, match="models.mine.hf_id: /nonexistent/model is not a directory"):
         C.validate(cfg)
 

@@ -41,8 +41,18 @@ def profile() -> dict:
 
 def workflow_args(workdir: Path, *extra: str) -> list[str]:
     """The snakemake command line of the SLURM runs: the profile replaces profiles/default."""
-    return [SNAKEMAKE, "--workflow-profile", str(PROFILE), "-s", str(REPO / "Snakefile"),
-            "-d", str(workdir), *extra, "--configfile", *CONFIGS]
+    return [
+        SNAKEMAKE,
+        "--workflow-profile",
+        str(PROFILE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        *extra,
+        "--configfile",
+        *CONFIGS,
+    ]
 
 
 def job_resources(dry_run_stdout: str) -> dict[str, list[dict[str, str]]]:
@@ -67,8 +77,15 @@ def run_logged(cmd: list[str], log: Path, timeout: int, env=None) -> tuple[int, 
     """Run cmd with output to a file (daemons started by it must not hold a pipe open)."""
     t0 = time.monotonic()
     with open(log, "w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            timeout=timeout, env=env, start_new_session=True).returncode
+        rc = subprocess.run(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            env=env,
+            start_new_session=True,
+        ).returncode
     return rc, log.read_text(errors="replace"), time.monotonic() - t0
 
 
@@ -81,8 +98,7 @@ def pid_alive(pidfile: str, comm: str) -> bool:
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:
-    line = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                          text=True, timeout=30).stdout
+    line = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
     return dict(re.findall(r"(?:^|\s)([\w/:]+)=(\S*)", line))
 
 
@@ -96,9 +112,14 @@ def minutes(limit: str) -> int:
 def test_profile_dry_run_gpus_only_on_gpu_rules(tmp_path):
     """7B targets: gpu=1 on exactly the GPU rules (extract, calibration_stats, ica, perplexity, lm_eval);
     the profile's sizes apply."""
-    proc = subprocess.run(workflow_args(tmp_path, "-n", "results/vicuna7b_r20_c128/metrics.json",
-                                        "results/vicuna7b_r20_wanda_sp/metrics.json"),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        workflow_args(
+            tmp_path, "-n", "results/vicuna7b_r20_c128/metrics.json", "results/vicuna7b_r20_wanda_sp/metrics.json"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = job_resources(proc.stdout)
     assert GPU_RULES <= set(jobs) and {"prune", "metrics", "corpus"} <= set(jobs), sorted(jobs)
@@ -122,10 +143,13 @@ def local_slurm(tmp_path_factory):
     partition = str(profile().get("default-resources", {}).get("slurm_partition", "debug")).strip("'\"")
     env = dict(os.environ, SLURM_PARTITION_NAME=partition, SLURM_MIN_JOB_AGE=str(MIN_JOB_AGE_S))
     already_up = pid_alive("/run/slurmctld.pid", "slurmctld")
-    rc, out, start_s = run_logged(["bash", str(SLURM_DIR / "start_local_slurm.sh")],
-                                  logs / "start.log", timeout=600, env=env)
-    print(f"\n[slurm] start_local_slurm.sh: rc {rc}, {start_s:.1f} s"
-          f"{' (cluster was already running)' if already_up else ''}")
+    rc, out, start_s = run_logged(
+        ["bash", str(SLURM_DIR / "start_local_slurm.sh")], logs / "start.log", timeout=600, env=env
+    )
+    print(
+        f"\n[slurm] start_local_slurm.sh: rc {rc}, {start_s:.1f} s"
+        f"{' (cluster was already running)' if already_up else ''}"
+    )
     try:
         assert rc == 0, f"start_local_slurm.sh failed ({rc}):\n{out[-4000:]}"
         yield {"partition": partition}
@@ -133,8 +157,9 @@ def local_slurm(tmp_path_factory):
         if already_up:
             print("[slurm] cluster was running before the tests: left running")
         else:
-            rc, out, stop_s = run_logged(["bash", str(SLURM_DIR / "stop_local_slurm.sh")],
-                                         logs / "stop.log", timeout=180)
+            rc, out, stop_s = run_logged(
+                ["bash", str(SLURM_DIR / "stop_local_slurm.sh")], logs / "stop.log", timeout=180
+            )
             print(f"[slurm] stop_local_slurm.sh: rc {rc}, {stop_s:.1f} s")
             assert rc == 0, out[-2000:]
 
@@ -149,21 +174,27 @@ def test_micro_workflow_through_slurm_profile(local_slurm, tmp_path):
     assert prof["slurm-status-command"] == "squeue" and min_job_age >= 3 * init_s
 
     # Every rule in the profile's set-resources keeps its sizes, memory capped for this node.
-    overrides = [f"{rule}:{key}={min(val, TEST_MEM_MB) if key == 'mem_mb' else val}"
-                 for rule, sizes in prof["set-resources"].items() for key, val in sizes.items()]
+    overrides = [
+        f"{rule}:{key}={min(val, TEST_MEM_MB) if key == 'mem_mb' else val}"
+        for rule, sizes in prof["set-resources"].items()
+        for key, val in sizes.items()
+    ]
     wd = tmp_path / "wd"
     wd.mkdir()
-    dry = subprocess.run(workflow_args(wd, "-n", TARGET, "--set-resources", *overrides),
-                         capture_output=True, text=True, timeout=300, env=slurm_env())
+    dry = subprocess.run(
+        workflow_args(wd, "-n", TARGET, "--set-resources", *overrides),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=slurm_env(),
+    )
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     planned = {rule: len(r) for rule, r in job_resources(dry.stdout).items()}
     assert {"train_model", "extract", "ica", "prune", "lm_eval", "metrics"} <= set(planned), planned
 
-    cmd = ["timeout", "-k", "10", str(SNAKEMAKE_TIMEOUT_S),
-           *workflow_args(wd, TARGET, "--set-resources", *overrides)]
+    cmd = ["timeout", "-k", "10", str(SNAKEMAKE_TIMEOUT_S), *workflow_args(wd, TARGET, "--set-resources", *overrides)]
     rc, out, run_s = run_logged(cmd, tmp_path / "snakemake.log", SNAKEMAKE_TIMEOUT_S + 60, slurm_env())
-    print(f"[slurm] micro workflow through SLURM: rc {rc}, {run_s:.1f} s, "
-          f"{sum(planned.values())} jobs")
+    print(f"[slurm] micro workflow through SLURM: rc {rc}, {run_s:.1f} s, {sum(planned.values())} jobs")
     assert rc == 0, f"snakemake through SLURM failed ({rc}; 124/137 = timeout):\n{out[-6000:]}"
 
     metrics = json.loads((wd / TARGET).read_text())

@@ -11,9 +11,15 @@ from fnprune import tables
 
 def record(method, ratio, nll, mc=None):
     nll = np.asarray(nll, dtype=float)
-    rec = {"model": "m", "target": f"m_{method}", "method": method, "ratio_requested": ratio,
-           "achieved_block_ratio": ratio, "perplexity": {"flap_token_ppl@128": float(np.exp(nll.mean()))},
-           "perplexity_detail": [{"protocol": "flap_token_ppl", "seqlen": 128, "window_nll": nll.tolist()}]}
+    rec = {
+        "model": "m",
+        "target": f"m_{method}",
+        "method": method,
+        "ratio_requested": ratio,
+        "achieved_block_ratio": ratio,
+        "perplexity": {"flap_token_ppl@128": float(np.exp(nll.mean()))},
+        "perplexity_detail": [{"protocol": "flap_token_ppl", "seqlen": 128, "window_nll": nll.tolist()}],
+    }
     if mc is not None:
         rec["lm_eval"] = {"fnprune_mc": {"acc": {"value": mc, "stderr": 0.03}}}
     return rec
@@ -35,10 +41,12 @@ def test_paired_ratio_is_the_t_interval_of_window_differences():
 def test_comparison_marks_ties_with_the_best_and_reports_stderr():
     rng = np.random.default_rng(1)
     base = rng.normal(3.0, 0.5, 60)
-    recs = [record("dense", 0.0, base, 0.9),
-            record("good", 0.2, base + 0.10 + rng.normal(0, 0.01, 60), 0.85),
-            record("same", 0.2, base + 0.10 + rng.normal(0, 0.3, 60), 0.84),   # noisy: not separable from good
-            record("bad", 0.2, base + 0.60 + rng.normal(0, 0.01, 60), 0.70)]
+    recs = [
+        record("dense", 0.0, base, 0.9),
+        record("good", 0.2, base + 0.10 + rng.normal(0, 0.01, 60), 0.85),
+        record("same", 0.2, base + 0.10 + rng.normal(0, 0.3, 60), 0.84),  # noisy: not separable from good
+        record("bad", 0.2, base + 0.60 + rng.normal(0, 0.01, 60), 0.70),
+    ]
     rows = {r["method"]: r for r in tables.paired_ppl_rows(recs)}
     assert rows["good"]["method"] == rows["good"]["best"] or rows["same"]["best"] == rows["good"]["best"]
     best = rows["good"]["best"]
@@ -54,8 +62,12 @@ def test_comparison_marks_ties_with_the_best_and_reports_stderr():
 
 def test_summary_lists_dense_and_pruned_side_by_side():
     dense = {**record("dense", 0.0, [3.0, 3.1], 0.9), "base_model": {"parameters": 1000}, "weights_bytes": 4000}
-    pruned = {**record("c64", 0.2, [3.2, 3.3], 0.8), "parameters": 800, "weights_bytes": 3200,
-              "lm_eval_config": {"limit": 50}}
+    pruned = {
+        **record("c64", 0.2, [3.2, 3.3], 0.8),
+        "parameters": 800,
+        "weights_bytes": 3200,
+        "lm_eval_config": {"limit": 50},
+    }
     text = tables.summary_text(dense, pruned)
     assert "1,000" in text and "800" in text and "0.900 ± 0.030" in text and "0.800 ± 0.030" in text
     assert "first 50 items" in text and "flap_token_ppl@128" in text

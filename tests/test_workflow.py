@@ -15,7 +15,7 @@ def jobs_of(dry_run_stdout: str) -> dict[str, int]:
     table = re.search(r"Job stats:\n(.*?)\n\n", dry_run_stdout, re.S)
     if not table:
         return {}
-    rows = [l.split() for l in table.group(1).splitlines()[2:]]
+    rows = [line.split() for line in table.group(1).splitlines()[2:]]
     return {r[0]: int(r[1]) for r in rows if len(r) == 2 and r[0] != "total"}
 
 
@@ -28,8 +28,19 @@ def test_lint_is_clean(tmp_path):
 def test_dry_run_lists_every_stage(tmp_path):
     proc = snakemake(tmp_path, "-n", "results/micro_r20_c8_bias/metrics.json")
     jobs = jobs_of(proc.stdout)
-    for rule in ("corpus", "train_model", "calibration_batches", "extract", "ica", "mask_ica", "prune",
-                 "perplexity", "lm_eval", "lm_eval_tasks", "metrics"):
+    for rule in (
+        "corpus",
+        "train_model",
+        "calibration_batches",
+        "extract",
+        "ica",
+        "mask_ica",
+        "prune",
+        "perplexity",
+        "lm_eval",
+        "lm_eval_tasks",
+        "metrics",
+    ):
         assert rule in jobs, (rule, proc.stdout[-3000:])
     assert jobs["extract"] == 2 and jobs["ica"] == 2
 
@@ -49,8 +60,7 @@ def test_micro_run_metrics(micro_run):
         ppl = m["perplexity"]["flap_token_ppl@64"]
         assert np.isfinite(ppl) and ppl > 1
         assert set(m["lm_eval"]) == {"fnprune_mc", "fnprune_ppl"}
-        assert all(np.isfinite(v["value"]) for t in m["lm_eval"].values() for v in t.values()
-                   if v["value"] is not None)
+        assert all(np.isfinite(v["value"]) for t in m["lm_eval"].values() for v in t.values() if v["value"] is not None)
         assert {"perplexity", "lm_eval"} <= set(m["stage_wall_s"])
     assert {"extract", "ica", "mask", "prune", "train_model"} <= set(ica["stage_wall_s"])
     assert dense["perplexity"]["flap_token_ppl@64"] != ica["perplexity"]["flap_token_ppl@64"]
@@ -93,8 +103,14 @@ def test_ica_backends_agree_as_well_as_seeds(micro_run):
 
     def kept(backend, seed):
         # the workflow's own per-batch runner (its seed scheme), then the union over both batches
-        per_batch = [neuron_scores(ica_batch([wd / f"results/micro/acts/b{b}/L{layer}.npy" for layer in range(n_layers)],
-                                             8, backend, seed)["scores"]) for b in (0, 1)]
+        per_batch = [
+            neuron_scores(
+                ica_batch(
+                    [wd / f"results/micro/acts/b{b}/L{layer}.npy" for layer in range(n_layers)], 8, backend, seed
+                )["scores"]
+            )
+            for b in (0, 1)
+        ]
         scores = list(np.max(per_batch, axis=0))
         n_drop = n_to_drop(0.2, sum(len(s) for s, p in zip(scores, prunable) if p), 1)
         keep, _ = select_global(scores, prunable, n_drop, 0.2)
@@ -147,9 +163,23 @@ def test_dense_embedded_model_beats_chance_on_its_multiple_choice_task(tmp_path)
 
     from helpers import REPO, SNAKEMAKE
 
-    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
-                           "results/tiny_dense/metrics.json", "--configfile", str(REPO / "config" / "config.yaml")],
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            SNAKEMAKE,
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--cores",
+            "2",
+            "results/tiny_dense/metrics.json",
+            "--configfile",
+            str(REPO / "config" / "config.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "results/tiny_dense/metrics.json").read_text())
     mc = m["lm_eval"]["fnprune_mc"]["acc_mutual_info"]

@@ -17,36 +17,54 @@ if TYPE_CHECKING:  # torch is imported where modules are changed, so the registr
 
 @dataclass(frozen=True)
 class Adapter:
-    layers: str                  # dotted path from the model to the ModuleList of blocks
-    mlp: str                     # MLP module, relative to a block
-    down: str                    # down projection (input = act(gate) * up), relative to the MLP
-    act: str                     # activation, relative to the MLP (hooked only when unfused)
-    gate: str | None = None      # separate gate projection, relative to the MLP
-    up: str | None = None        # separate up projection, relative to the MLP
-    gate_up: str | None = None   # fused [gate; up] projection (first half gate, second half up)
-    attn: str = "self_attn"      # attention module, relative to a block
+    layers: str  # dotted path from the model to the ModuleList of blocks
+    mlp: str  # MLP module, relative to a block
+    down: str  # down projection (input = act(gate) * up), relative to the MLP
+    act: str  # activation, relative to the MLP (hooked only when unfused)
+    gate: str | None = None  # separate gate projection, relative to the MLP
+    up: str | None = None  # separate up projection, relative to the MLP
+    gate_up: str | None = None  # fused [gate; up] projection (first half gate, second half up)
+    attn: str = "self_attn"  # attention module, relative to a block
     q: str | None = "q_proj"
     k: str | None = "k_proj"
     v: str | None = "v_proj"
-    qkv: str | None = None       # fused [q; k; v] projection
+    qkv: str | None = None  # fused [q; k; v] projection
     o: str = "o_proj"
-    n_heads_attr: str = "num_attention_heads"      # config attribute of the number of attention heads
-    seq_first: bool = False      # hidden states inside the blocks are (seq, batch, hidden)
+    n_heads_attr: str = "num_attention_heads"  # config attribute of the number of attention heads
+    seq_first: bool = False  # hidden states inside the blocks are (seq, batch, hidden)
 
     @property
     def fused(self) -> bool:
         return self.gate_up is not None
 
 
-_LLAMA = Adapter(layers="model.layers", mlp="mlp", gate="gate_proj", up="up_proj",
-                 down="down_proj", act="act_fn")
-_PHI3 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="down_proj",
-                act="activation_fn", q=None, k=None, v=None, qkv="qkv_proj")
-_GLM4 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="down_proj",
-                act="activation_fn")
-_CHATGLM = Adapter(layers="transformer.encoder.layers", mlp="mlp", gate_up="dense_h_to_4h",
-                   down="dense_4h_to_h", act="activation_func", attn="self_attention",
-                   q=None, k=None, v=None, qkv="query_key_value", o="dense", seq_first=True)
+_LLAMA = Adapter(layers="model.layers", mlp="mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")
+_PHI3 = Adapter(
+    layers="model.layers",
+    mlp="mlp",
+    gate_up="gate_up_proj",
+    down="down_proj",
+    act="activation_fn",
+    q=None,
+    k=None,
+    v=None,
+    qkv="qkv_proj",
+)
+_GLM4 = Adapter(layers="model.layers", mlp="mlp", gate_up="gate_up_proj", down="down_proj", act="activation_fn")
+_CHATGLM = Adapter(
+    layers="transformer.encoder.layers",
+    mlp="mlp",
+    gate_up="dense_h_to_4h",
+    down="dense_4h_to_h",
+    act="activation_func",
+    attn="self_attention",
+    q=None,
+    k=None,
+    v=None,
+    qkv="query_key_value",
+    o="dense",
+    seq_first=True,
+)
 
 REGISTRY: dict[str, Adapter] = {
     "LlamaForCausalLM": _LLAMA,
@@ -67,8 +85,10 @@ def supports_head_pruning(architecture: str) -> bool:
 def architecture_of(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if not archs:
-        raise ValueError(f"model config of type {type(config).__name__} names no architectures; "
-                         f"expected one of: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(
+            f"model config of type {type(config).__name__} names no architectures; "
+            f"expected one of: {', '.join(sorted(REGISTRY))}"
+        )
     return archs[0]
 
 
@@ -76,8 +96,9 @@ def get_adapter(architecture: str) -> Adapter:
     try:
         return REGISTRY[architecture]
     except KeyError:
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: "
-                         f"{', '.join(sorted(REGISTRY))}") from None
+        raise ValueError(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(REGISTRY))}"
+        ) from None
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -143,8 +164,9 @@ def mlp_neuron_params(block: nn.Module, ad: Adapter) -> int:
     return n
 
 
-def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-                   bias: bool | None = None) -> nn.Linear:
+def _sliced_linear(
+    lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None, bias: bool | None = None
+) -> nn.Linear:
     from torch import nn
 
     w = lin.weight.data
@@ -164,8 +186,7 @@ def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch
     return new
 
 
-def prune_mlp(block: nn.Module, ad: Adapter, keep: torch.Tensor,
-              down_bias: torch.Tensor | None = None) -> None:
+def prune_mlp(block: nn.Module, ad: Adapter, keep: torch.Tensor, down_bias: torch.Tensor | None = None) -> None:
     """Keep only neurons ``keep`` (sorted indices) of a block's MLP; optionally add a down bias."""
     import torch
 

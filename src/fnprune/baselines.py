@@ -27,14 +27,14 @@ import torch
 
 from . import adapters as A
 from . import heads as H
-from .mask import (mask_record, n_to_drop, prunable_layers, round_kept, select, standardise,
-                   threshold_between)
+from .mask import mask_record, n_to_drop, prunable_layers, round_kept, select, standardise, threshold_between
 
 METHODS = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
 
 
-def column_reduction(model, which: Literal["down", "o"],
-                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[np.ndarray]:
+def column_reduction(
+    model, which: Literal["down", "o"], reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> list[np.ndarray]:
     """``reduce`` over the input columns of every layer's ``down`` or ``o`` projection, in float64.
 
     One layer's weight at a time is widened, on its own device, so memory stays bounded.
@@ -55,16 +55,16 @@ def column_abs_mean(w: torch.Tensor) -> torch.Tensor:
     return w.abs().mean(dim=0)
 
 
-def stat(stats: Mapping[str, np.ndarray] | None, key: str, widths: Sequence[int],
-         method: str) -> list[np.ndarray]:
+def stat(stats: Mapping[str, np.ndarray] | None, key: str, widths: Sequence[int], method: str) -> list[np.ndarray]:
     """One calibration statistic per layer, checked against the model's layer widths."""
     if stats is None or key not in stats:
-        raise ValueError(f"baseline {method!r} needs the calibration statistic {key!r} "
-                         f"(fnprune.extract.load_stats)")
+        raise ValueError(f"baseline {method!r} needs the calibration statistic {key!r} (fnprune.extract.load_stats)")
     rows = [np.asarray(s, dtype=np.float64) for s in stats[key]]
     if [len(r) for r in rows] != list(widths):
-        raise ValueError(f"calibration statistic {key!r} has widths {[len(r) for r in rows]} but the "
-                         f"model's layers have {list(widths)}: statistics of another model?")
+        raise ValueError(
+            f"calibration statistic {key!r} has widths {[len(r) for r in rows]} but the "
+            f"model's layers have {list(widths)}: statistics of another model?"
+        )
     return rows
 
 
@@ -90,11 +90,12 @@ def wifv_scores(model, which: Literal["down", "o"], input_var: Sequence[np.ndarr
 
 def flap_group_scores(channel_wifv: np.ndarray, n_groups: int) -> np.ndarray:
     """Head-group scores of one layer: channel WIFV squared, standardised, averaged per group."""
-    return standardise(channel_wifv ** 2).reshape(n_groups, -1).mean(axis=1)
+    return standardise(channel_wifv**2).reshape(n_groups, -1).mean(axis=1)
 
 
-def _candidates(scores: Sequence[np.ndarray], prunable: Sequence[bool], min_keep: int,
-                unit_params: Sequence[int]) -> dict[str, np.ndarray]:
+def _candidates(
+    scores: Sequence[np.ndarray], prunable: Sequence[bool], min_keep: int, unit_params: Sequence[int]
+) -> dict[str, np.ndarray]:
     """Layer, index, parameters and score of every unit that may go; each layer's best stay."""
     none = np.empty(0, dtype=np.int64)
     parts = [(none, none, none, np.empty(0))]
@@ -106,8 +107,12 @@ def _candidates(scores: Sequence[np.ndarray], prunable: Sequence[bool], min_keep
     return {"layer": layer, "index": index, "params": params, "score": score}
 
 
-def select_weighted(units: Sequence[tuple[Sequence[np.ndarray], Sequence[int], int]], prunable: Sequence[bool],
-                    target_params: float, ratio: float) -> tuple[list[list[np.ndarray]], float]:
+def select_weighted(
+    units: Sequence[tuple[Sequence[np.ndarray], Sequence[int], int]],
+    prunable: Sequence[bool],
+    target_params: float,
+    ratio: float,
+) -> tuple[list[list[np.ndarray]], float]:
     """One threshold over units of several kinds that own different parameter counts.
 
     ``units[k]`` is (scores per layer, parameters of one unit per layer, units always kept per
@@ -117,42 +122,68 @@ def select_weighted(units: Sequence[tuple[Sequence[np.ndarray], Sequence[int], i
     """
     cands = [_candidates(s, prunable, keep, params) for s, params, keep in units]
     kind = np.concatenate([np.full(len(c["score"]), k) for k, c in enumerate(cands)])
-    layer, index, params, score = (np.concatenate([c[f] for c in cands])
-                                   for f in ("layer", "index", "params", "score"))
+    layer, index, params, score = (np.concatenate([c[f] for c in cands]) for f in ("layer", "index", "params", "score"))
     order = np.argsort(score, kind="stable")
     removed = np.concatenate([[0], np.cumsum(params[order])])
     if target_params - removed[-1] > (params.max() if len(params) else 0) / 2:
-        raise ValueError(f"ratio {ratio} needs {target_params:.0f} block parameters removed but the "
-                         f"prunable layers hold only {removed[-1]} removable ones; lower the ratio or "
-                         f"protect fewer layers (protect_first / protect_last)")
+        raise ValueError(
+            f"ratio {ratio} needs {target_params:.0f} block parameters removed but the "
+            f"prunable layers hold only {removed[-1]} removable ones; lower the ratio or "
+            f"protect fewer layers (protect_first / protect_last)"
+        )
     n = int(np.argmin(np.abs(removed - target_params)))
     gone = np.zeros(len(score), dtype=bool)
     gone[order[:n]] = True
-    kept = [[np.setdiff1d(np.arange(len(s)), index[gone & (kind == k) & (layer == i)])
-             for i, s in enumerate(scores)] for k, (scores, _, _) in enumerate(units)]
+    kept = [
+        [np.setdiff1d(np.arange(len(s)), index[gone & (kind == k) & (layer == i)]) for i, s in enumerate(scores)]
+        for k, (scores, _, _) in enumerate(units)
+    ]
     return kept, threshold_between(score[order], n)
 
 
-def _flap(model, stats, prunable: list[bool], target: float, ratio: float, neuron_scores: list[np.ndarray],
-          neuron_params: int, min_keep: int) -> tuple[list[np.ndarray], dict]:
+def _flap(
+    model,
+    stats,
+    prunable: list[bool],
+    target: float,
+    ratio: float,
+    neuron_scores: list[np.ndarray],
+    neuron_params: int,
+    min_keep: int,
+) -> tuple[list[np.ndarray], dict]:
     geo = H.head_geometry(model)
     o_var = stat(stats, "o_var", [n * geo["head_dim"] for n in geo["n_heads"]], "flap")
     channel = wifv_scores(model, "o", o_var)
     groups = [flap_group_scores(c, g) for c, g in zip(channel, geo["n_kv_heads"])]
     (kept, kept_groups), threshold = select_weighted(
         [(neuron_scores, [neuron_params] * len(prunable), min_keep), (groups, geo["group_params"], 1)],
-        prunable, target, ratio)
-    removed_groups = sum((n - len(k)) * p
-                         for n, k, p in zip(geo["n_kv_heads"], kept_groups, geo["group_params"]))
-    fields = {"threshold": threshold, "kept_heads": [k.tolist() for k in kept_groups],
-              "kv_head_counts": geo["n_kv_heads"], "kept_head_counts": [len(k) for k in kept_groups],
-              "head_group_params": geo["group_params"], "removed_other_params": int(removed_groups)}
+        prunable,
+        target,
+        ratio,
+    )
+    removed_groups = sum((n - len(k)) * p for n, k, p in zip(geo["n_kv_heads"], kept_groups, geo["group_params"]))
+    fields = {
+        "threshold": threshold,
+        "kept_heads": [k.tolist() for k in kept_groups],
+        "kv_head_counts": geo["n_kv_heads"],
+        "kept_head_counts": [len(k) for k in kept_groups],
+        "head_group_params": geo["group_params"],
+        "removed_other_params": int(removed_groups),
+    }
     return kept, fields
 
 
-def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ratio: float,
-                  protect_first: int, protect_last: int, seed: int = 0, min_keep: int = 1,
-                  multiple: int | None = None) -> dict:
+def baseline_mask(
+    method: str,
+    model,
+    stats: Mapping[str, np.ndarray] | None,
+    ratio: float,
+    protect_first: int,
+    protect_last: int,
+    seed: int = 0,
+    min_keep: int = 1,
+    multiple: int | None = None,
+) -> dict:
     """The mask record of baseline ``method`` for ``model`` at ``ratio`` of its block parameters.
 
     ``stats`` is :func:`fnprune.extract.load_stats` of the extraction pass (``random`` and
@@ -174,8 +205,16 @@ def baseline_mask(method: str, model, stats: Mapping[str, np.ndarray] | None, ra
     neuron_params = A.mlp_neuron_params(blocks[0], ad)
     n_drop = n_to_drop(ratio, block_params, neuron_params)
     selection = "uniform" if method in ("random", "magnitude", "wanda_sp") else "global"
-    fields: dict = {"method": method, "kind": "baseline", "ratio_requested": ratio, "prunable": prunable,
-                    "n_drop": n_drop, "min_keep": min_keep, "selection": selection, "seed": seed}
+    fields: dict = {
+        "method": method,
+        "kind": "baseline",
+        "ratio_requested": ratio,
+        "prunable": prunable,
+        "n_drop": n_drop,
+        "min_keep": min_keep,
+        "selection": selection,
+        "seed": seed,
+    }
     if method == "random":
         scores = random_scores(sizes, seed)
     elif method == "magnitude":

@@ -21,31 +21,47 @@ import yaml
 from .adapters import REGISTRY, supports_head_pruning  # torch-free: the registry is data
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-BACKENDS = ("torch", "exact", "nilearn")      # CanICA implementations (fnprune.ica)
+BACKENDS = ("torch", "exact", "nilearn")  # CanICA implementations (fnprune.ica)
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
 SELECTIONS = ("global", "zglobal", "uniform", "imp")
 _SEL = "|".join(s for s in SELECTIONS if s != "global")
 # The ICA job a method reads: backend, ICA seed, consensus runs (results/{model}/ica/{ica_dir}/).
 ICA_VARIANT = r"(?:_s\d+)?(?:_x\d+)?"
-ICA_SELECTOR = (rf"c\d+_(?:{'|'.join(BACKENDS)}){ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?(?:_m\d+)?")
+ICA_SELECTOR = rf"c\d+_(?:{'|'.join(BACKENDS)}){ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?(?:_m\d+)?"
 BASELINE_SELECTOR = rf"(?:{'|'.join(BASELINES)})(?:_m\d+)?"
 ICA_METHOD = re.compile(
     rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?:_s(?P<seed>\d+))?(?:_x(?P<runs>\d+))?"
     rf"(?:_b(?P<batches>\d+))?(?P<hybrid>_hybrid)?(?:_(?P<selection>{_SEL}))?(?:_m(?P<multiple>\d+))?"
-    rf"(?P<bias>_bias)?")
+    rf"(?P<bias>_bias)?"
+)
 BASELINE_METHOD = re.compile(rf"(?P<baseline>{'|'.join(BASELINES)})(?:_m(?P<multiple>\d+))?")
-METHOD_PATTERN = (rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?{ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?"
-                  rf"(?:_m\d+)?(?:_bias)?|{BASELINE_SELECTOR})")
-METHOD_HELP = (f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selection>][_m<multiple>][_bias] "
-               f"with backend in {', '.join(BACKENDS)} and selection in {', '.join(SELECTIONS[1:])}, or "
-               f"<baseline>[_m<multiple>] with baseline in {', '.join(BASELINES)}")
+METHOD_PATTERN = (
+    rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?{ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?"
+    rf"(?:_m\d+)?(?:_bias)?|{BASELINE_SELECTOR})"
+)
+METHOD_HELP = (
+    f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selection>][_m<multiple>][_bias] "
+    f"with backend in {', '.join(BACKENDS)} and selection in {', '.join(SELECTIONS[1:])}, or "
+    f"<baseline>[_m<multiple>] with baseline in {', '.join(BASELINES)}"
+)
 
 
 # The keys of a model's spec that decide each stage's output: a rule's params hold exactly these
 # (Snakemake re-runs a job when its params change, and misses what is not in them). Loading keys
 # decide the weights every stage works on; a nested dict names the sub-keys of a section.
-LOAD_KEYS = ("source", "base", "hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture",
-             "num_layers", "dtype")
+LOAD_KEYS = (
+    "source",
+    "base",
+    "hf_id",
+    "path",
+    "package",
+    "file",
+    "revision",
+    "trust_remote_code",
+    "architecture",
+    "num_layers",
+    "dtype",
+)
 STAGE_KEYS = {
     "convert": ("path", "package", "file", "architecture"),
     "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
@@ -53,8 +69,19 @@ STAGE_KEYS = {
     "mask": (*LOAD_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
     "prune": LOAD_KEYS,
     "perplexity": (*LOAD_KEYS, {"eval": ("ppl_seqlens", "ppl_batch_size")}),
-    "lm_eval": (*LOAD_KEYS, {"eval": ("lm_eval_tasks", "lm_eval_batch_size", "lm_eval_max_batch_size",
-                                      "lm_eval_max_length", "lm_eval_limit", "num_fewshot")}),
+    "lm_eval": (
+        *LOAD_KEYS,
+        {
+            "eval": (
+                "lm_eval_tasks",
+                "lm_eval_batch_size",
+                "lm_eval_max_batch_size",
+                "lm_eval_max_length",
+                "lm_eval_limit",
+                "num_fewshot",
+            )
+        },
+    ),
     "metrics": LOAD_KEYS,
 }
 # Sources whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
@@ -118,17 +145,40 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
         ica_dir = f"{backend}_c{k}" + (f"_s{seed}" if seed is not None else "") + (f"_x{runs}" if runs else "")
         selection = m["selection"] or "global"
         selector = method_name(m, k=k, backend=backend, bias=None)
-        return {"kind": "ica", "k": k, "backend": backend, "seed": seed, "runs": runs, "batches": batches,
-                "hybrid": bool(m["hybrid"]), "selection": selection, "multiple": multiple,
-                "bias": bool(m["bias"]), "selector": selector, "ica_dir": ica_dir,
-                "needs_stats": bool(m["hybrid"]) or selection == "imp"}
+        return {
+            "kind": "ica",
+            "k": k,
+            "backend": backend,
+            "seed": seed,
+            "runs": runs,
+            "batches": batches,
+            "hybrid": bool(m["hybrid"]),
+            "selection": selection,
+            "multiple": multiple,
+            "bias": bool(m["bias"]),
+            "selector": selector,
+            "ica_dir": ica_dir,
+            "needs_stats": bool(m["hybrid"]) or selection == "imp",
+        }
     m = BASELINE_METHOD.fullmatch(method)
     if m:
         multiple = _positive(method, "_m<multiple>", m["multiple"])
-        return {"kind": "baseline", "k": None, "backend": None, "seed": None, "runs": None, "batches": None,
-                "hybrid": False, "selection": None, "multiple": multiple, "baseline": m["baseline"],
-                "bias": m["baseline"].startswith("flap"), "selector": method, "ica_dir": None,
-                "needs_stats": m["baseline"] not in ("random", "magnitude")}
+        return {
+            "kind": "baseline",
+            "k": None,
+            "backend": None,
+            "seed": None,
+            "runs": None,
+            "batches": None,
+            "hybrid": False,
+            "selection": None,
+            "multiple": multiple,
+            "baseline": m["baseline"],
+            "bias": m["baseline"].startswith("flap"),
+            "selector": method,
+            "ica_dir": None,
+            "needs_stats": m["baseline"] not in ("random", "magnitude"),
+        }
     raise ValueError(f"method {method!r}: expected {METHOD_HELP}")
 
 
@@ -137,10 +187,17 @@ def method_name(m: re.Match, **change) -> str:
     (``k``, ``batches``, ...; ``None`` removes an option)."""
     f = {key: m[key] for key in ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")}
     f.update(change)
-    return (f"c{f['k']}" + (f"_{f['backend']}" if f["backend"] else "") + (f"_s{f['seed']}" if f["seed"] is not None else "")
-            + (f"_x{f['runs']}" if f["runs"] else "") + (f"_b{f['batches']}" if f["batches"] else "")
-            + ("_hybrid" if f["hybrid"] else "") + (f"_{f['selection']}" if f["selection"] else "")
-            + (f"_m{f['multiple']}" if f["multiple"] else "") + ("_bias" if f["bias"] else ""))
+    return (
+        f"c{f['k']}"
+        + (f"_{f['backend']}" if f["backend"] else "")
+        + (f"_s{f['seed']}" if f["seed"] is not None else "")
+        + (f"_x{f['runs']}" if f["runs"] else "")
+        + (f"_b{f['batches']}" if f["batches"] else "")
+        + ("_hybrid" if f["hybrid"] else "")
+        + (f"_{f['selection']}" if f["selection"] else "")
+        + (f"_m{f['multiple']}" if f["multiple"] else "")
+        + ("_bias" if f["bias"] else "")
+    )
 
 
 def parse_target(target: str, models: list[str], default_backend: str = "torch") -> dict:
@@ -148,15 +205,23 @@ def parse_target(target: str, models: list[str], default_backend: str = "torch")
     for model in sorted(models, key=len, reverse=True):
         if not target.startswith(model + "_"):
             continue
-        rest = target[len(model) + 1:]
+        rest = target[len(model) + 1 :]
         if rest == "dense":
             return {"model": model, "dense": True, "ratio": None, "method": "dense"}
         m = re.fullmatch(r"r(\d+)_(.+)", rest)
         if m:
-            return {"model": model, "dense": False, "ratio_pct": int(m[1]), "ratio": int(m[1]) / 100,
-                    "method": m[2], **parse_method(m[2], default_backend)}
-    raise ValueError(f"target {target!r}: expected {{model}}_dense or {{model}}_r{{ratio}}_{{method}} "
-                     f"with model in {', '.join(models)}")
+            return {
+                "model": model,
+                "dense": False,
+                "ratio_pct": int(m[1]),
+                "ratio": int(m[1]) / 100,
+                "method": m[2],
+                **parse_method(m[2], default_backend),
+            }
+    raise ValueError(
+        f"target {target!r}: expected {{model}}_dense or {{model}}_r{{ratio}}_{{method}} "
+        f"with model in {', '.join(models)}"
+    )
 
 
 def method_problems(methods: list[str], key: str) -> list[str]:
@@ -181,10 +246,14 @@ def head_pruning_problems(config: dict, models: list[str], method: str) -> list[
     (fused qkv: Phi-3, ChatGLM3) it cannot run on."""
     if BASELINE_METHOD.fullmatch(method) is None or BASELINE_METHOD.fullmatch(method)["baseline"] != "flap":
         return []
-    return [f"{method} prunes attention heads, which model {m} ({config['models'][m]['architecture']}, fused "
-            f"query_key_value) does not support; use flap_mlp" for m in models
-            if m in config["models"] and config["models"][m]["architecture"] in REGISTRY
-            and not supports_head_pruning(config["models"][m]["architecture"])]
+    return [
+        f"{method} prunes attention heads, which model {m} ({config['models'][m]['architecture']}, fused "
+        f"query_key_value) does not support; use flap_mlp"
+        for m in models
+        if m in config["models"]
+        and config["models"][m]["architecture"] in REGISTRY
+        and not supports_head_pruning(config["models"][m]["architecture"])
+    ]
 
 
 def _with_defaults(validator_cls):
@@ -207,15 +276,29 @@ def _copy(x):
 
 
 # Keys a model alias (``models.<slug>.base``) cannot change: they define the weights it shares.
-WEIGHT_KEYS = ("source", "hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture",
-               "num_layers", "intermediate_size", "corpus", "train")
+WEIGHT_KEYS = (
+    "source",
+    "hf_id",
+    "path",
+    "package",
+    "file",
+    "revision",
+    "trust_remote_code",
+    "architecture",
+    "num_layers",
+    "intermediate_size",
+    "corpus",
+    "train",
+)
 
 
 def _merge(base: dict, over: dict) -> dict:
     """``base`` deep-merged with ``over`` (``over`` wins; nested dicts merge key by key)."""
     out = _copy(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else _copy(value)
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else _copy(value)
+        )
     return out
 
 
@@ -242,12 +325,17 @@ def expand_aliases(config: dict) -> None:
         elif not isinstance(models[base], dict):
             continue
         elif models[base].get("base") is not None:
-            problems.append(f"{key}: {base!r} is itself an alias (models.{base}.base: {models[base]['base']!r}); "
-                            f"name the model that owns the weights")
+            problems.append(
+                f"{key}: {base!r} is itself an alias (models.{base}.base: {models[base]['base']!r}); "
+                f"name the model that owns the weights"
+            )
         else:
-            problems += [f"models.{name}.{k}: an alias shares the weights of its base {base!r}, so it cannot "
-                         f"change {k}; set it on models.{base} or define a model of its own"
-                         for k in WEIGHT_KEYS if k in spec and spec[k] != models[base].get(k)]
+            problems += [
+                f"models.{name}.{k}: an alias shares the weights of its base {base!r}, so it cannot "
+                f"change {k}; set it on models.{base} or define a model of its own"
+                for k in WEIGHT_KEYS
+                if k in spec and spec[k] != models[base].get(k)
+            ]
             expanded[name] = _merge(models[base], spec)
     raise_problems(problems)
     models.update(expanded)
@@ -293,54 +381,70 @@ def check(config: dict) -> None:
                 problems.append(f"corpora.{name}.fractions: must sum to 1, got {total}")
     for name, m in models.items():
         if m["corpus"] not in corpora:
-            problems.append(f"models.{name}.corpus: {m['corpus']!r} is not a key of corpora "
-                            f"({', '.join(corpora)})")
+            problems.append(f"models.{name}.corpus: {m['corpus']!r} is not a key of corpora ({', '.join(corpora)})")
         if m.get("calibration", {}).get("corpus", m["corpus"]) not in corpora:
-            problems.append(f"models.{name}.calibration.corpus: {m['calibration']['corpus']!r} is not a key of "
-                            f"corpora ({', '.join(corpora)})")
+            problems.append(
+                f"models.{name}.calibration.corpus: {m['calibration']['corpus']!r} is not a key of "
+                f"corpora ({', '.join(corpora)})"
+            )
         if m["source"] in ("hub", "local") and "hf_id" not in m:
             problems.append(f"models.{name}.hf_id: required for source {m['source']}")
         if m["source"] == "local" and "hf_id" in m and not Path(m["hf_id"]).is_dir():
             problems.append(f"models.{name}.hf_id: {m['hf_id']} is not a directory")
         if m["source"] == "gguf" and not (m.get("path") or (m.get("package") and m.get("file"))):
-            problems.append(f"models.{name}: source gguf needs path (a .gguf file) or package and file (a file "
-                            f"inside an installed Python package)")
+            problems.append(
+                f"models.{name}: source gguf needs path (a .gguf file) or package and file (a file "
+                f"inside an installed Python package)"
+            )
         if m["source"] == "gguf" and m.get("path") and not Path(m["path"]).expanduser().is_file():
             problems.append(f"models.{name}.path: {m['path']} is not a file")
         if m["source"] == "train":
             if "train" not in m:
                 problems.append(f"models.{name}.train: required for source train")
             elif m["train"]["num_layers"] != m["num_layers"]:
-                problems.append(f"models.{name}.num_layers: {m['num_layers']} differs from "
-                                f"train.num_layers {m['train']['num_layers']}")
+                problems.append(
+                    f"models.{name}.num_layers: {m['num_layers']} differs from "
+                    f"train.num_layers {m['train']['num_layers']}"
+                )
         if m["architecture"] not in REGISTRY:
-            problems.append(f"models.{name}.architecture: {m['architecture']!r} is not supported; "
-                            f"supported: {', '.join(sorted(REGISTRY))}")
+            problems.append(
+                f"models.{name}.architecture: {m['architecture']!r} is not supported; "
+                f"supported: {', '.join(sorted(REGISTRY))}"
+            )
         if m["source"] == "train" and "train" in m:
             max_pos = m["train"]["max_position"]
             for seqlen in m["eval"]["ppl_seqlens"]:
                 if seqlen > max_pos:
-                    problems.append(f"models.{name}.eval.ppl_seqlens: {seqlen} exceeds the model's "
-                                    f"maximum length train.max_position={max_pos}")
+                    problems.append(
+                        f"models.{name}.eval.ppl_seqlens: {seqlen} exceeds the model's "
+                        f"maximum length train.max_position={max_pos}"
+                    )
             signals = 2 * m["train"]["intermediate_size"]
             for section in ("targets", "comparison"):
                 for method in config[section].get("methods", []):
                     k = ICA_METHOD.fullmatch(method)
                     if k and int(k["k"]) > signals and name in config["targets"]["models"]:
-                        problems.append(f"{section}.methods: {method} asks for k={k['k']} components but "
-                                        f"model {name} has only {signals} MLP signals per layer")
+                        problems.append(
+                            f"{section}.methods: {method} asks for k={k['k']} components but "
+                            f"model {name} has only {signals} MLP signals per layer"
+                        )
         if m["protect_first"] + m["protect_last"] >= m["num_layers"]:
-            problems.append(f"models.{name}.protect_first + protect_last: "
-                            f"{m['protect_first']} + {m['protect_last']} leaves no prunable layer of "
-                            f"{m['num_layers']}")
+            problems.append(
+                f"models.{name}.protect_first + protect_last: "
+                f"{m['protect_first']} + {m['protect_last']} leaves no prunable layer of "
+                f"{m['num_layers']}"
+            )
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or re.search(r"_(r\d|dense)", name):
-            problems.append(f"models.{name}: a model slug is letters, digits and '_' (it is a path "
-                            f"part) and holds no '_r<digit>' or '_dense', which the path grammar uses")
+            problems.append(
+                f"models.{name}: a model slug is letters, digits and '_' (it is a path "
+                f"part) and holds no '_r<digit>' or '_dense', which the path grammar uses"
+            )
     for section in ("targets", "comparison"):
         for method in config[section].get("methods", []):
             bad = method_problems([method], f"{section}.methods")
-            problems += bad or [f"{section}.methods: {e}"
-                                for e in head_pruning_problems(config, config["targets"]["models"], method)]
+            problems += bad or [
+                f"{section}.methods: {e}" for e in head_pruning_problems(config, config["targets"]["models"], method)
+            ]
     for model in config["targets"]["models"]:
         if model not in models:
             problems.append(f"targets.models: {model!r} is not a key of models ({', '.join(models)})")
@@ -363,17 +467,35 @@ def load(path: str | Path) -> dict:
 # What lives under results/{target}/ (a target's own files); other results/ paths are intermediates.
 # GGUF types of results/{target}/model.{type}.gguf (the export_gguf rule; ggufsource writes them upper-case).
 GGUF_EXPORT_TYPES = ("f32", "f16", "q8_0")
-TARGET_FILES = ("metrics.json", "ppl.json", "lm_eval.json", "lm_eval_raw.json", "summary.txt", "model",
-                *(f"model.{t}.gguf" for t in GGUF_EXPORT_TYPES))
-GRAMMAR = ("results/{model}_dense/<file> or results/{model}_r{ratio}_{method}/<file>, with <file> one of "
-           + ", ".join(TARGET_FILES) + f", ratio in 1..99 and method {METHOD_HELP}")
+TARGET_FILES = (
+    "metrics.json",
+    "ppl.json",
+    "lm_eval.json",
+    "lm_eval_raw.json",
+    "summary.txt",
+    "model",
+    *(f"model.{t}.gguf" for t in GGUF_EXPORT_TYPES),
+)
+GRAMMAR = (
+    "results/{model}_dense/<file> or results/{model}_r{ratio}_{method}/<file>, with <file> one of "
+    + ", ".join(TARGET_FILES)
+    + f", ratio in 1..99 and method {METHOD_HELP}"
+)
 _TOKEN_ORDER = ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")
 
 
 def _token_kind(tok: str) -> str | None:
-    for kind, pattern in (("k", r"c\d+"), ("backend", "|".join(BACKENDS)), ("seed", r"s\d+"), ("runs", r"x\d+"),
-                          ("batches", r"b\d+"), ("hybrid", "hybrid"), ("selection", _SEL), ("multiple", r"m\d+"),
-                          ("bias", "bias")):
+    for kind, pattern in (
+        ("k", r"c\d+"),
+        ("backend", "|".join(BACKENDS)),
+        ("seed", r"s\d+"),
+        ("runs", r"x\d+"),
+        ("batches", r"b\d+"),
+        ("hybrid", "hybrid"),
+        ("selection", _SEL),
+        ("multiple", r"m\d+"),
+        ("bias", "bias"),
+    ):
         if re.fullmatch(pattern, tok):
             return kind
     return None
@@ -383,7 +505,7 @@ def nearest_method(method: str) -> str:
     """The valid method closest to ``method``: known options once each, in the grammar's order."""
     for base in sorted(BASELINES, key=len, reverse=True):
         if method == base or method.startswith(base + "_"):
-            m = re.search(r"_m(\d+)", method[len(base):])
+            m = re.search(r"_m(\d+)", method[len(base) :])
             return base + (f"_m{int(m[1])}" if m and int(m[1]) > 0 else "")
     seen: dict[str, str] = {}
     for tok in method.split("_"):
@@ -402,8 +524,11 @@ def nearest_target(target: str, models: list[str]) -> str:
     if m is None:
         close = difflib.get_close_matches(target, models, n=1, cutoff=0.4)
         return f"{close[0] if close else models[0]}_dense"
-    model = m["model"] if m["model"] in models else (difflib.get_close_matches(m["model"], models, n=1, cutoff=0.4)
-                                                      or [models[0]])[0]
+    model = (
+        m["model"]
+        if m["model"] in models
+        else (difflib.get_close_matches(m["model"], models, n=1, cutoff=0.4) or [models[0]])[0]
+    )
     if m["dense"]:
         return f"{model}_dense"
     ratio = min(max(int(m["ratio"]), 1), 99)
@@ -416,8 +541,13 @@ def known_shape(spec: dict) -> dict | None:
         return None
     t = spec["train"]
     h = t["hidden_size"]
-    return {"hidden": h, "intermediate": t["intermediate_size"], "attn_params": 4 * h * h,
-            "neuron_params": 3 * h, "layers": t["num_layers"]}
+    return {
+        "hidden": h,
+        "intermediate": t["intermediate_size"],
+        "attn_params": 4 * h * h,
+        "neuron_params": 3 * h,
+        "layers": t["num_layers"],
+    }
 
 
 def check_target(target: str, config: dict, models: list[str], default_backend: str = "torch") -> dict:
@@ -434,9 +564,13 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
         t = parse_target(target, models, default_backend)
     except ValueError:
         known = any(target.startswith(m + "_") for m in models)
-        why = "its method is not in the grammar" if known else f"no model of the config prefixes it ({', '.join(models)})"
-        raise ValueError(f"target {target!r} is outside the path grammar: {why}.\n  Expected: {GRAMMAR}.\n"
-                         f"  Nearest valid form: {nearest_target(target, models)}") from None
+        why = (
+            "its method is not in the grammar" if known else f"no model of the config prefixes it ({', '.join(models)})"
+        )
+        raise ValueError(
+            f"target {target!r} is outside the path grammar: {why}.\n  Expected: {GRAMMAR}.\n"
+            f"  Nearest valid form: {nearest_target(target, models)}"
+        ) from None
     if t["dense"]:
         return t
     spec = config["models"][t["model"]]
@@ -449,15 +583,21 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
     if t["kind"] == "ica":
         tokens = cal["batch_size"] * cal["max_length"]
         if t["k"] > tokens:
-            raise ValueError(f"{name}: k = {t['k']} components exceed the at most {tokens} tokens of a calibration "
-                             f"batch (models.{t['model']}.calibration.batch_size x max_length = "
-                             f"{cal['batch_size']} x {cal['max_length']})")
+            raise ValueError(
+                f"{name}: k = {t['k']} components exceed the at most {tokens} tokens of a calibration "
+                f"batch (models.{t['model']}.calibration.batch_size x max_length = "
+                f"{cal['batch_size']} x {cal['max_length']})"
+            )
         if width and t["k"] > 2 * width:
-            raise ValueError(f"{name}: k = {t['k']} components exceed the {2 * width} signals of a layer "
-                             f"(2 x intermediate size {width} of model {t['model']})")
+            raise ValueError(
+                f"{name}: k = {t['k']} components exceed the {2 * width} signals of a layer "
+                f"(2 x intermediate size {width} of model {t['model']})"
+            )
         if t["batches"] and t["batches"] > cal["n_batches"]:
-            raise ValueError(f"{name}: _b{t['batches']} uses more batches than models.{t['model']}.calibration."
-                             f"n_batches = {cal['n_batches']}")
+            raise ValueError(
+                f"{name}: _b{t['batches']} uses more batches than models.{t['model']}.calibration."
+                f"n_batches = {cal['n_batches']}"
+            )
     problems = head_pruning_problems(config, [t["model"]], t["method"]) if t["kind"] == "baseline" else []
     if problems:
         raise ValueError(f"{name}: {problems[0]}")
@@ -469,36 +609,43 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
 def _check_multiple(name: str, t: dict, spec: dict, shape: dict | None, width: int | None) -> None:
     mult = t["multiple"]
     if width and mult >= width:
-        raise ValueError(f"{name}: _m{mult} rounds kept neurons to multiples of {mult}, but model {t['model']}'s "
-                         f"layers are {width} wide: no layer could be pruned")
+        raise ValueError(
+            f"{name}: _m{mult} rounds kept neurons to multiples of {mult}, but model {t['model']}'s "
+            f"layers are {width} wide: no layer could be pruned"
+        )
     if not shape:
         return
     n = shape["layers"]
     prunable = n - spec.get("protect_first", 0) - spec.get("protect_last", 0)
     if prunable < 1:
-        return                                            # the mask stage names this configuration error
+        return  # the mask stage names this configuration error
     block = shape["attn_params"] + shape["neuron_params"] * width
-    need = t["ratio"] * n * block / shape["neuron_params"]          # neurons to remove in all
-    lo = prunable * (width % mult)                                  # rounding down removes at least this
-    hi = prunable * (width - mult)                                  # keeping one multiple removes at most this
+    need = t["ratio"] * n * block / shape["neuron_params"]  # neurons to remove in all
+    lo = prunable * (width % mult)  # rounding down removes at least this
+    hi = prunable * (width - mult)  # keeping one multiple removes at most this
     reach = min(max(need, lo), hi)
     if abs(reach - need) > mult / 2:
         got = reach * shape["neuron_params"] / (n * block)
-        raise ValueError(f"{name}: with kept neurons rounded to multiples of {mult} ({width}-wide layers, "
-                         f"{prunable} prunable) the ratio {t['ratio']:.0%} cannot be reached: at best "
-                         f"{got:.1%}; use a smaller multiple or another ratio")
+        raise ValueError(
+            f"{name}: with kept neurons rounded to multiples of {mult} ({width}-wide layers, "
+            f"{prunable} prunable) the ratio {t['ratio']:.0%} cannot be reached: at best "
+            f"{got:.1%}; use a smaller multiple or another ratio"
+        )
 
 
-def check_requested_path(path: str, config: dict, models: list[str], workdir: str,
-                         default_backend: str = "torch") -> None:
+def check_requested_path(
+    path: str, config: dict, models: list[str], workdir: str, default_backend: str = "torch"
+) -> None:
     """Check a target named on the command line before any job runs (rule names pass through)."""
     p = Path(path)
     if p.is_absolute():
         try:
             rel = p.resolve().relative_to(Path(workdir).resolve())
         except ValueError:
-            raise ValueError(f"target {path}: outside the working directory {workdir}; targets are paths "
-                             f"relative to it, such as results/{models[0]}_dense/metrics.json") from None
+            raise ValueError(
+                f"target {path}: outside the working directory {workdir}; targets are paths "
+                f"relative to it, such as results/{models[0]}_dense/metrics.json"
+            ) from None
         raise ValueError(f"target {path}: give it relative to the working directory: {rel}")
     parts = p.parts
     if len(parts) < 2 or parts[0] != "results":
@@ -507,8 +654,7 @@ def check_requested_path(path: str, config: dict, models: list[str], workdir: st
     looks_like_target = re.search(r"_(?:dense|r\d+)(?:_|$)", name) is not None
     if (len(parts) >= 3 and parts[2] in TARGET_FILES) or (looks_like_target and name not in models):
         if len(parts) >= 3 and parts[2] not in TARGET_FILES:
-            raise ValueError(f"target {path}: a target folder holds {', '.join(TARGET_FILES)}; "
-                             f"not {parts[2]!r}")
+            raise ValueError(f"target {path}: a target folder holds {', '.join(TARGET_FILES)}; not {parts[2]!r}")
         check_target(name, config, models, default_backend)
 
 

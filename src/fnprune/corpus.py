@@ -13,8 +13,8 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .io import atomic_path, sha256_of_strings, write_json
 
@@ -25,7 +25,8 @@ SPLITS = ("train", "calib", "validation", "test")
 # Standard-library modules whose docstrings join pydoc's topics in the embedded corpus. A fixed,
 # sorted list (not sys.stdlib_module_names) so the corpus never imports a module with side
 # effects (antigravity, this, idlelib) and stays the same from run to run.
-STDLIB_MODULES = sorted("""
+STDLIB_MODULES = sorted(
+    """
 abc argparse array ast asyncio base64 bisect builtins bz2 calendar cmath codecs collections
 concurrent.futures configparser contextlib copy csv dataclasses datetime decimal difflib dis
 email enum filecmp fnmatch fractions functools gc getopt gettext glob graphlib gzip hashlib
@@ -37,7 +38,8 @@ socketserver sqlite3 ssl stat statistics string struct subprocess symtable sys t
 tempfile textwrap threading time timeit token tokenize trace traceback types typing unicodedata
 unittest urllib.parse urllib.request uuid warnings wave weakref xml.dom xml.etree.ElementTree
 zipfile zlib
-""".split())
+""".split()
+)
 
 
 # The parts of the embedded text (config ``corpora.*.parts``): pydoc's topics are the language
@@ -126,20 +128,27 @@ def _hf_records(spec: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for split, hf_split in spec["hf_splits"].items():
         try:
-            ds = datasets.load_dataset(spec["path"], spec.get("name"), split=hf_split,
-                                       revision=spec.get("revision"), data_files=spec.get("data_files"))
+            ds = datasets.load_dataset(
+                spec["path"],
+                spec.get("name"),
+                split=hf_split,
+                revision=spec.get("revision"),
+                data_files=spec.get("data_files"),
+            )
         except Exception as e:  # noqa: BLE001 - re-raised with the config key that caused it
             raise RuntimeError(
                 f"corpus {spec['path']!r} (config corpora.*.path), split {hf_split!r}: could not be "
                 f"loaded ({type(e).__name__}: {e}). It needs the Hugging Face hub or a local "
-                f"datasets cache (HF_DATASETS_OFFLINE=1 uses the cache only).") from e
+                f"datasets cache (HF_DATASETS_OFFLINE=1 uses the cache only)."
+            ) from e
         field = spec.get("text_field", "text")
         rows = [r[field] for r in ds]
         if split == "test" and spec.get("keep_empty_in_test", False):
             out[split] = [{"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows)]
         else:
-            out[split] = [{"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows)
-                          if len(t.strip()) >= spec["min_chars"]]
+            out[split] = [
+                {"id": f"{hf_split}:{i}", "text": t} for i, t in enumerate(rows) if len(t.strip()) >= spec["min_chars"]
+            ]
     return out
 
 
@@ -156,11 +165,12 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"corpora.*.path: {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                             f"expected a plain text file, documents separated by two blank lines") from None
+            raise ValueError(
+                f"corpora.*.path: {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                f"expected a plain text file, documents separated by two blank lines"
+            ) from None
         if not text.strip():
-            raise ValueError(f"corpora.*.path: {path} is empty; expected text, documents separated by two "
-                             f"blank lines")
+            raise ValueError(f"corpora.*.path: {path} is empty; expected text, documents separated by two blank lines")
         docs = [(f"{path.name}:{i}", d) for i, d in enumerate(re.split(r"\n\s*\n\s*\n", text))]
         records = _records_from_documents(docs, spec)
     elif source == "hf":
@@ -178,8 +188,11 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         texts = [r["text"] for r in recs]
-        manifest["splits"][split] = {"records": len(recs), "chars": sum(map(len, texts)),
-                                     "sha256": sha256_of_strings(texts)}
+        manifest["splits"][split] = {
+            "records": len(recs),
+            "chars": sum(map(len, texts)),
+            "sha256": sha256_of_strings(texts),
+        }
         log.info("corpus split %s: %d records, %d chars", split, len(recs), sum(map(len, texts)))
     manifest["sha256"] = sha256_of_strings([v["sha256"] for v in manifest["splits"].values()])
     write_json(out_dir / "manifest.json", manifest)

@@ -13,9 +13,9 @@ import csv
 import io
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -47,9 +47,12 @@ def check(config: dict) -> None:
     problems += [f"domains.corpora: {c!r} is not a key of corpora" for c in d["corpora"] if c not in corpora]
     problems += method_problems(d["methods"], "domains.methods")
     sources = [m for m in d["models"] if m in models]
-    used = list(dict.fromkeys([c for c in d["corpora"] if c in corpora]
-                              + [models[m].get("calibration", {}).get("corpus", models[m]["corpus"])
-                                 for m in sources]))
+    used = list(
+        dict.fromkeys(
+            [c for c in d["corpora"] if c in corpora]
+            + [models[m].get("calibration", {}).get("corpus", models[m]["corpus"]) for m in sources]
+        )
+    )
     for w in dict.fromkeys(weights_of(config, m) for m in sources):
         trained = models[w]["corpus"]
         if models[w]["source"] != "train" or trained not in corpora:
@@ -59,9 +62,11 @@ def check(config: dict) -> None:
                 continue
             differ = [k for k in SPLIT_KEYS if corpora[c].get(k) != corpora[trained].get(k)]
             if differ:
-                problems.append(f"corpora.{c}: splits the documents of corpora.{trained} (model {w}'s training "
-                                f"corpus) with another {', '.join(differ)}, so its test and calib texts could be "
-                                f"training text; give it the same {', '.join(differ)}")
+                problems.append(
+                    f"corpora.{c}: splits the documents of corpora.{trained} (model {w}'s training "
+                    f"corpus) with another {', '.join(differ)}, so its test and calib texts could be "
+                    f"training text; give it the same {', '.join(differ)}"
+                )
     raise_problems(problems)
 
 
@@ -81,9 +86,16 @@ def ppl_fields(config: dict, target: str, corpus: str, default_backend: str = "t
     """What a ``ppl-{corpus}.json`` records besides its results: the target and its calibration."""
     t = parse_target(target, list(config["models"]), default_backend)
     model = t["model"]
-    return {"target": target, "model": model, "weights": weights_of(config, model), "dense": t["dense"],
-            "ratio": None if t["dense"] else t["ratio_pct"], "method": t["method"], "corpus": corpus,
-            "calibration_corpus": None if t["dense"] else config["models"][model]["calibration"]["corpus"]}
+    return {
+        "target": target,
+        "model": model,
+        "weights": weights_of(config, model),
+        "dense": t["dense"],
+        "ratio": None if t["dense"] else t["ratio_pct"],
+        "method": t["method"],
+        "corpus": corpus,
+        "calibration_corpus": None if t["dense"] else config["models"][model]["calibration"]["corpus"],
+    }
 
 
 @dataclass
@@ -133,8 +145,17 @@ def perplexity_grids(records: Sequence[dict]) -> list[Grid]:
                 for x in r["results"]:
                     if _protocol(x) == protocol:
                         ppl[i, corpora.index(r["corpus"])] = x["ppl"]
-            grids.append(Grid(ratio, method, protocol, [f"{dense[0]['weights']} (dense)", *sources],
-                              [None, *(calibration[s] for s in sources)], corpora, ppl))
+            grids.append(
+                Grid(
+                    ratio,
+                    method,
+                    protocol,
+                    [f"{dense[0]['weights']} (dense)", *sources],
+                    [None, *(calibration[s] for s in sources)],
+                    corpora,
+                    ppl,
+                )
+            )
     return grids
 
 
@@ -151,8 +172,13 @@ def mask_overlap(a: dict, b: dict) -> dict:
     ka = np.array([len(a["kept"][i]) for i in layers], dtype=float)
     kb = np.array([len(b["kept"][i]) for i in layers], dtype=float)
     n = np.array([a["intermediate_sizes"][i] for i in layers], dtype=float)
-    return {"dice": dice(va, vb), "chance": float(2 * (ka * kb / n).sum() / total) if total else 1.0,
-            "kept_a": int(va.sum()), "kept_b": int(vb.sum()), "neurons": int(len(va))}
+    return {
+        "dice": dice(va, vb),
+        "chance": float(2 * (ka * kb / n).sum() / total) if total else 1.0,
+        "kept_a": int(va.sum()),
+        "kept_b": int(vb.sum()),
+        "neurons": int(len(va)),
+    }
 
 
 def overlap_rows(masks: Sequence[tuple[str, int, str, dict]]) -> list[dict]:
@@ -174,8 +200,10 @@ def grid_title(g: Grid) -> str:
 def grid_markdown(g: Grid) -> str:
     """The perplexity table of one grid; the best displayed pruned value of each column is bold (ties all)."""
     col = Column("ppl", "perplexity", lower_better=True)
-    best = [min((v for v in (col.shown(x) for x in g.ppl[1:, j]) if v is not None), default=None)
-            for j in range(len(g.corpora))]
+    best = [
+        min((v for v in (col.shown(x) for x in g.ppl[1:, j]) if v is not None), default=None)
+        for j in range(len(g.corpora))
+    ]
     rows = []
     for i, row in enumerate(g.rows):
         cells = []
@@ -189,22 +217,43 @@ def grid_markdown(g: Grid) -> str:
 
 
 def overlap_markdown(rows: Sequence[dict]) -> str:
-    body = [[f"{r['ratio']}%", method_label(r["method"]), r["source_a"], r["source_b"], fmt(r["dice"], 3),
-             fmt(r["chance"], 3), str(r["kept_a"]), str(r["kept_b"]), str(r["neurons"])] for r in rows]
-    return markdown_table(["ratio", "method", "source A", "source B", "Dice", "chance", "kept A", "kept B", "neurons"],
-                          body, 4)
+    body = [
+        [
+            f"{r['ratio']}%",
+            method_label(r["method"]),
+            r["source_a"],
+            r["source_b"],
+            fmt(r["dice"], 3),
+            fmt(r["chance"], 3),
+            str(r["kept_a"]),
+            str(r["kept_b"]),
+            str(r["neurons"]),
+        ]
+        for r in rows
+    ]
+    return markdown_table(
+        ["ratio", "method", "source A", "source B", "Dice", "chance", "kept A", "kept B", "neurons"], body, 4
+    )
 
 
 def markdown(base: str, grids: Sequence[Grid], overlaps: Sequence[dict], figure: str | None = None) -> str:
-    lines = [f"# Cross-domain calibration: {base}", "",
-             "Perplexity of each pruned model (rows: its calibration source) on each domain's test split "
-             "(columns), with its change from the dense model on the same domain. Built only from "
-             "`ppl-{corpus}.json` files and mask JSONs.", ""]
+    lines = [
+        f"# Cross-domain calibration: {base}",
+        "",
+        "Perplexity of each pruned model (rows: its calibration source) on each domain's test split "
+        "(columns), with its change from the dense model on the same domain. Built only from "
+        "`ppl-{corpus}.json` files and mask JSONs.",
+        "",
+    ]
     for g in grids:
         lines += [f"## {grid_title(g)}", "", grid_markdown(g)]
-    lines += ["## Mask overlap between calibration sources", "",
-              "Dice index of the kept MLP neurons over the prunable layers; chance: the expected Dice of two "
-              "random masks with the same kept count per layer.", ""]
+    lines += [
+        "## Mask overlap between calibration sources",
+        "",
+        "Dice index of the kept MLP neurons over the prunable layers; chance: the expected Dice of two "
+        "random masks with the same kept count per layer.",
+        "",
+    ]
     lines += [overlap_markdown(overlaps) if overlaps else "A single calibration source: no pair to compare.\n"]
     if figure:
         lines += ["", f"![perplexity heatmap]({figure})", ""]
@@ -214,12 +263,24 @@ def markdown(base: str, grids: Sequence[Grid], overlaps: Sequence[dict], figure:
 def grids_csv(grids: Sequence[Grid]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["ratio", "method", "protocol", "source", "calibration_corpus", "eval_corpus", "ppl",
-                "dense_ppl", "change_pct"])
+    w.writerow(
+        ["ratio", "method", "protocol", "source", "calibration_corpus", "eval_corpus", "ppl", "dense_ppl", "change_pct"]
+    )
     for g in grids:
         for i, j in itertools.product(range(len(g.rows)), range(len(g.corpora))):
-            w.writerow([g.ratio, g.method, g.protocol, g.rows[i], g.calibration[i] or "", g.corpora[j],
-                        g.ppl[i, j], g.ppl[0, j], g.change[i, j]])
+            w.writerow(
+                [
+                    g.ratio,
+                    g.method,
+                    g.protocol,
+                    g.rows[i],
+                    g.calibration[i] or "",
+                    g.corpora[j],
+                    g.ppl[i, j],
+                    g.ppl[0, j],
+                    g.change[i, j],
+                ]
+            )
     return buf.getvalue()
 
 
@@ -232,8 +293,16 @@ def overlap_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def table(base: str, ppl_files: Sequence[str], mask_files: Sequence[str], mask_keys: Sequence[dict],
-          out_md: str, out_csv: str, out_overlap_csv: str, out_png: str) -> None:
+def table(
+    base: str,
+    ppl_files: Sequence[str],
+    mask_files: Sequence[str],
+    mask_keys: Sequence[dict],
+    out_md: str,
+    out_csv: str,
+    out_overlap_csv: str,
+    out_png: str,
+) -> None:
     """The stage: tables, overlaps and heatmap of one model's calibration sources.
 
     ``mask_keys`` names the ``source``, ``ratio`` and ``method`` of each of ``mask_files``.
@@ -243,8 +312,9 @@ def table(base: str, ppl_files: Sequence[str], mask_files: Sequence[str], mask_k
     if len(mask_files) != len(mask_keys):
         raise ValueError(f"{len(mask_files)} mask files but {len(mask_keys)} mask keys")
     grids = perplexity_grids([read_json(f) for f in ppl_files])
-    overlaps = overlap_rows([(k["source"], k["ratio"], k["method"], read_mask(f))
-                             for k, f in zip(mask_keys, mask_files)])
+    overlaps = overlap_rows(
+        [(k["source"], k["ratio"], k["method"], read_mask(f)) for k, f in zip(mask_keys, mask_files)]
+    )
     fig = domain_figure(grids, [grid_title(g) for g in grids], f"{base}: calibration source x evaluation domain")
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")

@@ -50,7 +50,7 @@ def passage_windows(text: str, passage_chars: int, continuation_chars: int) -> l
         b = _last_cut(cuts, a + 1 + continuation_chars // 2, a + 1 + continuation_chars)
         if b is None:
             return out
-        out.append((text[start:a], text[a + 1:b]))
+        out.append((text[start:a], text[a + 1 : b]))
         start = b + 1
 
 
@@ -76,13 +76,22 @@ def mc_items(passages: list[dict], n_choices: int, n_items: int | None, seed: in
         p = passages[i]
         others = [j for j, q in enumerate(passages) if q["source"] != p["source"]]
         if len(others) < n_choices - 1:
-            raise ValueError(f"passage {p['id']}: only {len(others)} passages of other records, "
-                             f"{n_choices - 1} distractors needed; give more held-out text")
+            raise ValueError(
+                f"passage {p['id']}: only {len(others)} passages of other records, "
+                f"{n_choices - 1} distractors needed; give more held-out text"
+            )
         picked = [passages[j] for j in rng.choice(others, size=n_choices - 1, replace=False).tolist()]
         label = int(rng.integers(n_choices))
         picked.insert(label, p)
-        items.append({"id": p["id"], "context": p["context"], "choices": [q["gold"] for q in picked],
-                      "label": label, "sources": [q["source"] for q in picked]})
+        items.append(
+            {
+                "id": p["id"],
+                "context": p["context"],
+                "choices": [q["gold"] for q in picked],
+                "label": label,
+                "sources": [q["source"] for q in picked],
+            }
+        )
     return items
 
 
@@ -120,9 +129,16 @@ def _write_task_yaml(name: str, data: Path, out_dir: Path) -> Path:
     return path
 
 
-def write_embedded_tasks(test_jsonl: str | Path, validation_jsonl: str | Path, out_dir: str | Path,
-                         seed: int = 0, n_choices: int = 4, passage_chars: int = 384,
-                         continuation_chars: int = 48, n_items: int | None = None) -> dict:
+def write_embedded_tasks(
+    test_jsonl: str | Path,
+    validation_jsonl: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    n_choices: int = 4,
+    passage_chars: int = 384,
+    continuation_chars: int = 48,
+    n_items: int | None = None,
+) -> dict:
     """Write the data and lm-eval YAMLs of ``fnprune_mc`` and ``fnprune_ppl`` into ``out_dir``.
 
     Multiple-choice passages come from the validation and test splits (windows of
@@ -135,8 +151,10 @@ def write_embedded_tasks(test_jsonl: str | Path, validation_jsonl: str | Path, o
     test, validation = read_records(test_jsonl), read_records(validation_jsonl)
     items = mc_items(_passages(validation + test, passage_chars, continuation_chars), n_choices, n_items, seed)
     if not items:
-        raise ValueError(f"{test_jsonl}, {validation_jsonl}: no passage of {passage_chars}+"
-                         f"{continuation_chars} characters; lower passage_chars")
+        raise ValueError(
+            f"{test_jsonl}, {validation_jsonl}: no passage of {passage_chars}+"
+            f"{continuation_chars} characters; lower passage_chars"
+        )
     docs = ppl_documents(test)
     if not docs:
         raise ValueError(f"{test_jsonl}: empty test split, nothing to compute perplexity on")
@@ -144,12 +162,16 @@ def write_embedded_tasks(test_jsonl: str | Path, validation_jsonl: str | Path, o
     for name, rows in ((MC_TASK, items), (PPL_TASK, docs)):
         data = out_dir / f"{name}.jsonl"
         sha = _write_jsonl(data, rows)
-        info["tasks"][name] = {"yaml": str(_write_task_yaml(name, data, out_dir)), "data": str(data),
-                               "items": len(rows), "sha256": sha}
-    info["tasks"][MC_TASK].update(n_choices=n_choices, passage_chars=passage_chars,
-                                  continuation_chars=continuation_chars)
+        info["tasks"][name] = {
+            "yaml": str(_write_task_yaml(name, data, out_dir)),
+            "data": str(data),
+            "items": len(rows),
+            "sha256": sha,
+        }
+    info["tasks"][MC_TASK].update(
+        n_choices=n_choices, passage_chars=passage_chars, continuation_chars=continuation_chars
+    )
     info["sha256"] = sha256_of_strings([t["sha256"] for t in info["tasks"].values()])
     write_json(out_dir / "manifest.json", info)
-    log.info("embedded tasks in %s: %d multiple-choice items, %d perplexity documents",
-             out_dir, len(items), len(docs))
+    log.info("embedded tasks in %s: %d multiple-choice items, %d perplexity documents", out_dir, len(items), len(docs))
     return info

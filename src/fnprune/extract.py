@@ -35,18 +35,23 @@ def make_batches(texts: list[str], batch_size: int, n_batches: int, seed: int) -
     """Draw ``n_batches`` disjoint batches of ``batch_size`` texts (seeded shuffle)."""
     need = batch_size * n_batches
     if batch_size < 1 or n_batches < 1:
-        raise ValueError(f"calibration.batch_size and calibration.n_batches must be >= 1; "
-                         f"got {batch_size} and {n_batches}")
+        raise ValueError(
+            f"calibration.batch_size and calibration.n_batches must be >= 1; got {batch_size} and {n_batches}"
+        )
     if len(texts) < need:
-        raise ValueError(f"calibration split has {len(texts)} texts; calibration.batch_size x "
-                         f"calibration.n_batches = {batch_size} x {n_batches} = {need} needed")
+        raise ValueError(
+            f"calibration split has {len(texts)} texts; calibration.batch_size x "
+            f"calibration.n_batches = {batch_size} x {n_batches} = {need} needed"
+        )
     order = np.random.default_rng(seed).permutation(len(texts))
-    return [[texts[i] for i in order[b * batch_size:(b + 1) * batch_size]] for b in range(n_batches)]
+    return [[texts[i] for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(n_batches)]
 
 
 def _non_finite(layer: int):
-    raise FloatingPointError(f"layer {layer}: non-finite MLP activations in the calibration pass "
-                             f"(overflow in the model dtype? try dtype: float32)")
+    raise FloatingPointError(
+        f"layer {layer}: non-finite MLP activations in the calibration pass "
+        f"(overflow in the model dtype? try dtype: float32)"
+    )
 
 
 class _Recorder:
@@ -57,8 +62,8 @@ class _Recorder:
 
         self.model, self.ad = model, ad
         self.blocks = A.layers(model, ad)
-        self.valid: torch.Tensor | None = None   # flat indices of non-padding tokens
-        self.row = 0                            # first shard row of the current micro-batch
+        self.valid: torch.Tensor | None = None  # flat indices of non-padding tokens
+        self.row = 0  # first shard row of the current micro-batch
         self.shards: list[np.ndarray] = []
         self.shard_dtype = shard_dtype
         self.handles = []
@@ -85,8 +90,8 @@ class _Recorder:
         if not torch.isfinite(rows).all():
             _non_finite(layer)
         n = rows.shape[0]
-        dest = torch.from_numpy(self.shards[layer][self.row:self.row + n, col0:col0 + rows.shape[1]])
-        dest.copy_(rows)                              # one pass: device -> host and dtype cast
+        dest = torch.from_numpy(self.shards[layer][self.row : self.row + n, col0 : col0 + rows.shape[1]])
+        dest.copy_(rows)  # one pass: device -> host and dtype cast
 
     def attach(self, shards: list[np.ndarray] | None) -> None:
         """Hook every block: the MLP signals into ``shards`` (when given), else the statistics."""
@@ -99,16 +104,20 @@ class _Recorder:
             if not shards:
                 self._attach_stats(i, block, mlp)
             elif ad.fused:
+
                 def gate_up_hook(mod, inp, out, i=i, inter=inter):
                     self._write(i, 0, self.fused_act(out[..., :inter]))
                     self._write(i, inter, out[..., inter:])
+
                 self.handles.append(A._get(mlp, ad.gate_up).register_forward_hook(gate_up_hook))
             else:
+
                 def act_hook(mod, inp, out, i=i):
                     self._write(i, 0, out)
 
                 def up_hook(mod, inp, out, i=i, inter=inter):
                     self._write(i, inter, out)
+
                 self.handles.append(A._get(mlp, ad.act).register_forward_hook(act_hook))
                 self.handles.append(A._get(mlp, ad.up).register_forward_hook(up_hook))
 
@@ -127,6 +136,7 @@ class _Recorder:
             s, sq = self._moments(args[0])
             self.o_sum[i] += s
             self.o_sumsq[i] += sq
+
         self.handles.append(A._get(mlp, ad.down).register_forward_pre_hook(down_pre))
         self.handles.append(A._get(A.attn_of(block, ad), ad.o).register_forward_pre_hook(o_pre))
 
@@ -142,9 +152,16 @@ def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> list[list[in
 
 
 @torch.no_grad()
-def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Path] | None,
-                  stats_path: str | Path | None, max_length: int, micro_batch_size: int = 8,
-                  shard_dtype: str = "float16") -> dict:
+def extract_batch(
+    model,
+    tokenizer,
+    texts: list[str],
+    shard_paths: list[str | Path] | None,
+    stats_path: str | Path | None,
+    max_length: int,
+    micro_batch_size: int = 8,
+    shard_dtype: str = "float16",
+) -> dict:
     """Run one calibration batch through ``model``; write the per-layer shards, the stats file, or both.
 
     ``shard_paths[l]`` receives a (tokens x 2*intermediate) array: columns ``[0, I)`` are
@@ -160,8 +177,10 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
     ad = A.adapter_for(model)
     blocks = A.layers(model, ad)
     if shard_paths is not None and len(shard_paths) != len(blocks):
-        raise ValueError(f"{len(shard_paths)} shard paths for a model with {len(blocks)} layers; "
-                         f"check models.*.num_layers in the config")
+        raise ValueError(
+            f"{len(shard_paths)} shard paths for a model with {len(blocks)} layers; "
+            f"check models.*.num_layers in the config"
+        )
     seqs = tokenize_batch(tokenizer, texts, max_length)
     n_tokens = sum(len(s) for s in seqs)
     device = next(model.parameters()).device
@@ -169,8 +188,10 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
     tmp_paths = [Path(p).with_name(f".{Path(p).name}.tmp.npy") for p in shard_paths or []]
     for p in tmp_paths:
         p.parent.mkdir(parents=True, exist_ok=True)
-    shards = [np.lib.format.open_memmap(p, mode="w+", dtype=shard_dtype, shape=(n_tokens, 2 * i))
-              for p, i in zip(tmp_paths, rec.inter)]
+    shards = [
+        np.lib.format.open_memmap(p, mode="w+", dtype=shard_dtype, shape=(n_tokens, 2 * i))
+        for p, i in zip(tmp_paths, rec.inter)
+    ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     try:
@@ -180,13 +201,13 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
             rec.attach(None)
         desc = "extract" if shards else "statistics"
         for start in tqdm(range(0, len(seqs), micro_batch_size), desc=desc, mininterval=5):
-            chunk = seqs[start:start + micro_batch_size]
+            chunk = seqs[start : start + micro_batch_size]
             width = max(len(s) for s in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for r, s in enumerate(chunk):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
             rec.valid = mask.flatten().nonzero().squeeze(1).to(device)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             rec.row += int(mask.sum())
@@ -204,9 +225,15 @@ def extract_batch(model, tokenizer, texts: list[str], shard_paths: list[str | Pa
 
     wall = time.time() - t0
     if stats_path is not None:
-        save_npz(stats_path, n_tokens=np.array(n_tokens),
-                 down_sum=_stack(rec.down_sum, "down_proj"), down_sumsq=_stack(rec.down_sumsq, "down_proj"),
-                 o_sum=_stack(rec.o_sum, "o_proj"), o_sumsq=_stack(rec.o_sumsq, "o_proj"), wall_s=np.array(wall))
+        save_npz(
+            stats_path,
+            n_tokens=np.array(n_tokens),
+            down_sum=_stack(rec.down_sum, "down_proj"),
+            down_sumsq=_stack(rec.down_sumsq, "down_proj"),
+            o_sum=_stack(rec.o_sum, "o_proj"),
+            o_sumsq=_stack(rec.o_sumsq, "o_proj"),
+            wall_s=np.array(wall),
+        )
     log.info("%s: %d texts, %d tokens, %d layers in %.1f s", desc, len(seqs), n_tokens, len(blocks), wall)
     return {"n_texts": len(seqs), "n_tokens": n_tokens, "wall_s": wall}
 
@@ -216,9 +243,11 @@ def _stack(xs: list[torch.Tensor], what: str) -> np.ndarray:
     arrs = [x.cpu().numpy() for x in xs]
     widths = sorted({a.shape[0] for a in arrs})
     if len(widths) > 1:
-        raise ValueError(f"calibration statistics: the {what} inputs have per-layer widths {widths}; the "
-                         f"statistics pass needs a model whose layers all have one width (a dense model, "
-                         f"not a pruned one)")
+        raise ValueError(
+            f"calibration statistics: the {what} inputs have per-layer widths {widths}; the "
+            f"statistics pass needs a model whose layers all have one width (a dense model, "
+            f"not a pruned one)"
+        )
     return np.stack(arrs)
 
 
@@ -226,8 +255,9 @@ def load_stats(paths: list[str | Path]) -> dict[str, np.ndarray]:
     """Sum the per-batch statistics files; return means, variances and squared norms."""
     tot: dict[str, np.ndarray] = {}
     for p in paths:
-        z = load_npz(p, "calibration statistics", STATS_KEYS,
-                     f"delete it and rerun (its calibration_stats job makes it again)")
+        z = load_npz(
+            p, "calibration statistics", STATS_KEYS, "delete it and rerun (its calibration_stats job makes it again)"
+        )
         for k in STATS_KEYS:
             tot[k] = tot.get(k, 0) + z[k]
     n = float(tot["n_tokens"])

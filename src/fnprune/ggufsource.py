@@ -12,9 +12,9 @@ F32, F16 or Q8_0, with llama.cpp's tensor names and its rotary permutation of q/
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import time
 from collections import Counter
@@ -52,13 +52,17 @@ def resolve_file(spec: dict, key: str = "models.<model>") -> Path:
     elif spec.get("package") and spec.get("file"):
         found = importlib.util.find_spec(spec["package"])
         if found is None or not found.submodule_search_locations:
-            raise ValueError(f"{key}.package: Python package {spec['package']!r} is not installed "
-                             f"(install it with the project's set-up: make venv)")
+            raise ValueError(
+                f"{key}.package: Python package {spec['package']!r} is not installed "
+                f"(install it with the project's set-up: make venv)"
+            )
         p = Path(next(iter(found.submodule_search_locations))) / spec["file"]
         where = f"{key}.file"
     else:
-        raise ValueError(f"{key}: source gguf needs path (a .gguf file) or package and file (a file inside an "
-                         f"installed Python package)")
+        raise ValueError(
+            f"{key}: source gguf needs path (a .gguf file) or package and file (a file inside an "
+            f"installed Python package)"
+        )
     if not p.is_file():
         raise ValueError(f"{where}: {p} is not a file")
     with open(p, "rb") as f:
@@ -79,14 +83,20 @@ def inspect(path: str | Path) -> dict:
     name = reader.fields["general.name"].contents() if "general.name" in reader.fields else None
     types = Counter(t.tensor_type.name for t in reader.tensors)
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
     bad = sorted(set(types) - set(supported_types()))
     if bad:
-        raise ValueError(f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantised; supported: "
-                         f"{', '.join(supported_types())}")
-    return {"architecture": arch, "name": name, "tensor_types": dict(sorted(types.items())),
-            "n_tensors": len(reader.tensors)}
+        raise ValueError(
+            f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantised; supported: {', '.join(supported_types())}"
+        )
+    return {
+        "architecture": arch,
+        "name": name,
+        "tensor_types": dict(sorted(types.items())),
+        "n_tensors": len(reader.tensors),
+    }
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -122,8 +132,7 @@ def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) ->
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     built = type(loaded).__name__
     if built not in ARCHITECTURES[info["architecture"]] or (architecture and built != architecture):
-        raise ValueError(f"{path}: transformers builds {built} from it, but models.*.architecture is "
-                         f"{architecture!r}")
+        raise ValueError(f"{path}: transformers builds {built} from it, but models.*.architecture is {architecture!r}")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
     cfg.architectures = [built]
@@ -138,8 +147,9 @@ def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) ->
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{path}: dequantised tensors do not match {built} (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{path}: dequantised tensors do not match {built} (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if cfg.tie_word_embeddings:
         plain.tie_weights()
     _materialise_buffers(plain, cfg)
@@ -164,8 +174,9 @@ def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) ->
         tok.save_pretrained(tmp)
         prov["wall_s"] = time.time() - t0
         write_json(tmp / PROVENANCE, prov)
-    log.info("converted %s (%s, %s) into %s in %.1f s", path, info["name"], info["tensor_types"], out_dir,
-             time.time() - t0)
+    log.info(
+        "converted %s (%s, %s) into %s in %.1f s", path, info["name"], info["tensor_types"], out_dir, time.time() - t0
+    )
     return prov
 
 
@@ -201,8 +212,9 @@ def _byte_level_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_gguf(model, tokenizer, path: str | Path, dtype: str = "F32", name: str = "fnprune",
-               metadata: dict | None = None) -> dict:
+def write_gguf(
+    model, tokenizer, path: str | Path, dtype: str = "F32", name: str = "fnprune", metadata: dict | None = None
+) -> dict:
     """Write a LLaMA-architecture ``model`` (dense, or pruned by fnprune) and its byte-level BPE
     ``tokenizer`` as GGUF; returns the per-layer widths written.
 
@@ -233,20 +245,35 @@ def _layer_shapes(model) -> dict[str, list[int]]:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layers = model.model.layers
-    shapes = {"feed_forward_length": [layer.mlp.gate_proj.out_features for layer in layers],
-              "head_count": [layer.self_attn.q_proj.out_features // head_dim for layer in layers],
-              "head_count_kv": [layer.self_attn.k_proj.out_features // head_dim for layer in layers]}
-    empty = [i for i in range(len(layers)) if 0 in (shapes["feed_forward_length"][i], shapes["head_count"][i],
-                                                    shapes["head_count_kv"][i])]
+    shapes = {
+        "feed_forward_length": [layer.mlp.gate_proj.out_features for layer in layers],
+        "head_count": [layer.self_attn.q_proj.out_features // head_dim for layer in layers],
+        "head_count_kv": [layer.self_attn.k_proj.out_features // head_dim for layer in layers],
+    }
+    empty = [
+        i
+        for i in range(len(layers))
+        if 0 in (shapes["feed_forward_length"][i], shapes["head_count"][i], shapes["head_count_kv"][i])
+    ]
     if empty:
-        raise ValueError(f"write_gguf: layers {empty} have no MLP neurons or no attention heads left; "
-                         f"llama.cpp cannot run an empty layer")
+        raise ValueError(
+            f"write_gguf: layers {empty} have no MLP neurons or no attention heads left; "
+            f"llama.cpp cannot run an empty layer"
+        )
     return shapes
 
 
-_LAYER_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_LAYER_TENSORS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def _one_or_list(values: list[int]):
@@ -285,13 +312,19 @@ def _write_llama(w, model, tokenizer, dtype: str, name: str, metadata: dict, sha
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    for key, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                     ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+    for key, tid in (
+        ("bos", tokenizer.bos_token_id),
+        ("eos", tokenizer.eos_token_id),
+        ("pad", tokenizer.pad_token_id),
+        ("unk", tokenizer.unk_token_id),
+    ):
         if tid is not None:
             getattr(w, f"add_{key}_token_id")(int(tid))
     w.add_add_bos_token(False)
-    tensors = {"token_embd.weight": state["model.embed_tokens.weight"],
-               "output_norm.weight": state["model.norm.weight"]}
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
     if not cfg.tie_word_embeddings:
         tensors["output.weight"] = state["lm_head.weight"]
     for i in layers:

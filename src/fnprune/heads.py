@@ -28,8 +28,9 @@ def head_geometry(model) -> dict:
     """Head dim, heads and k/v heads per layer, and the parameters one head group owns."""
     ad = A.adapter_for(model)
     if ad.qkv is not None:
-        raise NotImplementedError("head pruning of fused qkv projections is not supported yet; "
-                                  "use an MLP-only method (e.g. flap_mlp)")
+        raise NotImplementedError(
+            "head pruning of fused qkv projections is not supported yet; use an MLP-only method (e.g. flap_mlp)"
+        )
     out: dict = {"n_heads": [], "n_kv_heads": [], "head_dim": None, "group_params": []}
     for block in A.layers(model, ad):
         attn = A.attn_of(block, ad)
@@ -65,21 +66,22 @@ def _checked_groups(keep: Sequence[int], n_kv: int, layer: int) -> torch.Tensor:
     if len(keep_t) == 0:
         raise ValueError(f"layer {layer}: every attention head group would be removed; keep at least one")
     if len(set(keep_t.tolist())) != len(keep_t) or keep_t[0] < 0 or keep_t[-1] >= n_kv:
-        raise ValueError(f"layer {layer}: kept head groups {keep_t.tolist()} are not distinct "
-                         f"indices in [0, {n_kv})")
+        raise ValueError(f"layer {layer}: kept head groups {keep_t.tolist()} are not distinct indices in [0, {n_kv})")
     return keep_t
 
 
-def o_bias_compensation(o_weight: torch.Tensor, dropped_channels: torch.Tensor,
-                        mean: np.ndarray | torch.Tensor) -> torch.Tensor:
+def o_bias_compensation(
+    o_weight: torch.Tensor, dropped_channels: torch.Tensor, mean: np.ndarray | torch.Tensor
+) -> torch.Tensor:
     """FLAP's compensation ``W_o[:, dropped] @ mean[dropped]`` (computed in float64)."""
     mean_t = torch.as_tensor(np.asarray(mean), dtype=torch.float64, device=o_weight.device)
     idx = dropped_channels.to(o_weight.device)
     return (o_weight[:, idx].double() @ mean_t[idx]).to(o_weight.dtype)
 
 
-def _prune_attention(attn: nn.Module, ad: A.Adapter, keep: torch.Tensor, n_kv: int, n_rep: int,
-                     head_dim: int, o_mean: np.ndarray | None) -> None:
+def _prune_attention(
+    attn: nn.Module, ad: A.Adapter, keep: torch.Tensor, n_kv: int, n_rep: int, head_dim: int, o_mean: np.ndarray | None
+) -> None:
     q_rows = group_channels(keep, n_rep, head_dim)
     kv_rows = _kv_rows(keep, head_dim)
     o = A._get(attn, ad.o)
@@ -87,8 +89,10 @@ def _prune_attention(attn: nn.Module, ad: A.Adapter, keep: torch.Tensor, n_kv: i
     bias = None
     if o_mean is not None:
         if o_mean.shape != (o.in_features,):
-            raise ValueError(f"o_proj input mean of shape {o_mean.shape} for an o_proj with "
-                             f"{o.in_features} inputs; statistics from another model?")
+            raise ValueError(
+                f"o_proj input mean of shape {o_mean.shape} for an o_proj with "
+                f"{o.in_features} inputs; statistics from another model?"
+            )
         dropped = torch.as_tensor(np.setdiff1d(np.arange(n_kv), keep.numpy()), dtype=torch.long)
         bias = o_bias_compensation(o.weight.data, group_channels(dropped, n_rep, head_dim), o_mean)
     for name, rows in ((ad.q, q_rows), (ad.k, kv_rows), (ad.v, kv_rows)):
@@ -102,8 +106,9 @@ def _prune_attention(attn: nn.Module, ad: A.Adapter, keep: torch.Tensor, n_kv: i
             setattr(attn, attr, val)
 
 
-def prune_heads(model, kept_groups: Sequence[Sequence[int]],
-                o_mean: Sequence[np.ndarray] | np.ndarray | None = None) -> None:
+def prune_heads(
+    model, kept_groups: Sequence[Sequence[int]], o_mean: Sequence[np.ndarray] | np.ndarray | None = None
+) -> None:
     """Keep only the listed k/v head groups of every layer, in place.
 
     With ``o_mean`` (per layer, the calibration mean of each ``o_proj`` input channel), the
@@ -130,8 +135,11 @@ def heads_layout(model) -> dict:
     if ad.qkv is not None:
         return {}
     geo = head_geometry(model)
-    return {"n_heads": geo["n_heads"], "n_kv_heads": geo["n_kv_heads"],
-            "o_bias": [A._get(A.attn_of(b, ad), ad.o).bias is not None for b in A.layers(model, ad)]}
+    return {
+        "n_heads": geo["n_heads"],
+        "n_kv_heads": geo["n_kv_heads"],
+        "o_bias": [A._get(A.attn_of(b, ad), ad.o).bias is not None for b in A.layers(model, ad)],
+    }
 
 
 def resize_heads(model, layout: dict) -> None:

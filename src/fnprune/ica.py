@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ICAResult:
-    scores: np.ndarray            # (N,) max |z| over the k maps
+    scores: np.ndarray  # (N,) max |z| over the k maps
     converged: bool
     n_iter: int
     maps: np.ndarray | None = None  # (k, N) z-scored maps, when asked for
@@ -58,9 +58,9 @@ def column_moments(x: torch.Tensor, block: int = 4096) -> tuple[torch.Tensor, to
     mean = torch.empty(n, dtype=torch.float32, device=x.device)
     std = torch.empty(n, dtype=torch.float32, device=x.device)
     for j in range(0, n, block):
-        xb = x[:, j:j + block].to(torch.float32)
-        mean[j:j + block] = xb.mean(0)
-        std[j:j + block] = xb.std(0) if t > 1 else torch.ones(xb.shape[1], device=x.device)
+        xb = x[:, j : j + block].to(torch.float32)
+        mean[j : j + block] = xb.mean(0)
+        std[j : j + block] = xb.std(0) if t > 1 else torch.ones(xb.shape[1], device=x.device)
     std[std <= 0] = 1.0
     return mean, std
 
@@ -88,7 +88,7 @@ def _gram(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, block: int = 4
     g = torch.zeros(m, m, dtype=dtype, device=x.device)
     if tall:
         for i in range(0, t, block):
-            zb = ((x[i:i + block].to(torch.float32) - mean) / std).to(dtype)
+            zb = ((x[i : i + block].to(torch.float32) - mean) / std).to(dtype)
             g.addmm_(zb.T, zb)
     else:
         for j in range(0, n, block):
@@ -102,23 +102,24 @@ def _spatial_from_temporal(x, mean, std, u: torch.Tensor, block: int = 4096) -> 
     n = x.shape[1]
     v = torch.empty(n, u.shape[1], dtype=torch.float32, device=x.device)
     for j in range(0, n, block):
-        v[j:j + block] = _zblock(x, mean, std, j, j + block).T @ u
+        v[j : j + block] = _zblock(x, mean, std, j, j + block).T @ u
     return v / torch.linalg.norm(v, dim=0, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def top_eigvecs(g: torch.Tensor, k: int, seed: int, oversample: int | None = None,
-                max_iter: int = 100, tol: float = 1e-6) -> tuple[torch.Tensor, dict]:
+def top_eigvecs(
+    g: torch.Tensor, k: int, seed: int, oversample: int | None = None, max_iter: int = 100, tol: float = 1e-6
+) -> tuple[torch.Tensor, dict]:
     """Top-k eigenvectors of a symmetric PSD matrix by block subspace iteration.
 
-    Iterations cost ``m^2 l`` (cheap next to forming ``g``), so they run until the Ritz subspace
-    stops moving: ``1 - mean cos(principal angles)`` between successive iterates below ``tol``.
-    If it has not settled after ``max_iter`` steps (a spectrum flat around ``k``), a float64
+    Iterations cost ``m^2 width`` (``width``: the sketch, ``k`` plus oversampling; cheap next to
+    forming ``g``), so they run until the Ritz subspace stops moving: ``1 - mean cos(principal
+    angles)`` between successive iterates below ``tol``. If it has not settled after ``max_iter`` steps (a spectrum flat around ``k``), a float64
     ``eigh`` gives the exact answer instead.
     """
     m = g.shape[0]
-    l = min(m, k + (oversample if oversample is not None else max(16, k // 2)))
+    width = min(m, k + (oversample if oversample is not None else max(16, k // 2)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(m, l, generator=gen).to(g))
+    q, _ = torch.linalg.qr(torch.randn(m, width, generator=gen).to(g))
     prev = None
     for it in range(1, max_iter + 1):
         q, _ = torch.linalg.qr(g @ q)
@@ -137,8 +138,9 @@ def top_eigvecs(g: torch.Tensor, k: int, seed: int, oversample: int | None = Non
     return evecs[:, -k:].flip(1).to(g.dtype), {"subspace": "gram-eigh", "power_iter": max_iter}
 
 
-def spatial_subspace(x: torch.Tensor, k: int, seed: int, mean: torch.Tensor | None = None,
-                     std: torch.Tensor | None = None, **kw) -> tuple[torch.Tensor, dict]:
+def spatial_subspace(
+    x: torch.Tensor, k: int, seed: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None, **kw
+) -> tuple[torch.Tensor, dict]:
     """Top-k spatial subspace (N x k, orthonormal columns) of the z-scored (T x N) matrix.
 
     ``x`` is z-scored on the fly, block by block (``mean``/``std`` per column, computed when
@@ -186,8 +188,9 @@ def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
     return (u * s.rsqrt().unsqueeze(-2)) @ u.transpose(-1, -2) @ w
 
 
-def fastica_cube(x: torch.Tensor, seed: int | list[int], max_iter: int = 300, tol: float = 1e-4
-                 ) -> tuple[torch.Tensor, bool | list[bool], int | list[int]]:
+def fastica_cube(
+    x: torch.Tensor, seed: int | list[int], max_iter: int = 300, tol: float = 1e-4
+) -> tuple[torch.Tensor, bool | list[bool], int | list[int]]:
     """Parallel FastICA with the ``cube`` non-linearity, in float64 (scikit-learn's ``_ica_par``).
 
     ``x`` is (k x N): k mixtures, N samples; or a batch (L x k x N) of independent problems
@@ -202,7 +205,7 @@ def fastica_cube(x: torch.Tensor, seed: int | list[int], max_iter: int = 300, to
     xc = x - x.mean(-1, keepdim=True)
     d, e = torch.linalg.eigh(xc @ xc.transpose(-1, -2) / n)
     d = d.clamp(min=torch.finfo(torch.float64).eps * float(d.max()))
-    xw = ((e * d.rsqrt().unsqueeze(-2)).transpose(-1, -2) @ xc).contiguous()   # whitened
+    xw = ((e * d.rsqrt().unsqueeze(-2)).transpose(-1, -2) @ xc).contiguous()  # whitened
     w0 = np.stack([np.random.RandomState(sd).standard_normal((k, k)) for sd in seeds])
     w = _sym_decorrelation(torch.from_numpy(w0).to(xw))
     active = torch.ones(n_prob, dtype=torch.bool, device=xw.device)
@@ -234,8 +237,9 @@ def _finish(sources: torch.Tensor | np.ndarray, keep_maps: bool) -> tuple[np.nda
     return scores, (z.float().cpu().numpy() if keep_maps else None)
 
 
-def canica_torch_layers(xs, k: int, seeds: list[int], max_iter: int = 300, tol: float = 1e-4,
-                        device: str = "cpu", keep_maps: bool = False) -> list[ICAResult]:
+def canica_torch_layers(
+    xs, k: int, seeds: list[int], max_iter: int = 300, tol: float = 1e-4, device: str = "cpu", keep_maps: bool = False
+) -> list[ICAResult]:
     """The torch backend on several layers: subspaces one by one, FastICA of all of them at once.
 
     ``xs`` is an iterable of (tokens x signals) matrices (arrays, tensors, or callables that
@@ -263,32 +267,46 @@ def canica_torch_layers(xs, k: int, seeds: list[int], max_iter: int = 300, tol: 
     return out
 
 
-def canica_torch(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, max_iter: int = 300,
-                 tol: float = 1e-4, device: str = "cpu", keep_maps: bool = False) -> ICAResult:
+def canica_torch(
+    x: np.ndarray | torch.Tensor,
+    k: int,
+    seed: int = 0,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    keep_maps: bool = False,
+) -> ICAResult:
     return canica_torch_layers([x], k, [seed], max_iter, tol, device, keep_maps)[0]
 
 
-def canica_exact(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, max_iter: int = 300,
-                 tol: float = 1e-4, keep_maps: bool = False) -> ICAResult:
+def canica_exact(
+    x: np.ndarray | torch.Tensor, k: int, seed: int = 0, max_iter: int = 300, tol: float = 1e-4, keep_maps: bool = False
+) -> ICAResult:
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
     t0 = time.time()
     xz = zscore_columns(torch.as_tensor(x, dtype=torch.float32)).numpy()
-    _, _, vt = np.linalg.svd(xz, full_matrices=False)           # full float32 SVD
-    ica = FastICA(n_components=k, algorithm="parallel", whiten="unit-variance", fun="cube",
-                  tol=tol, max_iter=max_iter, whiten_solver="svd", random_state=seed)
+    _, _, vt = np.linalg.svd(xz, full_matrices=False)  # full float32 SVD
+    ica = FastICA(
+        n_components=k,
+        algorithm="parallel",
+        whiten="unit-variance",
+        fun="cube",
+        tol=tol,
+        max_iter=max_iter,
+        whiten_solver="svd",
+        random_state=seed,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         sources = ica.fit_transform(vt[:k].T.astype(np.float64)).T
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     scores, maps = _finish(sources, keep_maps)
-    return ICAResult(scores, converged, int(ica.n_iter_), maps,
-                     {"subspace": "full-svd", "wall_s": time.time() - t0})
+    return ICAResult(scores, converged, int(ica.n_iter_), maps, {"subspace": "full-svd", "wall_s": time.time() - t0})
 
 
-def canica_nilearn(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, keep_maps: bool = False
-                   ) -> ICAResult:
+def canica_nilearn(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, keep_maps: bool = False) -> ICAResult:
     import nibabel as nib
     from nilearn.decomposition import CanICA
     from sklearn.exceptions import ConvergenceWarning
@@ -298,9 +316,17 @@ def canica_nilearn(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, keep_map
     t, n = x.shape
     img = nib.Nifti1Image(np.ascontiguousarray(x.T).reshape(n, 1, 1, t), affine=np.eye(4))
     mask = nib.Nifti1Image(np.ones((n, 1, 1), dtype=np.int8), affine=np.eye(4))
-    canica = CanICA(mask=mask, n_components=k, smoothing_fwhm=None, threshold=None,
-                    detrend=False, standardize="zscore_sample", n_init=1, random_state=seed,
-                    verbose=0)
+    canica = CanICA(
+        mask=mask,
+        n_components=k,
+        smoothing_fwhm=None,
+        threshold=None,
+        detrend=False,
+        standardize="zscore_sample",
+        n_init=1,
+        random_state=seed,
+        verbose=0,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         canica.fit(img)
@@ -316,8 +342,16 @@ def _check_k(x, k: int) -> None:
         raise ValueError(f"components k={k} must be between 1 and min(tokens, signals) = min({t}, {n})")
 
 
-def canica(x, k: int, backend: str = "torch", seed: int = 0, max_iter: int = 300, tol: float = 1e-4,
-           device: str = "cpu", keep_maps: bool = False) -> ICAResult:
+def canica(
+    x,
+    k: int,
+    backend: str = "torch",
+    seed: int = 0,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    keep_maps: bool = False,
+) -> ICAResult:
     """Decompose one (tokens x signals) matrix with the chosen backend."""
     _check_k(x, k)
     if backend == "torch":
@@ -329,14 +363,16 @@ def canica(x, k: int, backend: str = "torch", seed: int = 0, max_iter: int = 300
     raise ValueError(f"ica backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
-def canica_runs(x, k: int, backend: str, seeds: list[int], max_iter: int = 300, tol: float = 1e-4,
-                device: str = "cpu") -> list[ICAResult]:
+def canica_runs(
+    x, k: int, backend: str, seeds: list[int], max_iter: int = 300, tol: float = 1e-4, device: str = "cpu"
+) -> list[ICAResult]:
     """``len(seeds)`` CanICA runs of one matrix with their maps. The torch backend computes the
     subspace once (it does not depend on the FastICA start) and iterates every run's FastICA as
     one batched problem; the other backends run one after another."""
     if backend != "torch":
-        return [canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, keep_maps=True)
-                for sd in seeds]
+        return [
+            canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, keep_maps=True) for sd in seeds
+        ]
     _check_k(x, k)
     t0 = time.time()
     v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seeds[0])
@@ -350,8 +386,9 @@ def canica_runs(x, k: int, backend: str, seeds: list[int], max_iter: int = 300, 
     return out
 
 
-def consensus_scores(runs: list[ICAResult], min_runs: int | None = None, min_similarity: float = 0.5
-                     ) -> tuple[np.ndarray, dict]:
+def consensus_scores(
+    runs: list[ICAResult], min_runs: int | None = None, min_similarity: float = 0.5
+) -> tuple[np.ndarray, dict]:
     """Scores from the networks that recur across FastICA runs (ICASSO-style consensus).
 
     The ``R x k`` maps of all runs are clustered by average-linkage agglomeration on
@@ -377,8 +414,7 @@ def consensus_scores(runs: list[ICAResult], min_runs: int | None = None, min_sim
     sim = np.clip(np.abs(maps @ maps.T) / maps.shape[1], 0.0, 1.0)
     dist = 1.0 - sim
     np.fill_diagonal(dist, 0.0)
-    labels = fcluster(linkage(squareform(dist, checks=False), "average"), t=1.0 - min_similarity,
-                      criterion="distance")
+    labels = fcluster(linkage(squareform(dist, checks=False), "average"), t=1.0 - min_similarity, criterion="distance")
     need = min_runs if min_runs is not None else -(-n_runs // 2)
     clusters = []
     for c in np.unique(labels):
@@ -391,6 +427,10 @@ def consensus_scores(runs: list[ICAResult], min_runs: int | None = None, min_sim
         clusters.append((recurs, len(set(run_of[idx].tolist())), float(iq), int(idx[np.argmax(inside.sum(1))])))
     kept = [c for c in clusters if c[0]] or [max(clusters, key=lambda c: (c[1], c[2]))]
     scores = np.abs(maps[[c[3] for c in kept]]).max(0).astype(np.float32)
-    info = {"clusters": len(clusters), "recurring": len(kept), "min_runs": need,
-            "quality_index": float(np.mean([c[2] for c in kept]))}
+    info = {
+        "clusters": len(clusters),
+        "recurring": len(kept),
+        "min_runs": need,
+        "quality_index": float(np.mean([c[2] for c in kept])),
+    }
     return scores, info

@@ -15,8 +15,9 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -152,8 +153,17 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for name in ("fnprune", "torch", "transformers", "tokenizers", "numpy", "scikit-learn",
-                 "nilearn", "lm_eval", "snakemake"):
+    for name in (
+        "fnprune",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "numpy",
+        "scikit-learn",
+        "nilearn",
+        "lm_eval",
+        "snakemake",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -167,6 +177,7 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="w"))
-    logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.captureWarnings(True)

@@ -28,18 +28,28 @@ def open_gguf(path: str | Path, n_ctx: int, n_threads: int = 2, logits_all: bool
     try:
         import llama_cpp
     except ImportError:
-        raise ImportError("llama-cpp-python is not installed: `make llamacpp` builds it from source "
-                          "(about 10 minutes on 2 cores) into the virtual environment") from None
+        raise ImportError(
+            "llama-cpp-python is not installed: `make llamacpp` builds it from source "
+            "(about 10 minutes on 2 cores) into the virtual environment"
+        ) from None
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                           logits_all=logits_all, n_gpu_layers=0, verbose=False, **cache)
+    return llama_cpp.Llama(
+        str(path),
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        logits_all=logits_all,
+        n_gpu_layers=0,
+        verbose=False,
+        **cache,
+    )
 
 
 def llamacpp_logprobs(llm, ids: list[int]) -> np.ndarray:
     """Log-probabilities of ``ids[1:]`` given their prefixes, from llama.cpp (one evaluation)."""
     llm.reset()
     llm.eval(ids)
-    scores = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    scores = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     return _log_softmax(scores)[np.arange(len(ids) - 1), ids[1:]]
 
 
@@ -60,8 +70,13 @@ def agreement(gguf_path: str | Path, model, windows: list[list[int]], n_threads:
         llm.close()
     b = np.concatenate([torch_logprobs(model, w) for w in windows])
     ppl_l, ppl_t = float(np.exp(-a.mean())), float(np.exp(-b.mean()))
-    return {"tokens": int(a.size), "max_abs_logprob_diff": float(np.abs(a - b).max()),
-            "ppl_llamacpp": ppl_l, "ppl_torch": ppl_t, "ppl_rel_diff": abs(ppl_l - ppl_t) / ppl_t}
+    return {
+        "tokens": int(a.size),
+        "max_abs_logprob_diff": float(np.abs(a - b).max()),
+        "ppl_llamacpp": ppl_l,
+        "ppl_torch": ppl_t,
+        "ppl_rel_diff": abs(ppl_l - ppl_t) / ppl_t,
+    }
 
 
 def speed(gguf_path: str | Path, prompt: list[int], n_generate: int, n_threads: int = 2) -> dict:

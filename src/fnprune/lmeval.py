@@ -70,14 +70,19 @@ def _unavailable(name: str, err: Exception) -> TaskUnavailableError:
     import datasets
 
     offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
-    how = (f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set, so only the local "
-           f"datasets cache ({datasets.config.HF_DATASETS_CACHE}) is used. " if offline else "")
+    how = (
+        f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set, so only the local "
+        f"datasets cache ({datasets.config.HF_DATASETS_CACHE}) is used. "
+        if offline
+        else ""
+    )
     return TaskUnavailableError(
         f"lm-eval task {name!r} is unavailable: its dataset could not be loaded "
         f"({type(err).__name__}: {err}). {how}To make it available, run once with the Hugging Face "
         f"hub reachable (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0) to fill the datasets cache, or copy "
         f"a filled cache to HF_HOME on this machine; or drop {name!r} from the task list "
-        f"(the embedded tasks {MC_TASK} and {PPL_TASK} need no network).")
+        f"(the embedded tasks {MC_TASK} and {PPL_TASK} need no network)."
+    )
 
 
 def _load_tasks(manager, names: Sequence[str]) -> list:
@@ -143,8 +148,10 @@ def summarise(raw: dict, expected: Iterable[str]) -> dict:
         "mean_acc": float(np.mean([tasks[t]["acc"]["value"] for t in acc_tasks])) if acc_tasks else None,
         "mean_acc_tasks": acc_tasks,
         "n_samples": {t: n.get("effective") for t, n in raw.get("n-samples", {}).items()},
-        "versions": {"lm_eval": metadata.version("lm_eval"),
-                     "tasks": {t: _jsonable(v) for t, v in raw.get("versions", {}).items()}},
+        "versions": {
+            "lm_eval": metadata.version("lm_eval"),
+            "tasks": {t: _jsonable(v) for t, v in raw.get("versions", {}).items()},
+        },
     }
 
 
@@ -182,32 +189,52 @@ def _scoring_lm_class():
                     if per < len(requests):
                         out = []
                         for i in range(0, len(requests), per):
-                            out += super()._loglikelihood_tokens(requests[i:i + per], disable_tqdm=True,
-                                                                 override_bs=per)
+                            out += super()._loglikelihood_tokens(
+                                requests[i : i + per], disable_tqdm=True, override_bs=per
+                            )
                         return out
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             finally:
                 self._max_cont = None
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            if (attn_mask is not None or labels is not None or self._max_cont is None
-                    or "logits_to_keep" not in _inspect.signature(self.model.forward).parameters):
+            if (
+                attn_mask is not None
+                or labels is not None
+                or self._max_cont is None
+                or "logits_to_keep" not in _inspect.signature(self.model.forward).parameters
+            ):
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             width = inps.shape[1]
             real = inps != 0  # lm-eval right-pads with 0; a real trailing 0 only widens the window
             lengths = torch.where(real.any(1), width - real.flip(1).int().argmax(1), 0)
             keep = int(min(width, width - int(lengths.min()) + self._max_cont))
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                                 enabled=self.mixed_precision_dtype is not None):
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    device_type=self.device.type,
+                    dtype=self.mixed_precision_dtype,
+                    enabled=self.mixed_precision_dtype is not None,
+                ),
+            ):
                 return self.model(inps, logits_to_keep=keep).logits
 
     return ContinuationLogitsHFLM
 
 
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, batch_size: int | str = "auto",
-                limit: int | float | None = None, include_path: str | Path | None = None,
-                raw_out: str | Path | None = None, device: str | None = None,
-                max_batch_size: int | None = None, max_length: int | None = None) -> dict:
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    num_fewshot: int = 0,
+    batch_size: int | str = "auto",
+    limit: int | float | None = None,
+    include_path: str | Path | None = None,
+    raw_out: str | Path | None = None,
+    device: str | None = None,
+    max_batch_size: int | None = None,
+    max_length: int | None = None,
+) -> dict:
     """Evaluate a model object on lm-eval tasks; write lm-eval's raw results to ``raw_out``.
 
     Every task is loaded before the model is touched; one that cannot be raises
@@ -232,24 +259,49 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, ba
     if batch_size == "auto" and model.device.type != "cuda":
         # lm-eval's probe runs full-length batches until one fits: minutes on CPU, where memory is no limit.
         batch_size = max_batch_size
-    model_max = next((getattr(model.config, a) for a in ("max_position_embeddings", "seq_length", "n_positions")
-                      if isinstance(getattr(model.config, a, None), int)), None)
+    model_max = next(
+        (
+            getattr(model.config, a)
+            for a in ("max_position_embeddings", "seq_length", "n_positions")
+            if isinstance(getattr(model.config, a, None), int)
+        ),
+        None,
+    )
     if max_length is not None and model_max is not None:
         max_length = min(max_length, model_max)
-    lm = _scoring_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
-              max_length=max_length)
-    raw = simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
-                          task_manager=manager, log_samples=False, device=str(model.device))
+    lm = _scoring_lm_class()(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        max_batch_size=max_batch_size,
+        max_length=max_length,
+    )
+    raw = simple_evaluate(
+        model=lm,
+        tasks=loaded,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        device=str(model.device),
+    )
     if raw is None:
         raise RuntimeError("lm-eval returned no results (not the main process)")
     raw = _jsonable(raw)
     if raw_out is not None:
         write_json(raw_out, raw)
     out = summarise(raw, _leaf_names(loaded))
-    out["config"] = {"num_fewshot": num_fewshot, "batch_size": batch_size, "batch_size_requested": requested,
-                     "batch_sizes": raw.get("config", {}).get("batch_sizes", []),
-                     "max_batch_size": max_batch_size, "max_length": lm.max_length, "limit": limit,
-                     "device": str(model.device)}
+    out["config"] = {
+        "num_fewshot": num_fewshot,
+        "batch_size": batch_size,
+        "batch_size_requested": requested,
+        "batch_sizes": raw.get("config", {}).get("batch_sizes", []),
+        "max_batch_size": max_batch_size,
+        "max_length": lm.max_length,
+        "limit": limit,
+        "device": str(model.device),
+    }
     out["wall_s"] = time.time() - t0
     log.info("lm-eval %s: mean acc %s in %.0f s", ", ".join(names), out["mean_acc"], out["wall_s"])
     return out

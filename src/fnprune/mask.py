@@ -60,16 +60,23 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
     if best is None:
         raise ValueError("no ICA score files to build a mask from")
     if not voted.all():
-        raise ValueError(f"layers {np.flatnonzero(~voted).tolist()}: FastICA was skipped in every batch "
-                         f"(ica.on_nonconvergence: skip); raise ica.max_iter or use retry/keep")
+        raise ValueError(
+            f"layers {np.flatnonzero(~voted).tolist()}: FastICA was skipped in every batch "
+            f"(ica.on_nonconvergence: skip); raise ica.max_iter or use retry/keep"
+        )
     n_skipped = sum(len(x) for x in skipped)
-    info = {"batches_used": list(range(len(score_files))), "converged": converged, "n_iter": n_iter,
-            "skipped_layers_per_batch": skipped, "ica_wall_s": wall,
-            # the shard pass of the batches used (recorded by the ICA jobs; None when a score file predates it)
-            "tokens": sum(tokens) if min(tokens) >= 0 else None,
-            "extract_wall_s": sum(ext_wall) if np.isfinite(ext_wall).all() else None,
-            "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float))),
-            "complete": n_skipped == 0}
+    info = {
+        "batches_used": list(range(len(score_files))),
+        "converged": converged,
+        "n_iter": n_iter,
+        "skipped_layers_per_batch": skipped,
+        "ica_wall_s": wall,
+        # the shard pass of the batches used (recorded by the ICA jobs; None when a score file predates it)
+        "tokens": sum(tokens) if min(tokens) >= 0 else None,
+        "extract_wall_s": sum(ext_wall) if np.isfinite(ext_wall).all() else None,
+        "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float))),
+        "complete": n_skipped == 0,
+    }
     return list(best), info
 
 
@@ -82,17 +89,20 @@ def n_to_drop(ratio: float, block_params: int, neuron_params: int) -> int:
 
 def prunable_layers(n_layers: int, protect_first: int, protect_last: int) -> list[bool]:
     if protect_first + protect_last >= n_layers:
-        raise ValueError(f"protect_first={protect_first} + protect_last={protect_last} leaves no "
-                         f"prunable layer of {n_layers}")
+        raise ValueError(
+            f"protect_first={protect_first} + protect_last={protect_last} leaves no prunable layer of {n_layers}"
+        )
     return [protect_first <= i < n_layers - protect_last for i in range(n_layers)]
 
 
 def _check_reachable(n_drop: int, sizes: list[int], prunable: list[bool], min_keep: int, ratio: float) -> None:
     available = sum(s - min_keep for s, p in zip(sizes, prunable) if p)
     if n_drop > available:
-        raise ValueError(f"ratio {ratio} needs {n_drop} MLP neurons removed but the prunable layers "
-                         f"hold only {available} removable ones (min_keep_per_layer={min_keep}); lower "
-                         f"the ratio or protect fewer layers (protect_first / protect_last)")
+        raise ValueError(
+            f"ratio {ratio} needs {n_drop} MLP neurons removed but the prunable layers "
+            f"hold only {available} removable ones (min_keep_per_layer={min_keep}); lower "
+            f"the ratio or protect fewer layers (protect_first / protect_last)"
+        )
 
 
 def threshold_between(ascending: np.ndarray, n_drop: int) -> float:
@@ -105,8 +115,9 @@ def threshold_between(ascending: np.ndarray, n_drop: int) -> float:
     return lo if np.isfinite(lo) else hi
 
 
-def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float,
-                  min_keep: int = 1) -> tuple[list[np.ndarray], float]:
+def select_global(
+    scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float, min_keep: int = 1
+) -> tuple[list[np.ndarray], float]:
     """Drop the ``n_drop`` lowest-scoring neurons over all prunable layers (one threshold ``T``).
 
     Returns the kept indices per layer and ``T``: every kept prunable neuron scores above it,
@@ -126,8 +137,10 @@ def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, r
         cand_score.append(s[rest])
     cl, ci, cs = map(np.concatenate, (cand_layer, cand_idx, cand_score))
     if n_drop > np.isfinite(cs).sum():
-        raise ValueError(f"ratio {ratio} needs {n_drop} MLP neurons removed but only {int(np.isfinite(cs).sum())} "
-                         f"are removable (layers kept whole for constant activations are not)")
+        raise ValueError(
+            f"ratio {ratio} needs {n_drop} MLP neurons removed but only {int(np.isfinite(cs).sum())} "
+            f"are removable (layers kept whole for constant activations are not)"
+        )
     order = np.argsort(cs, kind="stable")
     drop = order[:n_drop]
     dropped = [set() for _ in scores]
@@ -137,8 +150,9 @@ def select_global(scores: list[np.ndarray], prunable: list[bool], n_drop: int, r
     return kept, threshold_between(cs[order], n_drop)
 
 
-def select_uniform(scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float,
-                   min_keep: int = 1) -> list[np.ndarray]:
+def select_uniform(
+    scores: list[np.ndarray], prunable: list[bool], n_drop: int, ratio: float, min_keep: int = 1
+) -> list[np.ndarray]:
     """Drop the same number of lowest-scoring neurons from every prunable layer."""
     sizes = [len(s) for s in scores]
     _check_reachable(n_drop, sizes, prunable, min_keep, ratio)
@@ -147,8 +161,10 @@ def select_uniform(scores: list[np.ndarray], prunable: list[bool], n_drop: int, 
     kept = [np.arange(n, dtype=np.int64) for n in sizes]
     for layer, d in zip(layers, per):
         if d > sizes[layer] - min_keep:
-            raise ValueError(f"layer {layer}: uniform pruning would leave fewer than "
-                             f"min_keep_per_layer={min_keep} neurons; lower the ratio")
+            raise ValueError(
+                f"layer {layer}: uniform pruning would leave fewer than "
+                f"min_keep_per_layer={min_keep} neurons; lower the ratio"
+            )
         order = np.argsort(scores[layer], kind="stable")
         kept[layer] = np.sort(order[d:])
     return kept
@@ -184,8 +200,9 @@ def hybrid_scores(network: list[np.ndarray], fluctuation: list[np.ndarray]) -> l
     return [a + b for a, b in zip(standardise_layers(network), standardise_layers(logf))]
 
 
-def importance_budgets(importance: list[float], sizes: list[int], prunable: list[bool], n_drop: int,
-                       min_keep: int = 1) -> list[int]:
+def importance_budgets(
+    importance: list[float], sizes: list[int], prunable: list[bool], n_drop: int, min_keep: int = 1
+) -> list[int]:
     """Neurons to drop per layer, inversely to layer importance, summing to ``n_drop``.
 
     Layer ``l``'s share is proportional to ``size_l / importance_l`` (a layer half as important
@@ -198,8 +215,10 @@ def importance_budgets(importance: list[float], sizes: list[int], prunable: list
         raise ValueError(f"layer importances must be finite and positive, got {imp.tolist()}")
     cap = np.array([sizes[i] - min_keep for i in layers], dtype=np.float64)
     if n_drop > cap.sum():
-        raise ValueError(f"{n_drop} neurons to drop but the prunable layers hold only {int(cap.sum())} "
-                         f"removable ones (min_keep_per_layer={min_keep})")
+        raise ValueError(
+            f"{n_drop} neurons to drop but the prunable layers hold only {int(cap.sum())} "
+            f"removable ones (min_keep_per_layer={min_keep})"
+        )
     weight = np.array([sizes[i] for i in layers]) / imp
     share = np.zeros(len(layers))
     free = np.ones(len(layers), dtype=bool)
@@ -228,8 +247,9 @@ def select_budgets(scores: list[np.ndarray], drops: list[int]) -> list[np.ndarra
     return [np.sort(np.argsort(np.asarray(s), kind="stable")[d:]).astype(np.int64) for s, d in zip(scores, drops)]
 
 
-def round_kept(kept: list[np.ndarray], scores: list[np.ndarray], prunable: list[bool], multiple: int
-               ) -> list[np.ndarray]:
+def round_kept(
+    kept: list[np.ndarray], scores: list[np.ndarray], prunable: list[bool], multiple: int
+) -> list[np.ndarray]:
     """Round each prunable layer's kept count to a multiple of ``multiple`` (GEMM-friendly widths).
 
     Every count goes down to a multiple (at least ``multiple``), then layers with the largest
@@ -258,16 +278,47 @@ def round_kept(kept: list[np.ndarray], scores: list[np.ndarray], prunable: list[
 
 
 # Every mask record holds these (ICA and baseline masks alike); :func:`read_mask` checks them.
-MASK_KEYS = ("method", "kind", "ratio_requested", "prunable", "n_drop", "min_keep", "selection", "multiple",
-             "threshold", "intermediate_sizes", "kept_counts", "removed_block_params",
-             "block_params", "neuron_params", "achieved_block_ratio", "achieved_total_ratio", "kept")
+MASK_KEYS = (
+    "method",
+    "kind",
+    "ratio_requested",
+    "prunable",
+    "n_drop",
+    "min_keep",
+    "selection",
+    "multiple",
+    "threshold",
+    "intermediate_sizes",
+    "kept_counts",
+    "removed_block_params",
+    "block_params",
+    "neuron_params",
+    "achieved_block_ratio",
+    "achieved_total_ratio",
+    "kept",
+)
 MASK_KINDS = ("ica", "baseline")
 
 
-def mask_record(kept: list[np.ndarray], sizes: list[int], block_params: int, total_params: int, neuron_params: int,
-                *, method: str, kind: str, ratio_requested: float, prunable: list[bool], n_drop: int, min_keep: int,
-                selection: str, threshold: float | None = None, multiple: int | None = None,
-                removed_other_params: int = 0, **extra) -> dict:
+def mask_record(
+    kept: list[np.ndarray],
+    sizes: list[int],
+    block_params: int,
+    total_params: int,
+    neuron_params: int,
+    *,
+    method: str,
+    kind: str,
+    ratio_requested: float,
+    prunable: list[bool],
+    n_drop: int,
+    min_keep: int,
+    selection: str,
+    threshold: float | None = None,
+    multiple: int | None = None,
+    removed_other_params: int = 0,
+    **extra,
+) -> dict:
     """The one mask record (written as JSON; pruning, metrics and reports read it): kept indices,
     counts and achieved ratios (block and whole model), and how the mask was chosen.
 
@@ -281,9 +332,16 @@ def mask_record(kept: list[np.ndarray], sizes: list[int], block_params: int, tot
         raise ValueError(f"mask kind {kind!r}: expected one of {MASK_KINDS}")
     removed = sum(n - len(k) for n, k in zip(sizes, kept)) * neuron_params + removed_other_params
     return {
-        "method": method, "kind": kind, "ratio_requested": ratio_requested, "prunable": [bool(p) for p in prunable],
-        "n_drop": int(n_drop), "min_keep": int(min_keep), "selection": selection, "multiple": multiple,
-        "threshold": threshold, **extra,
+        "method": method,
+        "kind": kind,
+        "ratio_requested": ratio_requested,
+        "prunable": [bool(p) for p in prunable],
+        "n_drop": int(n_drop),
+        "min_keep": int(min_keep),
+        "selection": selection,
+        "multiple": multiple,
+        "threshold": threshold,
+        **extra,
         "intermediate_sizes": list(sizes),
         "kept_counts": [len(k) for k in kept],
         "removed_block_params": int(removed),
@@ -301,8 +359,10 @@ def read_mask(path: str | Path) -> dict:
     rec = read_json(path)
     missing = [k for k in MASK_KEYS if k not in rec] if isinstance(rec, dict) else list(MASK_KEYS)
     if missing:
-        raise ValueError(f"{path}: not a mask record of this fnprune (missing {', '.join(missing)}); "
-                         f"delete it and rerun its mask job")
+        raise ValueError(
+            f"{path}: not a mask record of this fnprune (missing {', '.join(missing)}); "
+            f"delete it and rerun its mask job"
+        )
     return rec
 
 
@@ -323,8 +383,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / size) if size else 1.0
 
 
-def select(scores: list[np.ndarray], selection: str, prunable: list[bool], n_drop: int, ratio: float,
-           min_keep: int = 1, fluctuation: list[np.ndarray] | None = None, multiple: int | None = None) -> dict:
+def select(
+    scores: list[np.ndarray],
+    selection: str,
+    prunable: list[bool],
+    n_drop: int,
+    ratio: float,
+    min_keep: int = 1,
+    fluctuation: list[np.ndarray] | None = None,
+    multiple: int | None = None,
+) -> dict:
     """Kept neurons of one selection rule (``fnprune.config.SELECTIONS``) and what it decided.
 
     ``global``: one threshold over the prunable layers; ``zglobal``: the same over per-layer
@@ -344,8 +412,9 @@ def select(scores: list[np.ndarray], selection: str, prunable: list[bool], n_dro
         if fluctuation is None:
             raise ValueError("selection 'imp' needs the fluctuation of every layer (calibration statistics)")
         importance = [float(np.mean(f)) for f in fluctuation]
-        kept = select_budgets(scores, importance_budgets(importance, [len(s) for s in scores], prunable, n_drop,
-                                                         min_keep))
+        kept = select_budgets(
+            scores, importance_budgets(importance, [len(s) for s in scores], prunable, n_drop, min_keep)
+        )
     else:
         raise ValueError(f"mask selection {selection!r}: expected global, zglobal, uniform or imp")
     if multiple:

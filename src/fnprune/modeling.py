@@ -53,22 +53,30 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer of {source} has neither a pad nor an eos token; "
-                             f"fnprune needs one to batch calibration texts")
+            raise ValueError(
+                f"tokenizer of {source} has neither a pad nor an eos token; "
+                f"fnprune needs one to batch calibration texts"
+            )
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_base(source: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False):
+def load_base(
+    source: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
     """A base (dense) model from a local directory or a hub id, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     if Path(source).exists() and Path(source, SIDECAR).exists():
         return load_pruned(source, dtype=dtype, device=device)
     load_config(source, revision, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype(dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
     return model.to(resolve_device(device)).eval()
 
 
@@ -90,8 +98,9 @@ def shape_info(config, trust_remote_code: bool = False) -> dict:
     }
 
 
-def apply_mask(model, mask: dict, down_mean: np.ndarray | list | None = None,
-               o_mean: np.ndarray | list | None = None) -> None:
+def apply_mask(
+    model, mask: dict, down_mean: np.ndarray | list | None = None, o_mean: np.ndarray | list | None = None
+) -> None:
     """Physically remove the MLP neurons (and attention heads) that ``mask`` drops, in place.
 
     With ``down_mean`` (per layer, the calibration mean of each ``down_proj`` input), the
@@ -103,6 +112,7 @@ def apply_mask(model, mask: dict, down_mean: np.ndarray | list | None = None,
     heads = mask.get("kept_heads")
     if heads is not None:
         from .heads import head_geometry
+
         head_geometry(model)  # fails now, before any change, on attention it cannot prune
     for layer, (block, keep) in enumerate(zip(A.layers(model, ad), mask["kept"])):
         keep_t = torch.as_tensor(keep, dtype=torch.long)
@@ -117,6 +127,7 @@ def apply_mask(model, mask: dict, down_mean: np.ndarray | list | None = None,
             A.prune_mlp(block, ad, keep_t, bias)
     if heads is not None:
         from .heads import prune_heads
+
         prune_heads(model, heads, o_mean=o_mean)
 
 
@@ -129,6 +140,7 @@ def layout_of(model) -> dict:
         "down_bias": [A.mlp_linears(b, ad)["down"].bias is not None for b in blocks],
     }
     from .heads import heads_layout
+
     out.update(heads_layout(model))
     return out
 
@@ -169,6 +181,7 @@ def load_pruned(path: str | Path, dtype: str | None = None, device: str = "auto"
     for block, size, bias in zip(A.layers(model, ad), lay["intermediate_sizes"], lay["down_bias"]):
         A.resize_mlp(block, ad, size, bias)
     from .heads import resize_heads
+
     resize_heads(model, lay)
     files = sorted(path.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
@@ -180,8 +193,9 @@ def load_pruned(path: str | Path, dtype: str | None = None, device: str = "auto"
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the sidecar's layout "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{path}: weights do not match the sidecar's layout (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
     _materialise_buffers(model, cfg)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from .config import ICA_METHOD, head_pruning_problems, method_name, method_problems, parse_method, raise_problems
 from .io import load_npz, read_json, write_json, write_text
 from .mask import dice, kept_vector, neuron_scores, read_mask, select_global
-
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,19 @@ class FigureSpec:
 FIGURES = (
     FigureSpec("components", "Number of ICA components", "number of components", "Ablations", from_metrics=True),
     FigureSpec("calibration", "Calibration size", "calibration size", "Ablations", from_metrics=True),
-    FigureSpec("threshold", "Threshold T and achieved pruning ratio", "threshold vs ratio", "Ablations",
-               from_metrics=True, needs_k=True),
+    FigureSpec(
+        "threshold",
+        "Threshold T and achieved pruning ratio",
+        "threshold vs ratio",
+        "Ablations",
+        from_metrics=True,
+        needs_k=True,
+    ),
     FigureSpec("kept_per_layer", "Kept neurons per layer", "kept neurons per layer", "Masks", from_metrics=True),
     FigureSpec("overlap", "Mask overlap between methods", "mask overlap", "Masks"),
-    FigureSpec("stability", "Stability of the ICA mask across calibration batches", "mask stability across batches",
-               "Masks"),
+    FigureSpec(
+        "stability", "Stability of the ICA mask across calibration batches", "mask stability across batches", "Masks"
+    ),
     FigureSpec("seeds", "Network stability: FastICA seeds vs calibration data", "seeds vs data", "Masks"),
 )
 FIGURE = {f.name: f for f in FIGURES}
@@ -100,16 +107,19 @@ def _runs(g: dict, model: str, method: str) -> bool:
 def main_targets(config: dict, grid: str) -> list[Target]:
     """Dense and every ratio x method of every model of the grid (less its exclusions)."""
     g = grid_spec(config, grid)
-    return [t for m in g["models"]
-            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["methods"]
-                                    if _runs(g, m, meth)]]
+    return [
+        t
+        for m in g["models"]
+        for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["methods"] if _runs(g, m, meth)]
+    ]
 
 
 def component_targets(config: dict, grid: str, model: str) -> list[Target]:
     """Dense and the ablation method at every ratio and number of components (all batches)."""
     g = grid_spec(config, grid)
-    return [_dense(model)] + [Target(model, r, variant(g["ablation_method"], k=k))
-                              for r in g["ratios"] for k in g["components"]]
+    return [_dense(model)] + [
+        Target(model, r, variant(g["ablation_method"], k=k)) for r in g["ratios"] for k in g["components"]
+    ]
 
 
 def calibration_targets(config: dict, grid: str, model: str) -> list[Target]:
@@ -119,8 +129,11 @@ def calibration_targets(config: dict, grid: str, model: str) -> list[Target]:
     """
     g = grid_spec(config, grid)
     n_all = config["models"][model]["calibration"]["n_batches"]
-    return [_dense(model)] + [Target(model, r, variant(g["ablation_method"], batches=n if n < n_all else None))
-                              for r in g["ratios"] for n in g["calibration_batches"]]
+    return [_dense(model)] + [
+        Target(model, r, variant(g["ablation_method"], batches=n if n < n_all else None))
+        for r in g["ratios"]
+        for n in g["calibration_batches"]
+    ]
 
 
 def threshold_targets(config: dict, grid: str, model: str) -> list[Target]:
@@ -137,14 +150,19 @@ def kept_targets(config: dict, grid: str, model: str) -> list[Target]:
 
 def ablation_targets(config: dict, grid: str) -> list[Target]:
     g = grid_spec(config, grid)
-    return _unique([t for m in g["models"]
-                    for t in component_targets(config, grid, m) + calibration_targets(config, grid, m)])
+    return _unique(
+        [t for m in g["models"] for t in component_targets(config, grid, m) + calibration_targets(config, grid, m)]
+    )
 
 
 def figure_targets(config: dict, grid: str, model: str, figure: str) -> list[Target]:
     """The targets whose metrics one figure of ``model`` reads (``figure`` in METRIC_FIGURES)."""
-    parts = {"components": component_targets, "calibration": calibration_targets,
-             "threshold": threshold_targets, "kept_per_layer": kept_targets}
+    parts = {
+        "components": component_targets,
+        "calibration": calibration_targets,
+        "threshold": threshold_targets,
+        "kept_per_layer": kept_targets,
+    }
     return parts[figure](config, grid, model)
 
 
@@ -180,9 +198,12 @@ def figures_of(config: dict, grid: str) -> tuple[str, ...]:
 def study_targets(config: dict, grid: str, study: str) -> list[Target]:
     """Dense and every method of one of the grid's studies at every ratio, for every model."""
     g = grid_spec(config, grid)
-    return [t for m in g["models"]
-            for t in [_dense(m)] + [Target(m, r, meth) for r in g["ratios"] for meth in g["studies"][study]
-                                    if _runs(g, m, meth)]]
+    return [
+        t
+        for m in g["models"]
+        for t in [_dense(m)]
+        + [Target(m, r, meth) for r in g["ratios"] for meth in g["studies"][study] if _runs(g, m, meth)]
+    ]
 
 
 def seeds_ica_dirs(config: dict, grid: str) -> tuple[str, list[str]]:
@@ -208,21 +229,30 @@ def check_grids(config: dict) -> None:
         for meth in set(g["methods"]).union(*g.get("studies", {}).values()):
             for m in g["models"]:
                 if _runs(g, m, meth):
-                    problems += [f"{key}.methods: {e} (or list it under {key}.exclude.{m})"
-                                 for e in head_pruning_problems(config, [m], meth)]
-        problems += [f"{key}.exclude: {m!r} is not a model of the grid" for m in g.get("exclude", {})
-                     if m not in g["models"]]
+                    problems += [
+                        f"{key}.methods: {e} (or list it under {key}.exclude.{m})"
+                        for e in head_pruning_problems(config, [m], meth)
+                    ]
+        problems += [
+            f"{key}.exclude: {m!r} is not a model of the grid" for m in g.get("exclude", {}) if m not in g["models"]
+        ]
         for study, methods in g.get("studies", {}).items():
             problems += method_problems(methods, f"{key}.studies.{study}")
-        if stability_seeds(config, name) and ICA_METHOD.fullmatch(g["ablation_method"]) and \
-                ICA_METHOD.fullmatch(g["ablation_method"])["seed"] is not None:
+        if (
+            stability_seeds(config, name)
+            and ICA_METHOD.fullmatch(g["ablation_method"])
+            and ICA_METHOD.fullmatch(g["ablation_method"])["seed"] is not None
+        ):
             problems.append(f"{key}.stability_seeds: the ablation method {g['ablation_method']!r} fixes its own seed")
         if g["focus_ratio"] not in g["ratios"]:
             problems.append(f"{key}.focus_ratio: {g['focus_ratio']} is not one of ratios {g['ratios']}")
         for m in (m for m in g["models"] if m in config["models"]):
             n_all = config["models"][m]["calibration"]["n_batches"]
-            problems += [f"{key}.calibration_batches: {n} exceeds models.{m}.calibration.n_batches ({n_all})"
-                         for n in g["calibration_batches"] if n > n_all]
+            problems += [
+                f"{key}.calibration_batches: {n} exceeds models.{m}.calibration.n_batches ({n_all})"
+                for n in g["calibration_batches"]
+                if n > n_all
+            ]
     raise_problems(problems)
 
 
@@ -263,8 +293,9 @@ def _dice(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return dice(np.concatenate(a), np.concatenate(b))
 
 
-def seed_stability(mask: dict, batch_scores: Sequence[np.ndarray], seed_scores: Sequence[np.ndarray],
-                   seeds: Sequence[int]) -> dict:
+def seed_stability(
+    mask: dict, batch_scores: Sequence[np.ndarray], seed_scores: Sequence[np.ndarray], seeds: Sequence[int]
+) -> dict:
     """How much of the mask is the calibration data and how much the FastICA start.
 
     Every kept set is thresholded at the mask's ratio (same neuron count, one global threshold).
@@ -282,29 +313,48 @@ def seed_stability(mask: dict, batch_scores: Sequence[np.ndarray], seed_scores: 
         unions.append(union)
     final = _kept_vectors(unions[-1], mask, layers)
     n_all = len(per_batch)
-    ns = sorted({n for n in (2 ** i for i in range(n_all.bit_length())) if n <= n_all} | {n_all})
+    ns = sorted({n for n in (2**i for i in range(n_all.bit_length())) if n <= n_all} | {n_all})
     singles = [_kept_vectors(b, mask, layers) for b in per_batch]
     seed_sets = [singles[0]] + [_kept_vectors(neuron_scores(s), mask, layers) for s in seed_scores]
 
     def pairwise(sets: list[list[np.ndarray]]) -> list[float]:
         pairs = list(itertools.combinations(range(len(sets)), 2))
-        return [float(np.mean([dice(sets[a][j], sets[b][j]) for a, b in pairs])) for j in range(len(layers))
-                ] if pairs else []
+        return (
+            [float(np.mean([dice(sets[a][j], sets[b][j]) for a, b in pairs])) for j in range(len(layers))]
+            if pairs
+            else []
+        )
 
     kept = sum(int(v.sum()) for v in final)
     total = sum(len(v) for v in final)
     seed_layer, batch_layer = pairwise(seed_sets), pairwise(singles)
-    return {"layers": layers, "seeds": list(seeds), "n_batches_total": n_all, "keep_fraction": kept / total,
-            "accumulation": {"n_batches": ns,
-                             "dice_to_final": [_dice(_kept_vectors(unions[n - 1], mask, layers), final) for n in ns]},
-            "single_batch_dice_to_final": [_dice(s, final) for s in singles],
-            "seed_dice_per_layer": seed_layer, "batch_dice_per_layer": batch_layer,
-            "seed_dice_mean": float(np.mean(seed_layer)) if seed_layer else None,
-            "batch_dice_mean": float(np.mean(batch_layer)) if batch_layer else None}
+    return {
+        "layers": layers,
+        "seeds": list(seeds),
+        "n_batches_total": n_all,
+        "keep_fraction": kept / total,
+        "accumulation": {
+            "n_batches": ns,
+            "dice_to_final": [_dice(_kept_vectors(unions[n - 1], mask, layers), final) for n in ns],
+        },
+        "single_batch_dice_to_final": [_dice(s, final) for s in singles],
+        "seed_dice_per_layer": seed_layer,
+        "batch_dice_per_layer": batch_layer,
+        "seed_dice_mean": float(np.mean(seed_layer)) if seed_layer else None,
+        "batch_dice_mean": float(np.mean(batch_layer)) if batch_layer else None,
+    }
 
 
-def seeds(mask_file: str, score_files: Sequence[str], seed_files: Sequence[str], stability_seeds: Sequence[int],
-          model: str, png: str, pdf: str, out_json: str) -> None:
+def seeds(
+    mask_file: str,
+    score_files: Sequence[str],
+    seed_files: Sequence[str],
+    stability_seeds: Sequence[int],
+    model: str,
+    png: str,
+    pdf: str,
+    out_json: str,
+) -> None:
     """The seeds figure and its numbers (JSON)."""
     from . import plots
 
@@ -312,9 +362,11 @@ def seeds(mask_file: str, score_files: Sequence[str], seed_files: Sequence[str],
     res = seed_stability(mask, load_scores(score_files), load_scores(seed_files), stability_seeds)
     res.update(method=mask["method"], ratio=mask["ratio_requested"], model=model)
     write_json(out_json, res)
-    title = (f"{model}, {plots.method_label(mask['method'])}, {round(100 * mask['ratio_requested'])}% removed: "
-             f"seed-to-seed Dice {res['seed_dice_mean']:.3f}"
-             + (f", batch-to-batch {res['batch_dice_mean']:.3f}" if res["batch_dice_mean"] is not None else ""))
+    title = (
+        f"{model}, {plots.method_label(mask['method'])}, {round(100 * mask['ratio_requested'])}% removed: "
+        f"seed-to-seed Dice {res['seed_dice_mean']:.3f}"
+        + (f", batch-to-batch {res['batch_dice_mean']:.3f}" if res["batch_dice_mean"] is not None else "")
+    )
     plots.save(plots.seeds_figure(res, title), png, pdf)
 
 
@@ -339,8 +391,9 @@ def load_scores(files: Sequence[str | Path]) -> list[np.ndarray]:
     return out
 
 
-def tables(main_files: Sequence[str], ablation_files: Sequence[str], task_metrics: Sequence[str],
-           out: dict[str, str]) -> None:
+def tables(
+    main_files: Sequence[str], ablation_files: Sequence[str], task_metrics: Sequence[str], out: dict[str, str]
+) -> None:
     """Write the main and ablation tables; ``out`` maps ``main_{csv,md,tex}``, ``ablation_{csv,md}`` to paths."""
     from .tables import ablation_table, main_table
 
@@ -378,18 +431,36 @@ def stability(mask_file: str, score_files: Sequence[str], model: str, png: str, 
 
     mask = read_mask(mask_file)
     counts = batch_keep_counts(load_scores(score_files), mask["threshold"])
-    title = (f"{model}, {round(100 * mask['ratio_requested'])}% removed, T = {mask['threshold']:.2f}, "
-             f"{len(score_files)} batches")
+    title = (
+        f"{model}, {round(100 * mask['ratio_requested'])}% removed, T = {mask['threshold']:.2f}, "
+        f"{len(score_files)} batches"
+    )
     plots.save(plots.stability_figure(counts, mask["prunable"], len(score_files), mask["method"], title), png, pdf)
 
 
-def summary(grid: str, main_md: str, ablation_md: str, figures: Sequence[str], out: str,
-            studies_md: str | None = None, domains_md: Sequence[str] = ()) -> None:
+def summary(
+    grid: str,
+    main_md: str,
+    ablation_md: str,
+    figures: Sequence[str],
+    out: str,
+    studies_md: str | None = None,
+    domains_md: Sequence[str] = (),
+) -> None:
     """A Markdown report of the grid: both tables and every PNG figure (linked relative to ``out``)."""
     base = Path(out).parent
-    lines = [f"# fnprune paper results: grid `{grid}`", "",
-             "Built only from `metrics.json` files (and mask JSONs and ICA scores for overlap and stability).",
-             "", "## Main table", "", Path(main_md).read_text(), "## Ablations", "", Path(ablation_md).read_text()]
+    lines = [
+        f"# fnprune paper results: grid `{grid}`",
+        "",
+        "Built only from `metrics.json` files (and mask JSONs and ICA scores for overlap and stability).",
+        "",
+        "## Main table",
+        "",
+        Path(main_md).read_text(),
+        "## Ablations",
+        "",
+        Path(ablation_md).read_text(),
+    ]
     if studies_md:
         lines += ["", Path(studies_md).read_text().replace("# Studies", "## Studies", 1).replace("\n## ", "\n### ")]
     for md in domains_md:

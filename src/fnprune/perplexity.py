@@ -29,8 +29,9 @@ def windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_perplexity(model, tokenizer, texts: list[str], seqlen: int = 128, batch_size: int = 8,
-                     max_windows: int | None = None) -> dict:
+def token_perplexity(
+    model, tokenizer, texts: list[str], seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None
+) -> dict:
     """FLAP-protocol perplexity of ``model`` on ``texts``; returns the value and its provenance, with
     every window's mean token NLL (``window_nll``: the pairing of two models' perplexities)."""
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -44,14 +45,24 @@ def token_perplexity(model, tokenizer, texts: list[str], seqlen: int = 128, batc
     model.eval()
     nlls = []
     for i in tqdm(range(0, len(rows), batch_size), desc=f"ppl seqlen={seqlen}", mininterval=5):
-        x = rows[i:i + batch_size].to(device)
+        x = rows[i : i + batch_size].to(device)
         logits = model(input_ids=x, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                              reduction="none").view(x.shape[0], -1).mean(1)
+        nll = (
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+            .view(x.shape[0], -1)
+            .mean(1)
+        )
         nlls.append(nll.double().cpu())
     mean_nll = float(torch.cat(nlls).mean())
-    out = {"protocol": PROTOCOL, "seqlen": seqlen, "windows": len(rows), "tokens": int(rows.numel()),
-           "nll": mean_nll, "ppl": math.exp(mean_nll), "wall_s": time.time() - t0,
-           "window_nll": torch.cat(nlls).tolist()}
+    out = {
+        "protocol": PROTOCOL,
+        "seqlen": seqlen,
+        "windows": len(rows),
+        "tokens": int(rows.numel()),
+        "nll": mean_nll,
+        "ppl": math.exp(mean_nll),
+        "wall_s": time.time() - t0,
+        "window_nll": torch.cat(nlls).tolist(),
+    }
     log.info("%s seqlen=%d: %.3f over %d windows", PROTOCOL, seqlen, out["ppl"], len(rows))
     return out

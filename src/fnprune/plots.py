@@ -6,8 +6,8 @@ writes it as PNG and PDF. Metric records are ``metrics.json`` dicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -59,9 +59,12 @@ def _lines(ax: Axes, groups: dict[str, list[tuple[float, float]]]) -> None:
 
 
 def _by_ratio(records: Sequence[dict], x_of: Getter, y_of: Getter) -> dict[str, list[tuple[float, float]]]:
-    return {f"{ratio}% removed": [(x_of(r), y_of(r)) for r in records
-                                  if ratio_pct(r) == ratio and y_of(r) is not None and x_of(r) is not None]
-            for ratio in sorted({ratio_pct(r) for r in records})}
+    return {
+        f"{ratio}% removed": [
+            (x_of(r), y_of(r)) for r in records if ratio_pct(r) == ratio and y_of(r) is not None and x_of(r) is not None
+        ]
+        for ratio in sorted({ratio_pct(r) for r in records})
+    }
 
 
 def _log2_ticks(ax: Axes, xs: Sequence[float]) -> None:
@@ -70,8 +73,15 @@ def _log2_ticks(ax: Axes, xs: Sequence[float]) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
-def _ablation_figure(records: Sequence[dict], x_of: Getter, xlabel: str, extra_of: Getter, extra_label: str,
-                     title: str, extra_percent: bool = False) -> Figure:
+def _ablation_figure(
+    records: Sequence[dict],
+    x_of: Getter,
+    xlabel: str,
+    extra_of: Getter,
+    extra_label: str,
+    title: str,
+    extra_percent: bool = False,
+) -> Figure:
     """One panel per metric (a line per ratio, dense dashed) and one for ``extra_of``, against ``x_of``."""
     dense = next((r for r in records if r["method"] == "dense"), None)
     pruned = [r for r in records if r["method"] != "dense"]
@@ -111,25 +121,36 @@ def _percent(get: Getter) -> Getter:
 
 def components_figure(records: Sequence[dict]) -> Figure:
     """Metrics and non-converged FastICA runs against the number of components k (all batches)."""
-    return _ablation_figure(records, lambda r: r.get("k"), "ICA components per layer and batch, k (log scale)",
-                            _percent(nonconverged_fraction), "non-converged FastICA runs (%)",
-                            f"{_model(records)}: number of ICA components (every calibration batch)",
-                            extra_percent=True)
+    return _ablation_figure(
+        records,
+        lambda r: r.get("k"),
+        "ICA components per layer and batch, k (log scale)",
+        _percent(nonconverged_fraction),
+        "non-converged FastICA runs (%)",
+        f"{_model(records)}: number of ICA components (every calibration batch)",
+        extra_percent=True,
+    )
 
 
 def calibration_figure(records: Sequence[dict]) -> Figure:
     """Metrics and the threshold T against the calibration texts behind the union mask."""
     ks = sorted({r["k"] for r in records if r.get("k")})
-    return _ablation_figure(records, calibration_texts, "calibration texts (log scale)",
-                            lambda r: r.get("threshold"), "threshold T (max |z| over maps)",
-                            f"{_model(records)}: calibration size (k = {', '.join(map(str, ks))})")
+    return _ablation_figure(
+        records,
+        calibration_texts,
+        "calibration texts (log scale)",
+        lambda r: r.get("threshold"),
+        "threshold T (max |z| over maps)",
+        f"{_model(records)}: calibration size (k = {', '.join(map(str, ks))})",
+    )
 
 
 def _threshold_groups(records: Sequence[dict], group_of: Callable[[dict], int], label: str) -> dict:
     groups: dict[str, list[tuple[float, float]]] = {}
     for g in sorted({group_of(r) for r in records}):
-        groups[label.format(g)] = [(r["threshold"], 100 * r["achieved_block_ratio"])
-                                   for r in records if group_of(r) == g]
+        groups[label.format(g)] = [
+            (r["threshold"], 100 * r["achieved_block_ratio"]) for r in records if group_of(r) == g
+        ]
     return groups
 
 
@@ -163,8 +184,14 @@ def kept_per_layer_figure(records: Sequence[dict]) -> Figure:
     ax = fig.subplots()
     for i, r in enumerate(first.values()):
         kept, sizes = np.array(r["kept_neurons_per_layer"]), np.array(r["intermediate_sizes"])
-        ax.plot(np.arange(len(kept)), 100 * kept / sizes, marker=MARKERS[i % len(MARKERS)], ls=STYLES[i % len(STYLES)],
-                color=f"C{i}", label=method_label(r["method"]))
+        ax.plot(
+            np.arange(len(kept)),
+            100 * kept / sizes,
+            marker=MARKERS[i % len(MARKERS)],
+            ls=STYLES[i % len(STYLES)],
+            color=f"C{i}",
+            label=method_label(r["method"]),
+        )
     ax.axhline(100, color="k", ls="--", lw=1, label="dense")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("transformer block (layer index)")
@@ -179,8 +206,7 @@ def kept_per_layer_figure(records: Sequence[dict]) -> Figure:
 
 def overlap_figure(pairs: Sequence[tuple[str, str]], layers: Sequence[int], values: np.ndarray, title: str) -> Figure:
     """Heatmap of the Jaccard index of kept neurons: a row per pair of methods, a column per layer."""
-    fig = Figure(figsize=(max(7.0, 4.0 + 0.45 * len(layers)), max(3.0, 1.5 + 0.35 * len(pairs))),
-                 layout="constrained")
+    fig = Figure(figsize=(max(7.0, 4.0 + 0.45 * len(layers)), max(3.0, 1.5 + 0.35 * len(pairs))), layout="constrained")
     ax = fig.subplots()
     ax.set_title(title)
     if not pairs:
@@ -230,8 +256,13 @@ def seeds_figure(result: dict, title: str) -> Figure:
     acc, per = fig.subplots(1, 2)
     n = result["accumulation"]["n_batches"]
     acc.plot(n, result["accumulation"]["dice_to_final"], "o-", label="union of the first n batches")
-    acc.plot([1] * len(result["single_batch_dice_to_final"]), result["single_batch_dice_to_final"], "x",
-             color="C3", label="each single batch")
+    acc.plot(
+        [1] * len(result["single_batch_dice_to_final"]),
+        result["single_batch_dice_to_final"],
+        "x",
+        color="C3",
+        label="each single batch",
+    )
     acc.axhline(result["keep_fraction"], color="0.5", ls=":", label="chance (keep fraction)")
     acc.set_xlabel("calibration batches in the union")
     acc.set_ylabel("Dice of kept neurons to the final union")
@@ -264,12 +295,21 @@ def domain_figure(grids: Sequence, titles: Sequence[str], title: str) -> Figure:
         top = max(1.0, float(np.nanmax(np.abs(change)))) if np.isfinite(change).any() else 1.0
         im = ax.imshow(change, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
         ax.set_xticks(range(len(g.corpora)), g.corpora)
-        ax.set_yticks(range(len(g.rows)), [r if c is None else f"{r}\n(calib. {c})" for r, c in zip(g.rows, g.calibration)])
+        ax.set_yticks(
+            range(len(g.rows)), [r if c is None else f"{r}\n(calib. {c})" for r, c in zip(g.rows, g.calibration)]
+        )
         ax.set_xlabel("evaluation domain (test split)")
         for (i, j), v in np.ndenumerate(g.ppl):
             dark = np.isfinite(change[i, j]) and abs(change[i, j]) > 0.6 * top
-            ax.text(j, i, "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="w" if dark else "k")
+            ax.text(
+                j,
+                i,
+                "-" if np.isnan(v) else f"{v:.1f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="w" if dark else "k",
+            )
         ax.set_title(sub, fontsize="small")
         fig.colorbar(im, ax=ax, label="perplexity change from dense (%)")
     fig.suptitle(title)

@@ -20,9 +20,9 @@ from .ica import canica, canica_runs, canica_torch_layers, consensus_scores
 log = logging.getLogger(__name__)
 
 # Per-layer, per-retry and per-run seeds derived from one batch seed (the values fix every result).
-LAYER_SEED_STRIDE = 1000   # layer l starts from seed + 1000 * l: separates the layers of a batch
-RETRY_SEED_STRIDE = 100    # retry a of a layer adds 100 * a: separates retries from the first attempt
-RUN_SEED_STRIDE = 7919     # consensus run r adds 7919 * r (a prime): separates the runs of a layer
+LAYER_SEED_STRIDE = 1000  # layer l starts from seed + 1000 * l: separates the layers of a batch
+RETRY_SEED_STRIDE = 100  # retry a of a layer adds 100 * a: separates retries from the first attempt
+RUN_SEED_STRIDE = 7919  # consensus run r adds 7919 * r (a prime): separates the runs of a layer
 
 
 def open_shard(path: str | Path) -> np.ndarray:
@@ -34,20 +34,25 @@ def open_shard(path: str | Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: missing or unreadable activation shard ({type(e).__name__}: {e}); "
-                         f"delete its folder {Path(path).parent} and rerun (the batch is extracted again)") from None
+        raise ValueError(
+            f"{path}: missing or unreadable activation shard ({type(e).__name__}: {e}); "
+            f"delete its folder {Path(path).parent} and rerun (the batch is extracted again)"
+        ) from None
 
 
 def load_shard(path: str | Path, n_signals: int | None = None) -> np.ndarray:
     """Read an activation shard, refusing truncated, mis-shaped or non-finite ones."""
     x = open_shard(path)
     if x.ndim != 2 or (n_signals is not None and x.shape[1] != n_signals):
-        raise ValueError(f"{path}: activation shard of shape {x.shape}; expected (tokens, "
-                         f"{n_signals if n_signals is not None else '2*intermediate'})")
+        raise ValueError(
+            f"{path}: activation shard of shape {x.shape}; expected (tokens, "
+            f"{n_signals if n_signals is not None else '2*intermediate'})"
+        )
     x = np.asarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise ValueError(f"{path}: activation shard holds NaN or inf (fp16 overflow?); extract "
-                         f"with dtype float32 or bfloat16")
+        raise ValueError(
+            f"{path}: activation shard holds NaN or inf (fp16 overflow?); extract with dtype float32 or bfloat16"
+        )
     return x
 
 
@@ -58,8 +63,7 @@ CONSTANT_LAYER_POLICIES = ("keep_whole", "fail")
 def _constant_layers(shard_paths: list[str | Path], policy: str) -> np.ndarray:
     """Layers whose every signal is constant over the batch: no networks to find there."""
     if policy not in CONSTANT_LAYER_POLICIES:
-        raise ValueError(f"ica.on_constant_layer: expected one of {', '.join(CONSTANT_LAYER_POLICIES)}, "
-                         f"got {policy!r}")
+        raise ValueError(f"ica.on_constant_layer: expected one of {', '.join(CONSTANT_LAYER_POLICIES)}, got {policy!r}")
     constant = np.zeros(len(shard_paths), dtype=bool)
     for layer, path in enumerate(shard_paths):
         x = open_shard(path)
@@ -68,15 +72,27 @@ def _constant_layers(shard_paths: list[str | Path], policy: str) -> np.ndarray:
         constant[layer] = x.shape[0] < 2 or (np.array_equal(x[0], x[1]) and bool((np.asarray(x[:1]) == x).all()))
         if constant[layer]:
             if policy == "fail":
-                raise ValueError(f"{path}: every signal of this layer is constant over the batch; "
-                                 f"ica.on_constant_layer is 'fail' (keep_whole keeps the layer unpruned)")
+                raise ValueError(
+                    f"{path}: every signal of this layer is constant over the batch; "
+                    f"ica.on_constant_layer is 'fail' (keep_whole keeps the layer unpruned)"
+                )
             log.warning("%s: constant activations; the layer is kept whole (ica.on_constant_layer)", path)
     return constant
 
 
-def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, max_iter: int = 300,
-              tol: float = 1e-4, device: str = "cpu", on_nonconvergence: str = "keep",
-              retries: int = 2, on_constant_layer: str = "keep_whole", runs: int = 1) -> dict[str, np.ndarray]:
+def ica_batch(
+    shard_paths: list[str | Path],
+    k: int,
+    backend: str,
+    seed: int,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    on_nonconvergence: str = "keep",
+    retries: int = 2,
+    on_constant_layer: str = "keep_whole",
+    runs: int = 1,
+) -> dict[str, np.ndarray]:
     """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
 
     Layer ``l`` uses seed ``seed + 1000 * l`` (:data:`LAYER_SEED_STRIDE`). On CUDA the torch
@@ -99,13 +115,22 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
     constant = _constant_layers(shard_paths, on_constant_layer)
     if constant.any():
         live = [p for p, c in zip(shard_paths, constant) if not c]
-        res = ica_batch(live, k, backend, seed, max_iter, tol, device, on_nonconvergence, retries,
-                        on_constant_layer, runs) if live else None
+        res = (
+            ica_batch(
+                live, k, backend, seed, max_iter, tol, device, on_nonconvergence, retries, on_constant_layer, runs
+            )
+            if live
+            else None
+        )
         n_signals = open_shard(shard_paths[0]).shape[1]
-        out = {"scores": np.full((len(shard_paths), n_signals), np.inf, dtype=np.float32),
-               "converged": np.ones(len(shard_paths), bool), "n_iter": np.zeros(len(shard_paths), np.int64),
-               "wall_s": np.zeros(len(shard_paths)), "attempts": np.zeros(len(shard_paths), np.int64),
-               "skipped": np.zeros(len(shard_paths), bool)}
+        out = {
+            "scores": np.full((len(shard_paths), n_signals), np.inf, dtype=np.float32),
+            "converged": np.ones(len(shard_paths), bool),
+            "n_iter": np.zeros(len(shard_paths), np.int64),
+            "wall_s": np.zeros(len(shard_paths)),
+            "attempts": np.zeros(len(shard_paths), np.int64),
+            "skipped": np.zeros(len(shard_paths), bool),
+        }
         if runs > 1:
             out.update(recurring=np.zeros(len(shard_paths), np.int64), quality_index=np.full(len(shard_paths), np.nan))
         if res is not None:
@@ -114,14 +139,16 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
         out["constant"] = constant
         return out
     if on_nonconvergence not in NONCONVERGENCE_POLICIES:
-        raise ValueError(f"ica.on_nonconvergence: expected one of {', '.join(NONCONVERGENCE_POLICIES)}, "
-                         f"got {on_nonconvergence!r}")
+        raise ValueError(
+            f"ica.on_nonconvergence: expected one of {', '.join(NONCONVERGENCE_POLICIES)}, got {on_nonconvergence!r}"
+        )
     seeds = [seed + LAYER_SEED_STRIDE * layer for layer in range(len(shard_paths))]
     if runs > 1:
         return _consensus_batch(shard_paths, k, backend, seeds, runs, max_iter, tol, device, on_nonconvergence)
     if backend == "torch" and str(device).startswith("cuda"):
-        results = canica_torch_layers([functools.partial(load_shard, p) for p in shard_paths], k, seeds,
-                                      max_iter, tol, device)
+        results = canica_torch_layers(
+            [functools.partial(load_shard, p) for p in shard_paths], k, seeds, max_iter, tol, device
+        )
     else:
         results = []
         for p, sd in zip(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5), seeds):
@@ -135,8 +162,15 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
     for layer, (path, res) in enumerate(zip(shard_paths, results)):
         if not res.converged and on_nonconvergence == "retry":
             for attempt in range(1, retries + 1):
-                res = canica(load_shard(path), k, backend, seed=seeds[layer] + RETRY_SEED_STRIDE * attempt,
-                             max_iter=max_iter, tol=tol, device=device)
+                res = canica(
+                    load_shard(path),
+                    k,
+                    backend,
+                    seed=seeds[layer] + RETRY_SEED_STRIDE * attempt,
+                    max_iter=max_iter,
+                    tol=tol,
+                    device=device,
+                )
                 attempts[layer] += 1
                 if res.converged:
                     break
@@ -144,30 +178,64 @@ def ica_batch(shard_paths: list[str | Path], k: int, backend: str, seed: int, ma
         if not res.converged:
             msg = f"{path}: FastICA did not converge in {max_iter} iterations (tol {tol})"
             if on_nonconvergence == "fail":
-                raise RuntimeError(f"{msg}; ica.on_nonconvergence is 'fail' (use keep, retry or skip, "
-                                   f"or raise ica.max_iter)")
+                raise RuntimeError(
+                    f"{msg}; ica.on_nonconvergence is 'fail' (use keep, retry or skip, or raise ica.max_iter)"
+                )
             skipped[layer] = on_nonconvergence == "skip"
             log.warning("%s; %s", msg, "this batch is skipped for the layer" if skipped[layer] else "kept")
-        log.info("layer %d: k=%d, %s, iterations %d, attempts %d, %.2f s", layer, k, res.info.get("subspace"),
-                 res.n_iter, attempts[layer], res.info["wall_s"])
-    return {"scores": np.stack([r.scores for r in results]),
-            "converged": np.array([r.converged for r in results]),
-            "n_iter": np.array([r.n_iter for r in results]),
-            "wall_s": np.array([r.info["wall_s"] for r in results]),
-            "attempts": attempts, "skipped": skipped, "constant": np.zeros(len(results), bool)}
+        log.info(
+            "layer %d: k=%d, %s, iterations %d, attempts %d, %.2f s",
+            layer,
+            k,
+            res.info.get("subspace"),
+            res.n_iter,
+            attempts[layer],
+            res.info["wall_s"],
+        )
+    return {
+        "scores": np.stack([r.scores for r in results]),
+        "converged": np.array([r.converged for r in results]),
+        "n_iter": np.array([r.n_iter for r in results]),
+        "wall_s": np.array([r.info["wall_s"] for r in results]),
+        "attempts": attempts,
+        "skipped": skipped,
+        "constant": np.zeros(len(results), bool),
+    }
 
 
-def _consensus_batch(shard_paths, k: int, backend: str, seeds: list[int], runs: int, max_iter: int, tol: float,
-                     device: str, on_nonconvergence: str) -> dict[str, np.ndarray]:
+def _consensus_batch(
+    shard_paths,
+    k: int,
+    backend: str,
+    seeds: list[int],
+    runs: int,
+    max_iter: int,
+    tol: float,
+    device: str,
+    on_nonconvergence: str,
+) -> dict[str, np.ndarray]:
     from tqdm import tqdm
 
-    out = {key: [] for key in ("scores", "converged", "n_iter", "wall_s", "attempts", "skipped", "constant",
-                               "recurring", "quality_index")}
+    out = {
+        key: []
+        for key in (
+            "scores",
+            "converged",
+            "n_iter",
+            "wall_s",
+            "attempts",
+            "skipped",
+            "constant",
+            "recurring",
+            "quality_index",
+        )
+    }
     for path, sd in zip(tqdm(shard_paths, desc=f"consensus ica {backend} k={k} x{runs}", mininterval=5), seeds):
         t0 = time.time()
         try:
-            res = canica_runs(load_shard(path), k, backend, [sd + RUN_SEED_STRIDE * r for r in range(runs)],
-                              max_iter, tol, device)
+            res = canica_runs(
+                load_shard(path), k, backend, [sd + RUN_SEED_STRIDE * r for r in range(runs)], max_iter, tol, device
+            )
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         good = [r for r in res if r.converged]
@@ -178,10 +246,26 @@ def _consensus_batch(shard_paths, k: int, backend: str, seeds: list[int], runs: 
             log.warning("%s; %s", msg, "kept" if on_nonconvergence == "keep" or len(good) < 2 else "left out")
         ensemble = res if on_nonconvergence == "keep" or len(good) < 2 else good
         scores, info = consensus_scores(ensemble)
-        log.info("layer %s: k=%d, %d runs, %d of %d clusters recur (quality %.3f), %.2f s", Path(path).stem, k,
-                 len(ensemble), info["recurring"], info["clusters"], info["quality_index"], time.time() - t0)
-        for key, val in (("scores", scores), ("converged", len(good) >= 2), ("n_iter", max(r.n_iter for r in res)),
-                         ("wall_s", time.time() - t0), ("attempts", runs), ("skipped", False), ("constant", False),
-                         ("recurring", info["recurring"]), ("quality_index", info["quality_index"])):
+        log.info(
+            "layer %s: k=%d, %d runs, %d of %d clusters recur (quality %.3f), %.2f s",
+            Path(path).stem,
+            k,
+            len(ensemble),
+            info["recurring"],
+            info["clusters"],
+            info["quality_index"],
+            time.time() - t0,
+        )
+        for key, val in (
+            ("scores", scores),
+            ("converged", len(good) >= 2),
+            ("n_iter", max(r.n_iter for r in res)),
+            ("wall_s", time.time() - t0),
+            ("attempts", runs),
+            ("skipped", False),
+            ("constant", False),
+            ("recurring", info["recurring"]),
+            ("quality_index", info["quality_index"]),
+        ):
             out[key].append(val)
     return {key: np.stack(v) if key == "scores" else np.array(v) for key, v in out.items()}

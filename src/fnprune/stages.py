@@ -73,15 +73,23 @@ def calibration_batches(calib_split: str, spec: dict, seed: int, out: str) -> No
     from .io import sha256_of_strings
 
     batches = make_batches(read_split(calib_split), spec["batch_size"], spec["n_batches"], seed)
-    write_json(out, {"seed": seed, "corpus": spec.get("corpus"), "batch_size": spec["batch_size"],
-                     "n_batches": spec["n_batches"],
-                     "sha256": sha256_of_strings([t for b in batches for t in b]), "batches": batches})
+    write_json(
+        out,
+        {
+            "seed": seed,
+            "corpus": spec.get("corpus"),
+            "batch_size": spec["batch_size"],
+            "n_batches": spec["n_batches"],
+            "sha256": sha256_of_strings([t for b in batches for t in b]),
+            "batches": batches,
+        },
+    )
 
 
 def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: str, device: str = "auto") -> None:
     """The shard pass of one batch: per-layer activation shards and ``extract.json`` (tokens, wall time)."""
-    from .io import atomic_dir, write_json
     from .extract import extract_batch
+    from .io import atomic_dir, write_json
 
     spec = model_spec["calibration"]
     texts = read_json(batches)["batches"][batch]
@@ -89,13 +97,13 @@ def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: 
     n_layers = model_spec["num_layers"]
     with atomic_dir(shard_dir) as tmp:
         paths = [tmp / f"L{layer}.npy" for layer in range(n_layers)]
-        info = extract_batch(model, tok, texts, paths, None, spec["max_length"], spec["micro_batch_size"],
-                             spec["shard_dtype"])
+        info = extract_batch(
+            model, tok, texts, paths, None, spec["max_length"], spec["micro_batch_size"], spec["shard_dtype"]
+        )
         write_json(tmp / EXTRACT_RECORD, info)
 
 
-def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, out: str,
-                      device: str = "auto") -> None:
+def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, out: str, device: str = "auto") -> None:
     """The statistics pass of one batch: ``down_proj``/``o_proj`` input moments (no shards)."""
     from .extract import extract_batch
 
@@ -105,20 +113,38 @@ def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, o
     extract_batch(model, tok, texts, None, out, spec["max_length"], spec["micro_batch_size"])
 
 
-def ica(shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str,
-        runs: int = 1) -> None:
-    from .shards import ica_batch
+def ica(
+    shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str, runs: int = 1
+) -> None:
     from .io import save_npz
     from .modeling import resolve_device
+    from .shards import ica_batch
 
     paths = [Path(shard_dir) / f"L{layer}.npy" for layer in range(n_layers)]
-    res = ica_batch(paths, k, backend, seed, ica_spec["max_iter"], ica_spec["tol"],
-                    resolve_device(ica_spec["device"]), ica_spec["on_nonconvergence"], ica_spec["retries"],
-                    ica_spec["on_constant_layer"], runs)
+    res = ica_batch(
+        paths,
+        k,
+        backend,
+        seed,
+        ica_spec["max_iter"],
+        ica_spec["tol"],
+        resolve_device(ica_spec["device"]),
+        ica_spec["on_nonconvergence"],
+        ica_spec["retries"],
+        ica_spec["on_constant_layer"],
+        runs,
+    )
     record = Path(shard_dir) / EXTRACT_RECORD
     ext = read_json(record) if record.is_file() else {}
-    save_npz(out, **res, k=np.array(k), seed=np.array(seed), runs=np.array(runs),
-             n_tokens=np.array(ext.get("n_tokens", -1)), extract_wall_s=np.array(ext.get("wall_s", np.nan)))
+    save_npz(
+        out,
+        **res,
+        k=np.array(k),
+        seed=np.array(seed),
+        runs=np.array(runs),
+        n_tokens=np.array(ext.get("n_tokens", -1)),
+        extract_wall_s=np.array(ext.get("wall_s", np.nan)),
+    )
 
 
 def _shape(model_spec: dict, source: str) -> dict:
@@ -127,12 +153,15 @@ def _shape(model_spec: dict, source: str) -> dict:
     kw = _hub_kwargs(model_spec)
     info = shape_info(load_config(source, **kw), trust_remote_code=kw.get("trust_remote_code", False))
     if info["n_layers"] != model_spec["num_layers"]:
-        raise ValueError(f"models.*.num_layers is {model_spec['num_layers']} but {source} has "
-                         f"{info['n_layers']} layers")
+        raise ValueError(
+            f"models.*.num_layers is {model_spec['num_layers']} but {source} has {info['n_layers']} layers"
+        )
     width = model_spec.get("intermediate_size")
     if width is not None and set(info["intermediate_sizes"]) != {width}:
-        raise ValueError(f"models.*.intermediate_size is {width} but {source} has MLP widths "
-                         f"{sorted(set(info['intermediate_sizes']))}")
+        raise ValueError(
+            f"models.*.intermediate_size is {width} but {source} has MLP widths "
+            f"{sorted(set(info['intermediate_sizes']))}"
+        )
     return info
 
 
@@ -148,8 +177,15 @@ def _fluctuation(model_spec: dict, source: str, stats_files: list[str]) -> list[
     return wifv_scores(model, "down", stat(load_stats(stats_files), "down_var", sizes, "hybrid/imp"))
 
 
-def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float, selector: dict, out: str,
-             stats_files: list[str] = ()) -> None:
+def ica_mask(
+    score_files: list[str],
+    model_spec: dict,
+    source: str,
+    ratio: float,
+    selector: dict,
+    out: str,
+    stats_files: list[str] = (),
+) -> None:
     """The mask of an ICA method (``selector``: :func:`fnprune.config.parse_method` of its name)."""
     from .mask import hybrid_scores, mask_record, n_to_drop, prunable_layers, select, union_neuron_scores
 
@@ -163,35 +199,80 @@ def ica_mask(score_files: list[str], model_spec: dict, source: str, ratio: float
     if selector["hybrid"]:
         scores = hybrid_scores(scores, fluct)
     chosen = select(scores, selector["selection"], prunable, n_drop, ratio, min_keep, fluct, selector["multiple"])
-    rec = mask_record(chosen["kept"], info["intermediate_sizes"], info["block_params"], info["total_params"],
-                      info["neuron_params"], method=selector["selector"], kind="ica", ratio_requested=ratio,
-                      prunable=prunable, n_drop=n_drop, min_keep=min_keep, selection=selector["selection"],
-                      multiple=selector["multiple"], threshold=chosen["threshold"],
-                      k=selector["k"], backend=selector["backend"],
-                      ica_seed=selector["seed"], consensus_runs=selector["runs"], hybrid=selector["hybrid"],
-                      layer_importance=chosen["layer_importance"], ica=ica_info)
+    rec = mask_record(
+        chosen["kept"],
+        info["intermediate_sizes"],
+        info["block_params"],
+        info["total_params"],
+        info["neuron_params"],
+        method=selector["selector"],
+        kind="ica",
+        ratio_requested=ratio,
+        prunable=prunable,
+        n_drop=n_drop,
+        min_keep=min_keep,
+        selection=selector["selection"],
+        multiple=selector["multiple"],
+        threshold=chosen["threshold"],
+        k=selector["k"],
+        backend=selector["backend"],
+        ica_seed=selector["seed"],
+        consensus_runs=selector["runs"],
+        hybrid=selector["hybrid"],
+        layer_importance=chosen["layer_importance"],
+        ica=ica_info,
+    )
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
-    log.info("%s: keeps %s neurons per layer; achieved block ratio %.4f (threshold %s)", selector["selector"],
-             rec["kept_counts"], rec["achieved_block_ratio"], chosen["threshold"])
+    log.info(
+        "%s: keeps %s neurons per layer; achieved block ratio %.4f (threshold %s)",
+        selector["selector"],
+        rec["kept_counts"],
+        rec["achieved_block_ratio"],
+        chosen["threshold"],
+    )
 
 
-def baseline_mask(method: str, stats_files: list[str], model_spec: dict, source: str, ratio: float,
-                  seed: int, out: str, multiple: int | None = None) -> None:
+def baseline_mask(
+    method: str,
+    stats_files: list[str],
+    model_spec: dict,
+    source: str,
+    ratio: float,
+    seed: int,
+    out: str,
+    multiple: int | None = None,
+) -> None:
     from .baselines import baseline_mask as compute
     from .extract import load_stats
 
     t0 = time.time()
     model, _ = _load(model_spec, source, device="cpu")
-    rec = compute(method, model, load_stats(stats_files) if stats_files else None, ratio,
-                  model_spec["protect_first"], model_spec["protect_last"], seed, model_spec["min_keep_per_layer"],
-                  multiple=multiple)
+    rec = compute(
+        method,
+        model,
+        load_stats(stats_files) if stats_files else None,
+        ratio,
+        model_spec["protect_first"],
+        model_spec["protect_last"],
+        seed,
+        model_spec["min_keep_per_layer"],
+        multiple=multiple,
+    )
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
 
 
-def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias: bool, target: str,
-          out_dir: str, device: str = "auto") -> None:
+def prune(
+    mask: str,
+    model_spec: dict,
+    source: str,
+    stats_files: list[str],
+    bias: bool,
+    target: str,
+    out_dir: str,
+    device: str = "auto",
+) -> None:
     from .extract import load_stats
     from .ggufsource import read_provenance
     from .mask import read_mask
@@ -209,7 +290,9 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
         "source_commit": getattr(model.config, "_commit_hash", None),
         "trust_remote_code": model_spec.get("trust_remote_code", False),
         "source_provenance": read_provenance(source) if model_spec["source"] in BUILT_SOURCES else None,
-        "method": rec["method"], "k": rec.get("k"), "backend": rec.get("backend"),
+        "method": rec["method"],
+        "k": rec.get("k"),
+        "backend": rec.get("backend"),
         "bias_compensation": bias,
         "ratio_requested": rec["ratio_requested"],
         "achieved_block_ratio": rec["achieved_block_ratio"],
@@ -224,8 +307,14 @@ def prune(mask: str, model_spec: dict, source: str, stats_files: list[str], bias
     save_pruned(model.to("cpu"), tok, out_dir, sidecar)
 
 
-def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out: str, device: str = "auto",
-               fields: dict | None = None) -> None:
+def perplexity(
+    model_dir_or_source: str,
+    model_spec: dict,
+    test_split: str,
+    out: str,
+    device: str = "auto",
+    fields: dict | None = None,
+) -> None:
     """Perplexity of a model on a test split at every ``eval.ppl_seqlens``; ``fields`` describe the record."""
     from .corpus import read_split
     from .perplexity import token_perplexity
@@ -234,20 +323,37 @@ def perplexity(model_dir_or_source: str, model_spec: dict, test_split: str, out:
     texts = read_split(test_split)
     ev = model_spec["eval"]
     results = [token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"]) for seqlen in ev["ppl_seqlens"]]
-    write_json(out, {**(fields or {}), "results": results, "device": str(model.device),
-                     "torch_threads": torch.get_num_threads(), "versions": versions()})
+    write_json(
+        out,
+        {
+            **(fields or {}),
+            "results": results,
+            "device": str(model.device),
+            "torch_threads": torch.get_num_threads(),
+            "versions": versions(),
+        },
+    )
 
 
-def lm_eval(model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, out: str, raw_out: str,
-            device: str = "auto") -> None:
+def lm_eval(
+    model_dir_or_source: str, model_spec: dict, tasks_dir: str | None, out: str, raw_out: str, device: str = "auto"
+) -> None:
     from .lmeval import run_lm_eval
 
     model, tok = _load(model_spec, model_dir_or_source, device)
     ev = model_spec["eval"]
-    res = run_lm_eval(model, tok, ev["lm_eval_tasks"], num_fewshot=ev["num_fewshot"],
-                      batch_size=ev["lm_eval_batch_size"], max_batch_size=ev.get("lm_eval_max_batch_size"),
-                      max_length=ev.get("lm_eval_max_length"), limit=ev["lm_eval_limit"],
-                      include_path=tasks_dir, raw_out=raw_out)
+    res = run_lm_eval(
+        model,
+        tok,
+        ev["lm_eval_tasks"],
+        num_fewshot=ev["num_fewshot"],
+        batch_size=ev["lm_eval_batch_size"],
+        max_batch_size=ev.get("lm_eval_max_batch_size"),
+        max_length=ev.get("lm_eval_max_length"),
+        limit=ev["lm_eval_limit"],
+        include_path=tasks_dir,
+        raw_out=raw_out,
+    )
     write_json(out, res)
 
 
@@ -257,10 +363,22 @@ def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: in
     write_embedded_tasks(test_split, validation_split, out_dir, seed=seed)
 
 
-def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm_eval: str | None, out: str,
-            mask: str | None = None, sidecar_dir: str | None = None, batches: str | None = None,
-            stats_files: list[str] = (), base_dir: str | None = None, seed: int = 0,
-            torch_threads: int | None = None) -> None:
+def metrics(
+    target: str,
+    model: str,
+    method: str,
+    model_spec: dict,
+    ppl: str,
+    lm_eval: str | None,
+    out: str,
+    mask: str | None = None,
+    sidecar_dir: str | None = None,
+    batches: str | None = None,
+    stats_files: list[str] = (),
+    base_dir: str | None = None,
+    seed: int = 0,
+    torch_threads: int | None = None,
+) -> None:
     """Assemble one ``metrics.json`` per target from the stage outputs (no recomputation).
 
     ``base_dir`` is the directory the workflow built the base model into (trained, or converted
@@ -270,8 +388,14 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
 
     weights = model_spec.get("base") or model
     source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}"}.get(model_spec["source"])
-    rec: dict = {"target": target, "model": model, "method": method, "seed": seed, "torch_threads": torch_threads,
-                 "source_model": source or model_spec.get("hf_id")}
+    rec: dict = {
+        "target": target,
+        "model": model,
+        "method": method,
+        "seed": seed,
+        "torch_threads": torch_threads,
+        "source_model": source or model_spec.get("hf_id"),
+    }
     stages: dict[str, float] = {}
     if base_dir and (Path(base_dir) / "training.json").is_file():
         tr = read_json(Path(base_dir) / "training.json")
@@ -284,9 +408,13 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         stages["convert_gguf"] = prov["wall_s"]
     if batches:
         b = read_json(batches)
-        rec["calibration"] = {"corpus": b.get("corpus"), "texts": sum(len(x) for x in b["batches"]),
-                              "batches": b["n_batches"],
-                              "batch_size": b["batch_size"], "sha256": b["sha256"]}
+        rec["calibration"] = {
+            "corpus": b.get("corpus"),
+            "texts": sum(len(x) for x in b["batches"]),
+            "batches": b["n_batches"],
+            "batch_size": b["batch_size"],
+            "sha256": b["sha256"],
+        }
     if stats_files:
         n_tok, ext = 0, 0.0
         for f in stats_files:
@@ -297,23 +425,30 @@ def metrics(target: str, model: str, method: str, model_spec: dict, ppl: str, lm
         stages["calibration_stats"] = ext
     if mask:
         m = read_mask(mask)
-        rec.update({
-            "ratio_requested": m["ratio_requested"],
-            "achieved_block_ratio": m["achieved_block_ratio"],
-            "achieved_total_ratio": m["achieved_total_ratio"],
-            "block_params": m["block_params"],
-            "neuron_params": m["neuron_params"],
-            "threshold": m["threshold"],
-            "k": m.get("k"), "backend": m.get("backend"),
-            "kept_neurons_per_layer": m["kept_counts"],
-            "intermediate_sizes": m["intermediate_sizes"],
-            "kept_heads_per_layer": [len(h) for h in m["kept_heads"]] if m.get("kept_heads") else None,
-            "mask_options": {key: m.get(key) for key in ("selection", "multiple", "hybrid", "consensus_runs",
-                                                        "ica_seed", "layer_importance")},
-        })
+        rec.update(
+            {
+                "ratio_requested": m["ratio_requested"],
+                "achieved_block_ratio": m["achieved_block_ratio"],
+                "achieved_total_ratio": m["achieved_total_ratio"],
+                "block_params": m["block_params"],
+                "neuron_params": m["neuron_params"],
+                "threshold": m["threshold"],
+                "k": m.get("k"),
+                "backend": m.get("backend"),
+                "kept_neurons_per_layer": m["kept_counts"],
+                "intermediate_sizes": m["intermediate_sizes"],
+                "kept_heads_per_layer": [len(h) for h in m["kept_heads"]] if m.get("kept_heads") else None,
+                "mask_options": {
+                    key: m.get(key)
+                    for key in ("selection", "multiple", "hybrid", "consensus_runs", "ica_seed", "layer_importance")
+                },
+            }
+        )
         if "ica" in m:
-            rec["ica"] = {k: m["ica"][k] for k in ("batches_used", "nonconverged_fraction", "n_iter",
-                                                   "skipped_layers_per_batch", "complete")}
+            rec["ica"] = {
+                k: m["ica"][k]
+                for k in ("batches_used", "nonconverged_fraction", "n_iter", "skipped_layers_per_batch", "complete")
+            }
             stages["ica"] = m["ica"]["ica_wall_s"]
             if m["ica"].get("extract_wall_s") is not None:
                 stages["extract"] = m["ica"]["extract_wall_s"]
@@ -365,8 +500,20 @@ def comparison(metrics_files: list[str], out_md: str, out_csv: str) -> None:
 
 
 # Sidecar keys a pruned model's GGUF carries as fnprune.* metadata (what it is and where it came from).
-GGUF_METADATA = ("target", "source_model", "source_commit", "source_provenance", "method", "k", "backend",
-                 "bias_compensation", "ratio_requested", "achieved_block_ratio", "threshold", "kept_heads")
+GGUF_METADATA = (
+    "target",
+    "source_model",
+    "source_commit",
+    "source_provenance",
+    "method",
+    "k",
+    "backend",
+    "bias_compensation",
+    "ratio_requested",
+    "achieved_block_ratio",
+    "threshold",
+    "kept_heads",
+)
 
 
 def export_gguf(target: str, model_spec: dict, source: str, pruned_dir: str | None, out: str, gtype: str) -> None:
@@ -384,5 +531,11 @@ def export_gguf(target: str, model_spec: dict, source: str, pruned_dir: str | No
     meta["versions"] = versions()
     t0 = time.time()
     widths = write_gguf(model, tok, out, gtype.upper(), name=target, metadata=meta)
-    log.info("%s: %s GGUF, MLP widths %s, heads %s, in %.1f s", out, gtype.upper(), widths["feed_forward_length"],
-             widths["head_count"], time.time() - t0)
+    log.info(
+        "%s: %s GGUF, MLP widths %s, heads %s, in %.1f s",
+        out,
+        gtype.upper(),
+        widths["feed_forward_length"],
+        widths["head_count"],
+        time.time() - t0,
+    )

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def planted_networks(n_tokens: int, n_signals: int, n_networks: int, network_size: int,
-                     noise: float, seed: int = 0, n_background: int = 0,
-                     background_var: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def planted_networks(
+    n_tokens: int,
+    n_signals: int,
+    n_networks: int,
+    network_size: int,
+    noise: float,
+    seed: int = 0,
+    n_background: int = 0,
+    background_var: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``x`` (tokens x signals, float32) and the boolean membership of each signal.
 
     Each network is a sparse spatial map (``network_size`` member signals with weights of
@@ -28,8 +35,9 @@ def planted_networks(n_tokens: int, n_signals: int, n_networks: int, network_siz
         x[:, idx] += np.outer(course, weights).astype(np.float32)
     if n_background:
         courses = rng.standard_normal((n_tokens, n_background)).astype(np.float32)
-        maps = (rng.standard_normal((n_background, n_signals)) * np.sqrt(background_var / n_background)
-                ).astype(np.float32)
+        maps = (rng.standard_normal((n_background, n_signals)) * np.sqrt(background_var / n_background)).astype(
+            np.float32
+        )
         x += courses @ maps
     return x, member
 

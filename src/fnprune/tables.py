@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -28,8 +28,9 @@ def comparison_columns(records: list[dict]) -> list[Column]:
 
 def comparison_order(records: list[dict]) -> list[dict]:
     """Per model and ratio, dense first, then methods alphabetically."""
-    return sorted(records, key=lambda r: (r["model"], r.get("ratio_requested") or 0.0, r["method"] != "dense",
-                                          r["method"]))
+    return sorted(
+        records, key=lambda r: (r["model"], r.get("ratio_requested") or 0.0, r["method"] != "dense", r["method"])
+    )
 
 
 def paired_ratio(nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -70,8 +71,14 @@ def paired_ppl_rows(records: list[dict]) -> list[dict]:
             best = min(have, key=lambda r: r["perplexity"][key])
             d = dense.get(model)
             for r in sorted(have, key=lambda r: r["perplexity"][key]):
-                row = {"model": model, "ratio": ratio, "protocol": key, "method": r["method"],
-                       "ppl": r["perplexity"][key], "best": best["method"]}
+                row = {
+                    "model": model,
+                    "ratio": ratio,
+                    "protocol": key,
+                    "method": r["method"],
+                    "ppl": r["perplexity"][key],
+                    "best": best["method"],
+                }
                 if d is not None and _window_nll(d, key):
                     row["vs_dense"] = paired_ratio(_window_nll(r, key), _window_nll(d, key))
                 row["vs_best"] = paired_ratio(_window_nll(r, key), _window_nll(best, key))
@@ -82,15 +89,25 @@ def paired_ppl_rows(records: list[dict]) -> list[dict]:
 
 def paired_ppl_markdown(rows: list[dict]) -> str:
     """The paired perplexity rows as Markdown; ties with the best (interval includes 1) in bold."""
+
     def ci(v: tuple[float, float, float]) -> str:
         return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
-    body = [[r["model"], fmt(r["ratio"]), r["protocol"], r["method"],
-             f"**{fmt(r['ppl'])}**" if r["tied"] else fmt(r["ppl"]),
-             ci(r["vs_dense"]) if r.get("vs_dense") else "-",
-             "best" if r["method"] == r["best"] else ci(r["vs_best"])] for r in rows]
-    return markdown_table(["model", "ratio", "protocol", "method", "PPL", "x dense [95% CI]", "x best [95% CI]"],
-                          body, 4)
+    body = [
+        [
+            r["model"],
+            fmt(r["ratio"]),
+            r["protocol"],
+            r["method"],
+            f"**{fmt(r['ppl'])}**" if r["tied"] else fmt(r["ppl"]),
+            ci(r["vs_dense"]) if r.get("vs_dense") else "-",
+            "best" if r["method"] == r["best"] else ci(r["vs_best"]),
+        ]
+        for r in rows
+    ]
+    return markdown_table(
+        ["model", "ratio", "protocol", "method", "PPL", "x dense [95% CI]", "x best [95% CI]"], body, 4
+    )
 
 
 def comparison_table(records: list[dict]) -> tuple[str, str]:
@@ -104,16 +121,23 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
     bold = best_cells(records, cols)
     ids = [[r["model"], r["method"], r.get("ratio_requested"), r.get("achieved_block_ratio")] for r in records]
     raw = [row + [metric_value(r, c.key) for c in cols] for row, r in zip(ids, records)]
-    rows = [[r["model"], r["method"], fmt(r.get("ratio_requested")), fmt(r.get("achieved_block_ratio"), 4)]
-            + [f"**{c.display(metric_value(r, c.key))}**" if (i, j) in bold else c.display(metric_value(r, c.key))
-               for j, c in enumerate(cols)] for i, r in enumerate(records)]
+    rows = [
+        [r["model"], r["method"], fmt(r.get("ratio_requested")), fmt(r.get("achieved_block_ratio"), 4)]
+        + [
+            f"**{c.display(metric_value(r, c.key))}**" if (i, j) in bold else c.display(metric_value(r, c.key))
+            for j, c in enumerate(cols)
+        ]
+        for i, r in enumerate(records)
+    ]
     md = markdown_table(COMPARISON_IDS + [c.label for c in cols], rows, 4)
     paired = paired_ppl_rows(records)
     if paired:
-        md += ("\n## Perplexity, paired over windows\n\nRatio of each method's perplexity to dense and to the best "
-               "method of its ratio, with a 95% t-interval over the per-window differences of mean token NLL "
-               "(windows of one text are not independent: read the intervals as approximate). Bold: not "
-               "distinguishable from the best (its interval includes 1).\n\n" + paired_ppl_markdown(paired))
+        md += (
+            "\n## Perplexity, paired over windows\n\nRatio of each method's perplexity to dense and to the best "
+            "method of its ratio, with a 95% t-interval over the per-window differences of mean token NLL "
+            "(windows of one text are not independent: read the intervals as approximate). Bold: not "
+            "distinguishable from the best (its interval includes 1).\n\n" + paired_ppl_markdown(paired)
+        )
     errs = stderr_rows(records)
     if errs:
         md += "\n## lm-eval, with standard errors\n\n" + errs
@@ -122,12 +146,22 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
 
 def stderr_rows(records: list[dict]) -> str:
     """Every lm-eval metric that has a standard error, as value ± stderr, one row per target."""
-    metrics = sorted({(t, m) for r in records for t, ms in (r.get("lm_eval") or {}).items() for m, v in ms.items()
-                      if v.get("stderr") is not None and math.isfinite(v["stderr"])})
+    metrics = sorted(
+        {
+            (t, m)
+            for r in records
+            for t, ms in (r.get("lm_eval") or {}).items()
+            for m, v in ms.items()
+            if v.get("stderr") is not None and math.isfinite(v["stderr"])
+        }
+    )
     if not metrics:
         return ""
-    body = [[r["model"], fmt(r.get("ratio_requested")), r["method"]]
-            + [_pm((r.get("lm_eval") or {}).get(t, {}).get(m)) for t, m in metrics] for r in comparison_order(records)]
+    body = [
+        [r["model"], fmt(r.get("ratio_requested")), r["method"]]
+        + [_pm((r.get("lm_eval") or {}).get(t, {}).get(m)) for t, m in metrics]
+        for r in comparison_order(records)
+    ]
     return markdown_table(["model", "ratio", "method", *(f"{t} {m}" for t, m in metrics)], body, 3)
 
 
@@ -141,6 +175,7 @@ def _pm(v: dict | None, digits: int = 3) -> str:
 def summary_text(dense: dict, pruned: dict) -> str:
     """Dense vs one pruned target: parameters, weights on disk, perplexity, every lm-eval metric
     with its standard error, and the item limit when one was used."""
+
     def params(r):
         return r.get("parameters") or (r.get("base_model") or {}).get("parameters")
 
@@ -148,22 +183,35 @@ def summary_text(dense: dict, pruned: dict) -> str:
         return f"{r['weights_bytes'] / 1e6:.1f} MB" if r.get("weights_bytes") else "-"
 
     src = pruned.get("source_provenance") or dense.get("source_provenance")
-    rows = [("parameters", f"{params(dense):,}" if params(dense) else "-",
-             f"{params(pruned):,}" if params(pruned) else "-"),
-            ("weights on disk", mb(dense), mb(pruned)),
-            ("block parameters removed", "0", fmt(pruned.get("achieved_block_ratio"), 4))]
+    rows = [
+        (
+            "parameters",
+            f"{params(dense):,}" if params(dense) else "-",
+            f"{params(pruned):,}" if params(pruned) else "-",
+        ),
+        ("weights on disk", mb(dense), mb(pruned)),
+        ("block parameters removed", "0", fmt(pruned.get("achieved_block_ratio"), 4)),
+    ]
     for key in sorted(set(dense.get("perplexity", {})) | set(pruned.get("perplexity", {}))):
         rows.append((key, fmt(dense.get("perplexity", {}).get(key)), fmt(pruned.get("perplexity", {}).get(key))))
     for task in sorted(set(dense.get("lm_eval") or {}) | set(pruned.get("lm_eval") or {})):
-        for metric in sorted(set((dense.get("lm_eval") or {}).get(task, {})) |
-                             set((pruned.get("lm_eval") or {}).get(task, {}))):
-            rows.append((f"{task} {metric}", _pm((dense.get("lm_eval") or {}).get(task, {}).get(metric)),
-                         _pm((pruned.get("lm_eval") or {}).get(task, {}).get(metric))))
+        for metric in sorted(
+            set((dense.get("lm_eval") or {}).get(task, {})) | set((pruned.get("lm_eval") or {}).get(task, {}))
+        ):
+            rows.append(
+                (
+                    f"{task} {metric}",
+                    _pm((dense.get("lm_eval") or {}).get(task, {}).get(metric)),
+                    _pm((pruned.get("lm_eval") or {}).get(task, {}).get(metric)),
+                )
+            )
     width = max(len(r[0]) for r in rows)
     lines = [f"{pruned['target']} vs {dense['target']} ({method_label(pruned['method'])})"]
     if src:
-        lines.append(f"source: {src.get('gguf_name')} ({src.get('gguf_package_version') or src.get('gguf_file')}), "
-                     f"tensor types {src.get('tensor_types')}" + (", dequantised" if src.get("dequantised") else ""))
+        lines.append(
+            f"source: {src.get('gguf_name')} ({src.get('gguf_package_version') or src.get('gguf_file')}), "
+            f"tensor types {src.get('tensor_types')}" + (", dequantised" if src.get("dequantised") else "")
+        )
     limit = (pruned.get("lm_eval_config") or {}).get("limit")
     if limit:
         lines.append(f"lm-eval: first {limit} items of each task (eval.lm_eval_limit)")
@@ -172,8 +220,13 @@ def summary_text(dense: dict, pruned: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-BASELINE_LABELS = {"random": "Random", "magnitude": "Magnitude", "wanda_sp": "Wanda-sp", "flap": "FLAP",
-                   "flap_mlp": "FLAP (MLP only)"}
+BASELINE_LABELS = {
+    "random": "Random",
+    "magnitude": "Magnitude",
+    "wanda_sp": "Wanda-sp",
+    "flap": "FLAP",
+    "flap_mlp": "FLAP (MLP only)",
+}
 LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte")
 
 
@@ -279,14 +332,22 @@ def _ppl_label(key: str) -> str:
 
 def metric_columns(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_perplexity")) -> list[Column]:
     """Every perplexity protocol, one metric per lm-eval task (first of ``task_metrics`` it has), mean acc."""
-    cols = [Column(f"ppl:{k}", _ppl_label(k), True)
-            for k in _ordered(k for r in records for k in r.get("perplexity") or {})]
+    cols = [
+        Column(f"ppl:{k}", _ppl_label(k), True) for k in _ordered(k for r in records for k in r.get("perplexity") or {})
+    ]
     for task in _ordered(t for r in records for t in r.get("lm_eval") or {}):
         available = _ordered(m for r in records for m in ((r.get("lm_eval") or {}).get(task) or {}))
         metric = next((m for m in task_metrics if m in available), available[0])
         lower = lower_is_better(metric)
-        cols.append(Column(f"{task}:{metric}", f"{task} {metric}", lower, percent=not lower,
-                           digits=3 if metric == "bits_per_byte" else 2))
+        cols.append(
+            Column(
+                f"{task}:{metric}",
+                f"{task} {metric}",
+                lower,
+                percent=not lower,
+                digits=3 if metric == "bits_per_byte" else 2,
+            )
+        )
     if any(r.get("lm_eval_mean_acc") is not None for r in records):
         cols.append(Column("mean_acc", "mean acc", False, percent=True))
     return cols
@@ -296,14 +357,20 @@ def order_records(records: list[dict]) -> list[dict]:
     """Models in order of appearance; per model dense first, then ratios ascending, methods in order."""
     models = _ordered(r["model"] for r in records)
     methods = _ordered(r["method"] for r in records)
-    return sorted(records, key=lambda r: (models.index(r["model"]), r["method"] != "dense", ratio_pct(r),
-                                          methods.index(r["method"])))
+    return sorted(
+        records,
+        key=lambda r: (models.index(r["model"]), r["method"] != "dense", ratio_pct(r), methods.index(r["method"])),
+    )
 
 
 def best_cells(records: list[dict], columns: list[Column]) -> set[tuple[int, int]]:
     """(row, column) of the best displayed value per block (model x ratio) and column; dense never counts."""
-    cells = {(i, j): ((r["model"], ratio_pct(r), j), c.shown(metric_value(r, c.key)))
-             for i, r in enumerate(records) if r["method"] != "dense" for j, c in enumerate(columns)}
+    cells = {
+        (i, j): ((r["model"], ratio_pct(r), j), c.shown(metric_value(r, c.key)))
+        for i, r in enumerate(records)
+        if r["method"] != "dense"
+        for j, c in enumerate(columns)
+    }
     best: dict[tuple, float] = {}
     for (_, j), (block, v) in cells.items():
         if v is not None and (block not in best or (v < best[block] if columns[j].lower_better else v > best[block])):
@@ -349,10 +416,21 @@ def main_table(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_
     records = order_records(records)
     cols = metric_columns(records, task_metrics)
     bold = best_cells(records, cols)
-    raw = [[r["model"], r.get("ratio_requested"), r["method"], r.get("achieved_block_ratio"),
-            *(metric_value(r, c.key) for c in cols)] for r in records]
-    return {"csv": _csv(MAIN_IDS + [c.key for c in cols], raw),
-            "md": _main_markdown(records, cols, bold), "tex": _main_latex(records, cols, bold)}
+    raw = [
+        [
+            r["model"],
+            r.get("ratio_requested"),
+            r["method"],
+            r.get("achieved_block_ratio"),
+            *(metric_value(r, c.key) for c in cols),
+        ]
+        for r in records
+    ]
+    return {
+        "csv": _csv(MAIN_IDS + [c.key for c in cols], raw),
+        "md": _main_markdown(records, cols, bold),
+        "tex": _main_latex(records, cols, bold),
+    }
 
 
 def _id_cells(r: dict) -> list[str]:
@@ -371,8 +449,12 @@ def _main_markdown(records: list[dict], cols: list[Column], bold: set[tuple[int,
 
 def _main_latex(records: list[dict], cols: list[Column], bold: set[tuple[int, int]]) -> str:
     header = ["Model", "Ratio", "Method", r"Removed \%"] + [_tex(c.label) + _arrow(c, True) for c in cols]
-    lines = [r"\begin{tabular}{lrl" + "r" * (1 + len(cols)) + "}", r"\toprule", " & ".join(header) + r" \\",
-             r"\midrule"]
+    lines = [
+        r"\begin{tabular}{lrl" + "r" * (1 + len(cols)) + "}",
+        r"\toprule",
+        " & ".join(header) + r" \\",
+        r"\midrule",
+    ]
     prev: tuple | None = None
     for i, r in enumerate(records):
         model, ratio, method, removed = (_tex(s) for s in _id_cells(r))
@@ -382,31 +464,73 @@ def _main_latex(records: list[dict], cols: list[Column], bold: set[tuple[int, in
         cells = [_tex(c.display(metric_value(r, c.key))) for c in cols]
         cells = [rf"\textbf{{{s}}}" if (i, j) in bold else s for j, s in enumerate(cells)]
         first_of_model = prev is None or prev[0] != r["model"]
-        lines.append(" & ".join([model if first_of_model else "", ratio if block != prev else "", method,
-                                 removed, *cells]) + r" \\")
+        lines.append(
+            " & ".join([model if first_of_model else "", ratio if block != prev else "", method, removed, *cells])
+            + r" \\"
+        )
         prev = block
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-ABLATION_IDS = ["model", "ratio_requested", "method", "k", "calibration_texts", "batches", "threshold",
-                "achieved_block_ratio", "nonconverged_fraction"]
+ABLATION_IDS = [
+    "model",
+    "ratio_requested",
+    "method",
+    "k",
+    "calibration_texts",
+    "batches",
+    "threshold",
+    "achieved_block_ratio",
+    "nonconverged_fraction",
+]
 
 
 def ablation_table(records: list[dict], task_metrics: Sequence[str] = ("acc", "word_perplexity")) -> dict[str, str]:
     """The ablation targets (k and calibration size) as CSV and Markdown, with threshold and convergence."""
     models = _ordered(r["model"] for r in records)
-    records = sorted(records, key=lambda r: (models.index(r["model"]), r["method"] != "dense", ratio_pct(r),
-                                             r.get("k") or 0, calibration_texts(r) or 0))
+    records = sorted(
+        records,
+        key=lambda r: (
+            models.index(r["model"]),
+            r["method"] != "dense",
+            ratio_pct(r),
+            r.get("k") or 0,
+            calibration_texts(r) or 0,
+        ),
+    )
     cols = metric_columns(records, task_metrics)
-    ids = [[r["model"], r.get("ratio_requested"), r["method"], r.get("k"), calibration_texts(r), batches_used(r),
-            r.get("threshold"), r.get("achieved_block_ratio"), nonconverged_fraction(r)] for r in records]
+    ids = [
+        [
+            r["model"],
+            r.get("ratio_requested"),
+            r["method"],
+            r.get("k"),
+            calibration_texts(r),
+            batches_used(r),
+            r.get("threshold"),
+            r.get("achieved_block_ratio"),
+            nonconverged_fraction(r),
+        ]
+        for r in records
+    ]
     raw = [row + [metric_value(r, c.key) for c in cols] for row, r in zip(ids, records)]
     header = ["Model", "Ratio", "Method", "k", "Texts", "Batches", "T", "Removed %", "Non-conv. %"]
-    rows = [[r["model"], "-" if r["method"] == "dense" else f"{ratio_pct(r)}%", method_label(r["method"]),
-             _int(r.get("k")), _int(calibration_texts(r)), _int(batches_used(r)), fmt(r.get("threshold"), 3),
-             fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1), _pct(nonconverged_fraction(r))]
-            + [c.display(metric_value(r, c.key)) for c in cols] for r in records]
+    rows = [
+        [
+            r["model"],
+            "-" if r["method"] == "dense" else f"{ratio_pct(r)}%",
+            method_label(r["method"]),
+            _int(r.get("k")),
+            _int(calibration_texts(r)),
+            _int(batches_used(r)),
+            fmt(r.get("threshold"), 3),
+            fmt(100 * (r.get("achieved_block_ratio") or 0.0), 1),
+            _pct(nonconverged_fraction(r)),
+        ]
+        + [c.display(metric_value(r, c.key)) for c in cols]
+        for r in records
+    ]
     header += [c.label + _arrow(c, False) for c in cols]
     return {"csv": _csv(ABLATION_IDS + [c.key for c in cols], raw), "md": markdown_table(header, rows, 3)}
 

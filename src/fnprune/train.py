@@ -28,12 +28,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
@@ -72,15 +76,16 @@ def mean_nll(model, rows: torch.Tensor, batch_size: int = 16) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        x = rows[i:i + batch_size]
+        x = rows[i : i + batch_size]
         out = model(input_ids=x, labels=x)
         total += out.loss.item() * len(x)
         n += len(x)
     return total / max(n, 1)
 
 
-def train_embedded_model(train_texts: list[str], val_texts: list[str], spec: dict,
-                         out_dir: str | Path, seed: int = 0) -> dict:
+def train_embedded_model(
+    train_texts: list[str], val_texts: list[str], spec: dict, out_dir: str | Path, seed: int = 0
+) -> dict:
     """Train tokenizer and model on ``train_texts``; save both to ``out_dir`` atomically.
 
     ``spec`` is the ``models.<name>.train`` config entry. Training runs a fixed number of
@@ -91,11 +96,18 @@ def train_embedded_model(train_texts: list[str], val_texts: list[str], spec: dic
     tokenizer = train_tokenizer(train_texts, spec["vocab_size"])
     train_rows = pack_tokens(tokenizer, train_texts, spec["seq_len"])
     val_rows = pack_tokens(tokenizer, val_texts, spec["seq_len"])
-    log.info("tokenizer: %d tokens in vocabulary; %d train rows, %d validation rows of %d tokens",
-             len(tokenizer), len(train_rows), len(val_rows), spec["seq_len"])
+    log.info(
+        "tokenizer: %d tokens in vocabulary; %d train rows, %d validation rows of %d tokens",
+        len(tokenizer),
+        len(train_rows),
+        len(val_rows),
+        spec["seq_len"],
+    )
     if len(train_rows) < spec["batch_size"]:
-        raise ValueError(f"train split has {len(train_rows)} rows of {spec['seq_len']} tokens; "
-                         f"models.*.train.batch_size={spec['batch_size']} needs at least that many")
+        raise ValueError(
+            f"train split has {len(train_rows)} rows of {spec['seq_len']} tokens; "
+            f"models.*.train.batch_size={spec['batch_size']} needs at least that many"
+        )
 
     model = build_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -103,7 +115,8 @@ def train_embedded_model(train_texts: list[str], val_texts: list[str], spec: dic
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.1, betas=(0.9, 0.95))
     steps, warmup = spec["steps"], max(1, spec["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses = []

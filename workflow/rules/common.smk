@@ -97,8 +97,9 @@ def ica_files(model, ica_dir, batches=None):
     ids = list(batch_ids(model))
     if batches:
         if batches > len(ids):
-            raise ValueError(f"mask from {batches} batches (_b{batches}), but models.{model}.calibration.n_batches "
-                             f"is {len(ids)}")
+            raise ValueError(
+                f"mask from {batches} batches (_b{batches}), but models.{model}.calibration.n_batches is {len(ids)}"
+            )
         ids = ids[:batches]
     return [f"results/{model}/ica/{ica_dir}/b{b}.npz" for b in ids]
 
@@ -122,8 +123,12 @@ def target_name(model, ratio, method):
 def all_targets(wildcards):
     t = config["targets"]
     out = [f"results/{m}_dense/metrics.json" for m in t["models"]]
-    out += [f"results/{target_name(m, r, meth)}/metrics.json"
-            for m in t["models"] for r in t["ratios"] for meth in t["methods"]]
+    out += [
+        f"results/{target_name(m, r, meth)}/metrics.json"
+        for m in t["models"]
+        for r in t["ratios"]
+        for meth in t["methods"]
+    ]
     return out
 
 
@@ -135,8 +140,9 @@ def comparison_tables(wildcards):
 def comparison_metrics(wildcards):
     c = config["comparison"]
     out = [f"results/{wildcards.model}_dense/metrics.json"]
-    out += [f"results/{target_name(wildcards.model, r, meth)}/metrics.json"
-            for r in c["ratios"] for meth in c["methods"]]
+    out += [
+        f"results/{target_name(wildcards.model, r, meth)}/metrics.json" for r in c["ratios"] for meth in c["methods"]
+    ]
     return out
 
 
@@ -158,8 +164,10 @@ def export_inputs(wildcards):
     t = target_info(wildcards)
     arch = mspec(t["model"])["architecture"]
     if arch != "LlamaForCausalLM":
-        raise ValueError(f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: GGUF export writes "
-                         f"LLaMA-architecture models; models.{t['model']}.architecture is {arch}")
+        raise ValueError(
+            f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: GGUF export writes "
+            f"LLaMA-architecture models; models.{t['model']}.architecture is {arch}"
+        )
     return {"model": eval_model(wildcards)}
 
 
@@ -283,8 +291,11 @@ def selector_info(wildcards):
 
 def mask_ica_inputs(wildcards):
     s = selector_info(wildcards)
-    return {"scores": ica_files(wildcards.model, s["ica_dir"], s["batches"]), "model": model_input(wildcards.model),
-            **stats_inputs(wildcards.model, s["needs_stats"])}
+    return {
+        "scores": ica_files(wildcards.model, s["ica_dir"], s["batches"]),
+        "model": model_input(wildcards.model),
+        **stats_inputs(wildcards.model, s["needs_stats"]),
+    }
 
 
 def mask_baseline_inputs(wildcards):
@@ -306,8 +317,11 @@ def ica_runs(wildcards):
 
 def prune_inputs(wildcards):
     w = wildcards
-    return {"mask": mask_file(w.model, w.ratio, w.method), "model": model_input(w.model),
-            **stats_inputs(w.model, method_info(w)["bias"])}
+    return {
+        "mask": mask_file(w.model, w.ratio, w.method),
+        "model": model_input(w.model),
+        **stats_inputs(w.model, method_info(w)["bias"]),
+    }
 
 
 def prune_bias(wildcards):
@@ -332,8 +346,10 @@ def paper_metrics_files(targets):
 
 def paper_table_inputs(wildcards):
     """The metrics of a paper grid's main table and of its ablations."""
-    return {"main": paper_metrics_files(fpaper.main_targets(config, wildcards.grid)),
-            "ablation": paper_metrics_files(fpaper.ablation_targets(config, wildcards.grid))}
+    return {
+        "main": paper_metrics_files(fpaper.main_targets(config, wildcards.grid)),
+        "ablation": paper_metrics_files(fpaper.ablation_targets(config, wildcards.grid)),
+    }
 
 
 def figure_outputs(figure):
@@ -362,7 +378,9 @@ def paper_figure_metrics(figure):
 
 def paper_overlap_masks(wildcards):
     """One mask JSON per distinct mask of a grid's methods at its focus ratio."""
-    return [mask_file(t.model, t.ratio, t.method) for t in fpaper.overlap_masks(config, wildcards.grid, wildcards.model)]
+    return [
+        mask_file(t.model, t.ratio, t.method) for t in fpaper.overlap_masks(config, wildcards.grid, wildcards.model)
+    ]
 
 
 def paper_stability_inputs(wildcards):
@@ -374,8 +392,11 @@ def paper_stability_inputs(wildcards):
 def paper_figures(wildcards):
     """The PNG of every figure of every model of a grid (each job writes its PDF beside it)."""
     models = config["paper"]["grids"][wildcards.grid]["models"]
-    return [f"results/paper/{wildcards.grid}/{m}/{fig}.png" for m in models
-            for fig in fpaper.figures_of(config, wildcards.grid)]
+    return [
+        f"results/paper/{wildcards.grid}/{m}/{fig}.png"
+        for m in models
+        for fig in fpaper.figures_of(config, wildcards.grid)
+    ]
 
 
 def paper_studies_inputs(wildcards):
@@ -385,8 +406,11 @@ def paper_studies_inputs(wildcards):
 
 
 def paper_summary_inputs(wildcards):
-    inp = {"main": f"results/paper/{wildcards.grid}/main_table.md",
-           "ablation": f"results/paper/{wildcards.grid}/ablation_table.md", "figures": paper_figures(wildcards)}
+    inp = {
+        "main": f"results/paper/{wildcards.grid}/main_table.md",
+        "ablation": f"results/paper/{wildcards.grid}/ablation_table.md",
+        "figures": paper_figures(wildcards),
+    }
     if config["paper"]["grids"][wildcards.grid]["studies"]:
         inp["studies"] = f"results/paper/{wildcards.grid}/studies.md"
     if config["paper"]["grids"][wildcards.grid]["domains"]:
@@ -399,8 +423,11 @@ def paper_seeds_inputs(wildcards):
     """The ablation method's focus mask, its ICA scores of every batch, and batch 0 under each extra seed."""
     t, _, _ = fpaper.stability_target(config, wildcards.grid, wildcards.model)
     own, seeded = fpaper.seeds_ica_dirs(config, wildcards.grid)
-    return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, own),
-            "seeds": [f"results/{t.model}/ica/{d}/b0.npz" for d in seeded]}
+    return {
+        "mask": mask_file(t.model, t.ratio, t.method),
+        "scores": ica_files(t.model, own),
+        "seeds": [f"results/{t.model}/ica/{d}/b0.npz" for d in seeded],
+    }
 
 
 def domain_tables(wildcards):
@@ -412,8 +439,10 @@ def domain_inputs(wildcards):
     """Every ``ppl-{corpus}.json`` of a domain table (the dense model's first) and every source's mask."""
     d, points = config["domains"], fdomains.pruned_points(config, wildcards.model)
     targets = [target_name(wildcards.model, None, "dense")] + [target_name(*p) for p in points]
-    return {"ppl": [f"results/{t}/ppl-{c}.json" for t in targets for c in d["corpora"]],
-            "masks": [mask_file(*p) for p in points]}
+    return {
+        "ppl": [f"results/{t}/ppl-{c}.json" for t in targets for c in d["corpora"]],
+        "masks": [mask_file(*p) for p in points],
+    }
 
 
 def domain_mask_keys(wildcards):

@@ -5,18 +5,41 @@ rule paper_tables:
     input:
         unpack(paper_table_inputs),
     output:
-        main_csv=report("results/paper/{grid}/main_table.csv", caption="../report/paper_main_table.rst",
-                        category="Tables", subcategory="{grid}", labels={"table": "main", "format": "CSV"}),
-        main_md=report("results/paper/{grid}/main_table.md", caption="../report/paper_main_table.rst",
-                       category="Tables", subcategory="{grid}", labels={"table": "main", "format": "Markdown"}),
-        main_tex=report("results/paper/{grid}/main_table.tex", caption="../report/paper_main_table.rst",
-                        category="Tables", subcategory="{grid}", labels={"table": "main", "format": "LaTeX"}),
-        ablation_csv=report("results/paper/{grid}/ablation_table.csv",
-                            caption="../report/paper_ablation_table.rst", category="Tables", subcategory="{grid}",
-                            labels={"table": "ablations", "format": "CSV"}),
-        ablation_md=report("results/paper/{grid}/ablation_table.md",
-                           caption="../report/paper_ablation_table.rst", category="Tables", subcategory="{grid}",
-                           labels={"table": "ablations", "format": "Markdown"}),
+        main_csv=report(
+            "results/paper/{grid}/main_table.csv",
+            caption="../report/paper_main_table.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "main", "format": "CSV"},
+        ),
+        main_md=report(
+            "results/paper/{grid}/main_table.md",
+            caption="../report/paper_main_table.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "main", "format": "Markdown"},
+        ),
+        main_tex=report(
+            "results/paper/{grid}/main_table.tex",
+            caption="../report/paper_main_table.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "main", "format": "LaTeX"},
+        ),
+        ablation_csv=report(
+            "results/paper/{grid}/ablation_table.csv",
+            caption="../report/paper_ablation_table.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "ablations", "format": "CSV"},
+        ),
+        ablation_md=report(
+            "results/paper/{grid}/ablation_table.md",
+            caption="../report/paper_ablation_table.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "ablations", "format": "Markdown"},
+        ),
     log:
         "results/logs/paper/{grid}_tables.log",
     params:
@@ -117,8 +140,13 @@ rule paper_studies:
     input:
         unpack(paper_studies_inputs),
     output:
-        md=report("results/paper/{grid}/studies.md", caption="../report/paper_studies.rst", category="Tables",
-                  subcategory="{grid}", labels={"table": "studies", "format": "Markdown"}),
+        md=report(
+            "results/paper/{grid}/studies.md",
+            caption="../report/paper_studies.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "studies", "format": "Markdown"},
+        ),
         csv="results/paper/{grid}/studies.csv",
     log:
         "results/logs/paper/{grid}_studies.log",
@@ -138,8 +166,13 @@ rule paper_summary:
     input:
         unpack(paper_summary_inputs),
     output:
-        report("results/paper/{grid}/report.md", caption="../report/paper_summary.rst", category="Tables",
-               subcategory="{grid}", labels={"table": "summary: tables and figures", "format": "Markdown"}),
+        report(
+            "results/paper/{grid}/report.md",
+            caption="../report/paper_summary.rst",
+            category="Tables",
+            subcategory="{grid}",
+            labels={"table": "summary: tables and figures", "format": "Markdown"},
+        ),
     log:
         "results/logs/paper/{grid}_summary.log",
     threads: 1

@@ -1,5 +1,10 @@
 from fnprune import stages
 
 stages.setup(snakemake.log[0], snakemake.params.torch_threads)
-stages.extract(snakemake.input.batches, int(snakemake.wildcards.batch), snakemake.params.spec,
-               snakemake.params.source, snakemake.output.shards)
+stages.extract(
+    snakemake.input.batches,
+    int(snakemake.wildcards.batch),
+    snakemake.params.spec,
+    snakemake.params.source,
+    snakemake.output.shards,
+)
