@@ -5,8 +5,13 @@ shapes match what the methods produce); the ideal speed-up is the ratio of block
 ``--round 64`` every ratio is also run with the kept neurons per layer rounded to a multiple of
 64 (what the ``_m64`` method option does), side by side in the same run.
 
-    python benchmarks/pruned_speed.py --shape llama7b-block    # one LLaMA-7B-shaped decoder block
+With ``--pruned`` the workflow's own pruned models (``results/{target}/model``, per-layer widths
+as their masks chose them) are timed too, against the same dense model.
+
+    python benchmarks/pruned_speed.py                          # one LLaMA-7B-shaped decoder block
     python benchmarks/pruned_speed.py --model results/models/tiny
+    python benchmarks/pruned_speed.py --model results/models/smol --round 64 \
+        --pruned results/smol_r20_c64/model results/smol_r20_c64_m64/model
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
@@ -89,6 +95,7 @@ def main() -> None:
         dest="round_to",
         help="also run every ratio with kept neurons rounded to this multiple",
     )
+    p.add_argument("--pruned", nargs="*", default=[], help="pruned model directories of the workflow")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -102,22 +109,30 @@ def main() -> None:
         f"{args.new_tokens} decoded, threads {args.threads}, best of {args.repeats}"
     )
     print(
-        f"{'variant':10} {'MLP width':>9} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} "
+        f"{'variant':18} {'MLP width':>9} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} "
         f"{'ideal x':>8} {'prefill/ideal':>13}"
     )
     width = A.intermediate_size(A.layers(dense, A.adapter_for(dense))[0], A.adapter_for(dense))
-    print(f"{'dense':10} {width:>9} {d_pre:>10.4f} {d_dec:>13.1f} {1:>10.2f} {1:>9.2f} {1:>8.2f} {1:>13.2f}")
-    for r in args.ratios:
-        for round_to in (0, args.round_to) if args.round_to else (0,):
-            pruned = prune_uniform(dense, r, round_to)
-            pre, dec = speed(pruned, args.prompt, args.new_tokens, args.repeats)
-            ideal = block_flops(dense) / block_flops(pruned)
-            name = f"r{int(r * 100)}" + (f"_m{round_to}" if round_to else "")
-            w = A.intermediate_size(A.layers(pruned, A.adapter_for(pruned))[0], A.adapter_for(pruned))
-            print(
-                f"{name:10} {w:>9} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f} "
-                f"{d_pre / pre / ideal:>13.2f}"
-            )
+    print(f"{'dense':18} {width:>9} {d_pre:>10.4f} {d_dec:>13.1f} {1:>10.2f} {1:>9.2f} {1:>8.2f} {1:>13.2f}")
+    variants = [
+        (f"r{int(r * 100)}" + (f"_m{round_to}" if round_to else ""), lambda r=r, m=round_to: prune_uniform(dense, r, m))
+        for r in args.ratios
+        for round_to in ((0, args.round_to) if args.round_to else (0,))
+    ]
+    for d in args.pruned:
+        from fnprune.modeling import load_pruned
+
+        variants.append((Path(d).parent.name, lambda d=d: load_pruned(d, dtype="float32", device="cpu")))
+    for name, make in variants:
+        pruned = make()
+        pre, dec = speed(pruned, args.prompt, args.new_tokens, args.repeats)
+        ideal = block_flops(dense) / block_flops(pruned)
+        ws = [A.intermediate_size(b, A.adapter_for(pruned)) for b in A.layers(pruned, A.adapter_for(pruned))]
+        w = str(ws[0]) if len(set(ws)) == 1 else f"{min(ws)}-{max(ws)}"
+        print(
+            f"{name:18} {w:>9} {pre:>10.4f} {dec:>13.1f} {d_pre / pre:>10.2f} {dec / d_dec:>9.2f} {ideal:>8.2f} "
+            f"{d_pre / pre / ideal:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

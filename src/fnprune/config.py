@@ -87,7 +87,7 @@ STAGE_KEYS = {
 # Sources whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 BUILT_SOURCES = ("train", "gguf")
 # ica.backend is only the default of a target that names none: the backend is in every ICA path.
-ICA_OUTPUT_KEYS = ("max_iter", "tol", "device", "on_nonconvergence", "retries", "on_constant_layer")
+ICA_OUTPUT_KEYS = ("solver", "max_iter", "tol", "device", "on_nonconvergence", "retries", "on_constant_layer")
 
 
 def spec_for(spec: dict, stage: str) -> dict:

@@ -4,8 +4,9 @@ Three backends compute the same decomposition of a (tokens x signals) matrix ``X
 
 - ``torch``: z-score (block by block, no copy), the Gram matrix of the smaller dimension, its
   top-``k`` eigenvectors by subspace iteration run to convergence (principal angles between
-  successive iterates) with an exact ``eigh`` fall-back, then FastICA (parallel, ``cube``)
-  iterated in float64. CPU or CUDA.
+  successive iterates) with an exact ``eigh`` fall-back, then the ICA of the ``k`` components
+  in float64: Picard-O (``solver="picard"``, the default) or parallel FastICA (``"fastica"``),
+  one ``cube`` objective with the same fixed points and FastICA's stopping test. CPU or CUDA.
 - ``exact``: the authors' way and the correctness reference: full SVD of the signal matrix,
   then scikit-learn's float64 FastICA.
 - ``nilearn``: ``nilearn.decomposition.CanICA`` on the signals wrapped as a NIfTI volume of
@@ -188,6 +189,32 @@ def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
     return (u * s.rsqrt().unsqueeze(-2)) @ u.transpose(-1, -2) @ w
 
 
+def _whiten(x: torch.Tensor) -> torch.Tensor:
+    """Centre and whiten every (k x N) problem of a batch (L x k x N), in float64."""
+    n = x.shape[-1]
+    xc = x - x.mean(-1, keepdim=True)
+    d, e = torch.linalg.eigh(xc @ xc.transpose(-1, -2) / n)
+    d = d.clamp(min=torch.finfo(torch.float64).eps * float(d.max()))
+    return ((e * d.rsqrt().unsqueeze(-2)).transpose(-1, -2) @ xc).contiguous()
+
+
+def _start(seeds: list[int], k: int, like: torch.Tensor) -> torch.Tensor:
+    """The random orthogonal start of every problem (scikit-learn's: a seeded normal matrix,
+    symmetrically decorrelated), shared by both solvers so one seed means one start."""
+    w0 = np.stack([np.random.RandomState(sd).standard_normal((k, k)) for sd in seeds])
+    return _sym_decorrelation(torch.from_numpy(w0).to(like))
+
+
+def _batch(x: torch.Tensor, seed: int | list[int]) -> tuple[bool, torch.Tensor, list[int]]:
+    single = x.dim() == 2
+    return single, (x.unsqueeze(0) if single else x).double(), [seed] if isinstance(seed, int) else list(seed)
+
+
+def _unbatch(single: bool, sources: torch.Tensor, active: torch.Tensor, n_iter: torch.Tensor):
+    converged, iters = (~active).tolist(), n_iter.tolist()
+    return (sources[0], converged[0], iters[0]) if single else (sources, converged, iters)
+
+
 def fastica_cube(
     x: torch.Tensor, seed: int | list[int], max_iter: int = 300, tol: float = 1e-4
 ) -> tuple[torch.Tensor, bool | list[bool], int | list[int]]:
@@ -198,16 +225,10 @@ def fastica_cube(
     all of them. A problem that reached ``tol`` stops changing while the others go on. Returns
     the sources, whether each reached ``tol`` and its number of iterations.
     """
-    single = x.dim() == 2
-    x = (x.unsqueeze(0) if single else x).double()
-    seeds = [seed] if isinstance(seed, int) else list(seed)
+    single, x, seeds = _batch(x, seed)
     n_prob, k, n = x.shape
-    xc = x - x.mean(-1, keepdim=True)
-    d, e = torch.linalg.eigh(xc @ xc.transpose(-1, -2) / n)
-    d = d.clamp(min=torch.finfo(torch.float64).eps * float(d.max()))
-    xw = ((e * d.rsqrt().unsqueeze(-2)).transpose(-1, -2) @ xc).contiguous()  # whitened
-    w0 = np.stack([np.random.RandomState(sd).standard_normal((k, k)) for sd in seeds])
-    w = _sym_decorrelation(torch.from_numpy(w0).to(xw))
+    xw = _whiten(x)
+    w = _start(seeds, k, xw)
     active = torch.ones(n_prob, dtype=torch.bool, device=xw.device)
     n_iter = torch.full((n_prob,), max_iter, dtype=torch.long, device=xw.device)
     for it in range(1, max_iter + 1):
@@ -222,12 +243,141 @@ def fastica_cube(
         active &= ~done
         if not bool(active.any()):
             break
-    sources = w @ xw
-    converged = (~active).tolist()
-    iters = n_iter.tolist()
-    if single:
-        return sources[0], converged[0], iters[0]
-    return sources, converged, iters
+    return _unbatch(single, w @ xw, active, n_iter)
+
+
+def _fastica_step_change(g_full: torch.Tensor, gp_mean: torch.Tensor) -> torch.Tensor:
+    """FastICA's convergence measure at an orthogonal ``W``, from ``E[y^3 y^T]`` and ``E[3 y^2]``.
+
+    With whitened ``X = W^T Y``, FastICA's next iterate is ``W1 = sym(M W)``, ``M = E[g(y) y^T]
+    - diag(E[g'(y)])``, so ``W1 W^T = (M M^T)^{-1/2} M``: its diagonal is FastICA's ``lim``
+    (``max |1 - |diag(W1 W^T)||``), computed in k x k without another pass over the samples.
+    """
+    m = g_full - torch.diag_embed(gp_mean)
+    d, e = torch.linalg.eigh(m @ m.transpose(-1, -2))
+    inv_sqrt = (e * d.clamp(min=torch.finfo(m.dtype).tiny).rsqrt().unsqueeze(-2)) @ e.transpose(-1, -2)
+    return (torch.diagonal(inv_sqrt @ m, dim1=-2, dim2=-1).abs() - 1).abs().amax(-1)
+
+
+def picard_cube(
+    x: torch.Tensor,
+    seed: int | list[int],
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    memory: int = 7,
+    ls_tries: int = 10,
+    lambda_min: float = 0.01,
+) -> tuple[torch.Tensor, bool | list[bool], int | list[int]]:
+    """Picard-O (Ablin, Cardoso and Gramfort 2018) with the ``cube`` density, in float64: the
+    same objective and fixed points as :func:`fastica_cube`, reached in fewer iterations.
+
+    Picard-O minimises the extended (sign-adaptive, so sub- and super-Gaussian sources alike)
+    kurtosis contrast over orthogonal unmixing matrices by L-BFGS on the orthogonal group, with a
+    Hessian approximation as preconditioner and a backtracking line search along ``expm`` of the
+    (antisymmetric) direction; the python-picard package's ``ortho=True, extended=True`` solver,
+    batched like :func:`fastica_cube` (one start per problem from the same seeded matrix).
+    Stopping is FastICA's own test (:func:`_fastica_step_change` below ``tol``), so
+    "converged" means what it means for FastICA: one more FastICA step would not move ``W``.
+    """
+    single, x, seeds = _batch(x, seed)
+    n_prob, k, n = x.shape
+    y = _start(seeds, k, x) @ _whiten(x)
+    active = torch.ones(n_prob, dtype=torch.bool, device=y.device)
+    n_iter = torch.full((n_prob,), max_iter, dtype=torch.long, device=y.device)
+    mem: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (step, gradient change, 1 / curvature)
+    g_old = step = old_signs = None
+    for it in range(1, max_iter + 1):
+        y2 = y * y
+        g_full = (y2 * y) @ y.transpose(-1, -2) / n  # E[psi(y) y^T], psi = y^3
+        gp_mean = 3.0 * y2.mean(-1)  # E[psi'(y)]
+        done = active & (_fastica_step_change(g_full, gp_mean) < tol)
+        n_iter[done] = it - 1
+        active &= ~done
+        if not bool(active.any()):
+            break
+        kurt = torch.diagonal(g_full, dim1=-2, dim2=-1)  # E[y^4]
+        signs = torch.where(gp_mean >= kurt, 1.0, -1.0).to(y)  # sub-Gaussian +1, super-Gaussian -1
+        loss = (signs * (y2 * y2).mean(-1) / 4).sum(-1)
+        grad = g_full * signs.unsqueeze(-1)
+        h_off = signs * kurt
+        psid = signs * gp_mean
+        h = 0.5 * (psid.unsqueeze(-1) + psid.unsqueeze(-2) - h_off.unsqueeze(-1) - h_off.unsqueeze(-2))
+        h = h.clamp(min=lambda_min)
+        grad = (grad - grad.transpose(-1, -2)) / 2
+        # a problem whose signs changed starts its memory afresh (its contrast changed)
+        keep = (signs == old_signs).all(-1) if old_signs is not None else torch.ones_like(active)
+        old_signs = signs
+        if g_old is not None:
+            dy = grad - g_old
+            curv = (step * dy).sum((-2, -1))
+            ok = curv > 0
+            mem.append((step * ok[:, None, None], dy * ok[:, None, None], torch.where(ok, 1.0 / curv, 0.0)))
+            mem = mem[-memory:]
+        mem = [(s_ * keep[:, None, None], y_ * keep[:, None, None], r_ * keep) for s_, y_, r_ in mem]
+        g_old = grad
+        direction = _lbfgs_direction(grad, h, mem) * active[:, None, None]  # converged problems stay
+        y_new, _, step, failed = _line_search(y, loss, signs, direction, ls_tries)
+        failed &= active
+        if bool(failed.any()):  # no descent along L-BFGS: the gradient from the same point, memory cleared
+            y_fb, _, step_fb, _ = _line_search(y, loss, signs, -grad * failed[:, None, None], 10)
+            y_new = torch.where(failed[:, None, None], y_fb, y_new)
+            step = torch.where(failed[:, None, None], step_fb, step)
+            mem = [(s_ * ~failed[:, None, None], y_ * ~failed[:, None, None], r_ * ~failed) for s_, y_, r_ in mem]
+        y = y_new
+    return _unbatch(single, y, active, n_iter)
+
+
+def _lbfgs_direction(grad: torch.Tensor, h: torch.Tensor, mem: list) -> torch.Tensor:
+    """L-BFGS two-loop recursion with the Hessian approximation ``h`` as initial preconditioner."""
+    q = grad.clone()
+    alphas = []
+    for s_, y_, r_ in reversed(mem):
+        a = r_ * (s_ * q).sum((-2, -1))
+        alphas.append(a)
+        q = q - a[:, None, None] * y_
+    z = q / h
+    z = (z - z.transpose(-1, -2)) / 2
+    for (s_, y_, r_), a in zip(mem, reversed(alphas)):
+        b = r_ * (y_ * z).sum((-2, -1))
+        z = z + (a - b)[:, None, None] * s_
+    return -z
+
+
+def _line_search(y, loss, signs, direction, tries: int):
+    """Backtracking along ``expm(alpha D)`` per problem: the first halving of ``alpha`` that lowers
+    the loss is taken; where none does within ``tries``, the last trial is returned, flagged."""
+    alpha = torch.ones(y.shape[0], dtype=y.dtype, device=y.device)
+    accepted = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+    new_y, new_loss, step = y.clone(), loss.clone(), direction.clone()
+    for _ in range(tries):
+        trial_dir = alpha[:, None, None] * direction
+        y_try = torch.linalg.matrix_exp(trial_dir) @ y
+        y_sq = y_try * y_try
+        l_try = (signs * (y_sq * y_sq).mean(-1) / 4).sum(-1)
+        good = ~accepted & torch.isfinite(l_try) & (l_try < loss)
+        new_y = torch.where(good[:, None, None], y_try, new_y)
+        new_loss = torch.where(good, l_try, new_loss)
+        step = torch.where(good[:, None, None], trial_dir, step)
+        accepted |= good
+        if bool(accepted.all()):
+            break
+        alpha = torch.where(accepted, alpha, alpha / 2)
+    # not accepted: the last trial (python-picard's behaviour), flagged for the gradient fall-back
+    last = ~accepted
+    new_y = torch.where(last[:, None, None], y_try, new_y)
+    new_loss = torch.where(last, l_try, new_loss)
+    step = torch.where(last[:, None, None], trial_dir, step)
+    return new_y, new_loss, step, ~accepted
+
+
+# The ICA iterations of the torch backend (``ica.solver``): one objective, two solvers.
+SOLVERS = {"picard": picard_cube, "fastica": fastica_cube}
+
+
+def _solver(name: str):
+    if name not in SOLVERS:
+        raise ValueError(f"ica.solver {name!r}: expected one of {', '.join(SOLVERS)}")
+    return SOLVERS[name]
 
 
 def _finish(sources: torch.Tensor | np.ndarray, keep_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -238,9 +388,17 @@ def _finish(sources: torch.Tensor | np.ndarray, keep_maps: bool) -> tuple[np.nda
 
 
 def canica_torch_layers(
-    xs, k: int, seeds: list[int], max_iter: int = 300, tol: float = 1e-4, device: str = "cpu", keep_maps: bool = False
+    xs,
+    k: int,
+    seeds: list[int],
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    keep_maps: bool = False,
+    solver: str = "picard",
 ) -> list[ICAResult]:
-    """The torch backend on several layers: subspaces one by one, FastICA of all of them at once.
+    """The torch backend on several layers: subspaces one by one, the ICA of all of them at once
+    (``solver``: Picard-O or FastICA, :data:`SOLVERS`).
 
     ``xs`` is an iterable of (tokens x signals) matrices (arrays, tensors, or callables that
     load one), consumed one at a time so only one signal matrix is held.
@@ -256,12 +414,13 @@ def canica_torch_layers(
         info["subspace_s"] = time.time() - ts
         infos.append(info)
     ti = time.time()
-    sources, converged, n_iter = fastica_cube(torch.stack(vs), seeds, max_iter=max_iter, tol=tol)
+    sources, converged, n_iter = _solver(solver)(torch.stack(vs), seeds, max_iter=max_iter, tol=tol)
     ica_s = (time.time() - ti) / len(vs)
     out = []
     for src, conv, it, info in zip(sources, converged, n_iter, infos):
         scores, maps = _finish(src, keep_maps)
         info["wall_s"] = info["subspace_s"] + ica_s
+        info["solver"] = solver
         out.append(ICAResult(scores, conv, it, maps, info))
     log.debug("torch CanICA of %d layers in %.2f s", len(out), time.time() - t0)
     return out
@@ -275,8 +434,9 @@ def canica_torch(
     tol: float = 1e-4,
     device: str = "cpu",
     keep_maps: bool = False,
+    solver: str = "picard",
 ) -> ICAResult:
-    return canica_torch_layers([x], k, [seed], max_iter, tol, device, keep_maps)[0]
+    return canica_torch_layers([x], k, [seed], max_iter, tol, device, keep_maps, solver)[0]
 
 
 def canica_exact(
@@ -351,11 +511,13 @@ def canica(
     tol: float = 1e-4,
     device: str = "cpu",
     keep_maps: bool = False,
+    solver: str = "picard",
 ) -> ICAResult:
-    """Decompose one (tokens x signals) matrix with the chosen backend."""
+    """Decompose one (tokens x signals) matrix with the chosen backend (``solver``: the torch
+    backend's ICA iterations; the others have their own)."""
     _check_k(x, k)
     if backend == "torch":
-        return canica_torch(x, k, seed, max_iter, tol, device, keep_maps)
+        return canica_torch(x, k, seed, max_iter, tol, device, keep_maps, solver)
     if backend == "exact":
         return canica_exact(x, k, seed, max_iter, tol, keep_maps)
     if backend == "nilearn":
@@ -364,25 +526,33 @@ def canica(
 
 
 def canica_runs(
-    x, k: int, backend: str, seeds: list[int], max_iter: int = 300, tol: float = 1e-4, device: str = "cpu"
+    x,
+    k: int,
+    backend: str,
+    seeds: list[int],
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    solver: str = "picard",
 ) -> list[ICAResult]:
     """``len(seeds)`` CanICA runs of one matrix with their maps. The torch backend computes the
-    subspace once (it does not depend on the FastICA start) and iterates every run's FastICA as
-    one batched problem; the other backends run one after another."""
+    subspace once (it does not depend on the ICA start) and iterates every run's ICA as one
+    batched problem; the other backends run one after another."""
     if backend != "torch":
         return [
-            canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, keep_maps=True) for sd in seeds
+            canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, keep_maps=True, solver=solver)
+            for sd in seeds
         ]
     _check_k(x, k)
     t0 = time.time()
     v, info = spatial_subspace(torch.as_tensor(x).to(device=device), k, seeds[0])
     vt = v.T.contiguous()
-    sources, converged, n_iter = fastica_cube(vt.unsqueeze(0).expand(len(seeds), -1, -1), seeds, max_iter, tol)
+    sources, converged, n_iter = _solver(solver)(vt.unsqueeze(0).expand(len(seeds), -1, -1), seeds, max_iter, tol)
     wall = (time.time() - t0) / len(seeds)
     out = []
     for src, conv, it in zip(sources, converged, n_iter):
         scores, maps = _finish(src, keep_maps=True)
-        out.append(ICAResult(scores, conv, it, maps, {**info, "wall_s": wall}))
+        out.append(ICAResult(scores, conv, it, maps, {**info, "wall_s": wall, "solver": solver}))
     return out
 
 

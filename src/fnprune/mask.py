@@ -16,7 +16,7 @@ import numpy as np
 from .io import load_npz, read_json, versions
 
 # What a mask reads from an ICA score file (stages.ica); "?" marks keys older files may lack.
-SCORE_KEYS = ("scores", "converged", "n_iter", "wall_s", "skipped?", "n_tokens?", "extract_wall_s?")
+SCORE_KEYS = ("scores", "converged", "n_iter", "wall_s", "skipped?", "n_tokens?", "extract_wall_s?", "solver?")
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,14 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
     """
     best: np.ndarray | None = None
     voted: np.ndarray | None = None
-    converged, n_iter, skipped, wall, tokens, ext_wall = [], [], [], 0.0, [], []
+    converged, n_iter, skipped, wall, tokens, ext_wall, solvers = [], [], [], 0.0, [], [], []
     for path in score_files:
         z = load_npz(path, "ICA scores", SCORE_KEYS, "delete it and rerun its ICA job")
         s, conv, it, w = z["scores"], z["converged"], z["n_iter"], float(z["wall_s"].sum())
         skip = z.get("skipped", np.zeros(len(s), bool))
         tokens.append(int(z.get("n_tokens", -1)))
         ext_wall.append(float(z.get("extract_wall_s", np.nan)))
+        solvers.append(str(z["solver"]) if "solver" in z else None)
         if np.isnan(s).any() or np.isneginf(s).any():
             raise ValueError(f"{path}: ICA scores hold NaN or -inf")
         neuron = neuron_scores(s)
@@ -61,7 +62,7 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
         raise ValueError("no ICA score files to build a mask from")
     if not voted.all():
         raise ValueError(
-            f"layers {np.flatnonzero(~voted).tolist()}: FastICA was skipped in every batch "
+            f"layers {np.flatnonzero(~voted).tolist()}: the ICA was skipped in every batch "
             f"(ica.on_nonconvergence: skip); raise ica.max_iter or use retry/keep"
         )
     n_skipped = sum(len(x) for x in skipped)
@@ -76,6 +77,8 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
         "extract_wall_s": sum(ext_wall) if np.isfinite(ext_wall).all() else None,
         "nonconverged_fraction": float(1 - np.mean(np.array(converged, dtype=float))),
         "complete": n_skipped == 0,
+        # what iterated the ICA of the batches (ica.solver for the torch backend; None: predates the record)
+        "solver": "+".join(dict.fromkeys(x for x in solvers if x)) or None,
     }
     return list(best), info
 

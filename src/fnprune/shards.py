@@ -92,12 +92,14 @@ def ica_batch(
     retries: int = 2,
     on_constant_layer: str = "keep_whole",
     runs: int = 1,
+    solver: str = "picard",
 ) -> dict[str, np.ndarray]:
     """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
 
     Layer ``l`` uses seed ``seed + 1000 * l`` (:data:`LAYER_SEED_STRIDE`). On CUDA the torch
-    backend iterates the FastICA of all layers together (one batched problem); elsewhere layer by
-    layer, bounding memory. A layer whose FastICA does not reach ``tol`` is handled by
+    backend iterates the ICA (``solver``: Picard-O or FastICA, :data:`fnprune.ica.SOLVERS`) of all
+    layers together (one batched problem); elsewhere layer by layer, bounding memory. A layer
+    whose ICA does not reach ``tol`` (FastICA's test, for both solvers) is handled by
     ``on_nonconvergence``: ``keep`` its maps (recorded; what the authors' code does), ``retry``
     with new seeds (``+ 100 * a`` for retry ``a``, :data:`RETRY_SEED_STRIDE`) up to ``retries``
     times, ``skip`` it (this batch then does not vote for that layer's neurons), or ``fail``. A
@@ -117,7 +119,18 @@ def ica_batch(
         live = [p for p, c in zip(shard_paths, constant) if not c]
         res = (
             ica_batch(
-                live, k, backend, seed, max_iter, tol, device, on_nonconvergence, retries, on_constant_layer, runs
+                live,
+                k,
+                backend,
+                seed,
+                max_iter,
+                tol,
+                device,
+                on_nonconvergence,
+                retries,
+                on_constant_layer,
+                runs,
+                solver,
             )
             if live
             else None
@@ -144,17 +157,17 @@ def ica_batch(
         )
     seeds = [seed + LAYER_SEED_STRIDE * layer for layer in range(len(shard_paths))]
     if runs > 1:
-        return _consensus_batch(shard_paths, k, backend, seeds, runs, max_iter, tol, device, on_nonconvergence)
+        return _consensus_batch(shard_paths, k, backend, seeds, runs, max_iter, tol, device, on_nonconvergence, solver)
     if backend == "torch" and str(device).startswith("cuda"):
         results = canica_torch_layers(
-            [functools.partial(load_shard, p) for p in shard_paths], k, seeds, max_iter, tol, device
+            [functools.partial(load_shard, p) for p in shard_paths], k, seeds, max_iter, tol, device, solver=solver
         )
     else:
         results = []
         for p, sd in zip(tqdm(shard_paths, desc=f"ica {backend} k={k}", mininterval=5), seeds):
             x = load_shard(p)
             try:
-                results.append(canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device))
+                results.append(canica(x, k, backend, seed=sd, max_iter=max_iter, tol=tol, device=device, solver=solver))
             except ValueError as e:
                 raise ValueError(f"{p}: {e}") from None
     attempts = np.ones(len(results), dtype=np.int64)
@@ -170,13 +183,14 @@ def ica_batch(
                     max_iter=max_iter,
                     tol=tol,
                     device=device,
+                    solver=solver,
                 )
                 attempts[layer] += 1
                 if res.converged:
                     break
             results[layer] = res
         if not res.converged:
-            msg = f"{path}: FastICA did not converge in {max_iter} iterations (tol {tol})"
+            msg = f"{path}: the ICA ({solver if backend == 'torch' else backend}) did not reach FastICA's tol {tol} in {max_iter} iterations"
             if on_nonconvergence == "fail":
                 raise RuntimeError(
                     f"{msg}; ica.on_nonconvergence is 'fail' (use keep, retry or skip, or raise ica.max_iter)"
@@ -213,6 +227,7 @@ def _consensus_batch(
     tol: float,
     device: str,
     on_nonconvergence: str,
+    solver: str = "picard",
 ) -> dict[str, np.ndarray]:
     from tqdm import tqdm
 
@@ -234,13 +249,20 @@ def _consensus_batch(
         t0 = time.time()
         try:
             res = canica_runs(
-                load_shard(path), k, backend, [sd + RUN_SEED_STRIDE * r for r in range(runs)], max_iter, tol, device
+                load_shard(path),
+                k,
+                backend,
+                [sd + RUN_SEED_STRIDE * r for r in range(runs)],
+                max_iter,
+                tol,
+                device,
+                solver,
             )
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         good = [r for r in res if r.converged]
         if len(good) < len(res):
-            msg = f"{path}: {len(res) - len(good)} of {runs} FastICA runs did not converge in {max_iter} iterations"
+            msg = f"{path}: {len(res) - len(good)} of {runs} ICA runs did not converge in {max_iter} iterations"
             if on_nonconvergence == "fail":
                 raise RuntimeError(f"{msg}; ica.on_nonconvergence is 'fail'")
             log.warning("%s; %s", msg, "kept" if on_nonconvergence == "keep" or len(good) < 2 else "left out")

@@ -133,6 +133,7 @@ def ica(
         ica_spec["retries"],
         ica_spec["on_constant_layer"],
         runs,
+        ica_spec["solver"],
     )
     record = Path(shard_dir) / EXTRACT_RECORD
     ext = read_json(record) if record.is_file() else {}
@@ -142,6 +143,7 @@ def ica(
         k=np.array(k),
         seed=np.array(seed),
         runs=np.array(runs),
+        solver=np.array(ica_spec["solver"] if backend == "torch" else backend),  # what iterated the ICA
         n_tokens=np.array(ext.get("n_tokens", -1)),
         extract_wall_s=np.array(ext.get("wall_s", np.nan)),
     )
@@ -446,8 +448,15 @@ def metrics(
         )
         if "ica" in m:
             rec["ica"] = {
-                k: m["ica"][k]
-                for k in ("batches_used", "nonconverged_fraction", "n_iter", "skipped_layers_per_batch", "complete")
+                k: m["ica"].get(k)
+                for k in (
+                    "batches_used",
+                    "nonconverged_fraction",
+                    "n_iter",
+                    "skipped_layers_per_batch",
+                    "complete",
+                    "solver",
+                )
             }
             stages["ica"] = m["ica"]["ica_wall_s"]
             if m["ica"].get("extract_wall_s") is not None:
