@@ -71,6 +71,35 @@ def logits_with_fixed_inputs(model, fixed, **inputs) -> torch.Tensor:
             h.remove()
 
 
+def tiny_llama(
+    n_kv: int,
+    vocab: int = 97,
+    layers: int = 4,
+    heads: int = 4,
+    head_dim: int = 16,
+    inter: int = 128,
+    attn: str = "sdpa",
+    seed: int = 0,
+):
+    """A small random LLaMA (``n_kv`` key/value heads: grouped-query when fewer than ``heads``), float32, eval."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        architectures=["LlamaForCausalLM"],
+    )
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).float().eval()
+
+
 def mask_for(
     kept,
     sizes,

@@ -3,7 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from fnprune import adapters as A
 from fnprune.baselines import METHODS, baseline_mask
@@ -12,7 +12,7 @@ from fnprune.heads import group_channels, head_geometry
 from fnprune.mask import MASK_KEYS
 from fnprune.modeling import apply_mask, load_pruned, save_pruned
 from fnprune.train import train_tokenizer
-from helpers import logits_with_fixed_inputs
+from helpers import logits_with_fixed_inputs, tiny_llama
 
 LAYERS, HEADS, HEAD_DIM, INTER = 4, 4, 16, 128
 PROTECT = (1, 1)
@@ -32,20 +32,9 @@ def tokenizer():
     return train_tokenizer(texts(200, 0), vocab_size=300)
 
 
-def tiny_llama(n_kv: int, vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=HEADS * HEAD_DIM,
-        intermediate_size=INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=n_kv,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        architectures=["LlamaForCausalLM"],
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
+def llama_with_weak_heads(n_kv: int, vocab: int) -> LlamaForCausalLM:
+    """A tiny LLaMA whose first head group of layers 1 and 2 barely contributes (FLAP should drop it)."""
+    model = tiny_llama(n_kv, vocab, LAYERS, HEADS, HEAD_DIM, INTER)
     with torch.no_grad():
         for layer in (1, 2):
             cols = group_channels([0], HEADS // n_kv, HEAD_DIM)
@@ -55,7 +44,7 @@ def tiny_llama(n_kv: int, vocab: int) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
 def setup(request, tokenizer, tmp_path_factory):
-    model = tiny_llama(request.param, len(tokenizer))
+    model = llama_with_weak_heads(request.param, len(tokenizer))
     out = tmp_path_factory.mktemp(f"stats{request.param}")
     extract_batch(
         model,

@@ -3,30 +3,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fnprune import adapters as A
 from fnprune.heads import group_channels, head_geometry, heads_layout, prune_heads, resize_heads
-from helpers import logits_with_fixed_inputs
+from helpers import logits_with_fixed_inputs, tiny_llama
 
 LAYERS, HEADS, HEAD_DIM = 4, 4, 16
-
-
-def tiny_llama(n_kv: int, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=HEADS * HEAD_DIM,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=n_kv,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        architectures=["LlamaForCausalLM"],
-    )
-    cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).float().eval()
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +65,7 @@ def test_group_channels_follow_repeat_kv():
 @pytest.mark.parametrize("n_kv", [2, 4])
 @pytest.mark.parametrize("compensate", [False, True])
 def test_removed_heads_equal_fixed_o_inputs(n_kv, attn, compensate):
-    dense = tiny_llama(n_kv, attn)
+    dense = tiny_llama(n_kv, attn=attn)
     n_rep = HEADS // n_kv
     means = o_input_means(dense)
     fixed = {}
