@@ -175,6 +175,15 @@ def main() -> None:
         f"reference seed-to-seed {np.mean(seed_dice):.4f} (difference {np.mean(cross) - np.mean(seed_dice):+.4f}; "
         f"inputs where fnprune is below: {sum(c < d for c, d in zip(cross, seed_dice))} of {len(rows)})"
     )
+    if len(rows) > 2:  # paired over inputs (layers): is fnprune's agreement below the reference's own?
+        from scipy import stats
+
+        diff = np.subtract(cross, seed_dice)
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+        print(
+            f"Dice difference, paired over the {len(diff)} inputs: {diff.mean():+.4f} "
+            f"[95% CI {diff.mean() - half:+.4f}, {diff.mean() + half:+.4f}]"
+        )
     if rows[0]["ref0"]["auroc"] is not None:
         ours_a = np.mean([rows[0][f"fnprune{s}"]["auroc"] for s in args.seeds])
         ref_a = np.mean([rows[0][f"ref{s}"]["auroc"] for s in args.seeds])

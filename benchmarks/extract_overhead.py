@@ -8,7 +8,7 @@ here, same model, same micro-batches (tokenisation included in each), in turn, b
 
     python benchmarks/extract_overhead.py                   # LLaMA-shaped, hidden 512, 8 layers
     python benchmarks/extract_overhead.py --model results/models/smol \
-        --batches results/smol/calibration/batches.json    # the workflow's own first batch
+        --batches results/smol/calib/batches.json    # the workflow's own first batch
 """
 
 from __future__ import annotations

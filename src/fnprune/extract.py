@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -49,9 +51,94 @@ def make_batches(texts: list[str], batch_size: int, n_batches: int, seed: int) -
 
 def _non_finite(layer: int):
     raise FloatingPointError(
-        f"layer {layer}: non-finite MLP activations in the calibration pass "
-        f"(overflow in the model dtype? try dtype: float32)"
+        f"layer {layer}: non-finite MLP activations in the calibration pass, or beyond the range of "
+        f"the shard dtype (overflow in the model dtype? try dtype: float32, calibration.shard_dtype: float32)"
     )
+
+
+class _Writer:
+    """Writes staged shard blocks (``pwrite``) on a background thread while the forward pass goes on.
+
+    On a file system whose write-back throttles writers, the pass then waits only when ``depth``
+    blocks are already pending (bounding host memory); buffers come back for reuse. An error of
+    the writer is raised in the pass at the next block, or at :meth:`close`.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.todo: queue.Queue = queue.Queue(maxsize=depth)
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fnprune-shard-writer", daemon=True)
+        self.thread.start()
+
+    def buffer(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        try:
+            buf = self.free.get_nowait()
+            if tuple(buf.shape) == shape and buf.dtype == dtype:
+                return buf
+        except queue.Empty:
+            pass
+        return torch.empty(shape, dtype=dtype)
+
+    def submit(self, fd: int, buf: torch.Tensor, offset: int) -> None:
+        if self.error is not None:
+            raise self.error
+        self.todo.put((fd, buf, offset))
+
+    def _run(self) -> None:
+        while (item := self.todo.get()) is not None:
+            fd, buf, offset = item
+            try:
+                if self.error is None:
+                    data = memoryview(buf.numpy().view(np.uint8).reshape(-1))
+                    while data:
+                        n = os.pwrite(fd, data, offset)
+                        data, offset = data[n:], offset + n
+            except BaseException as e:  # raised in the pass by submit/close
+                self.error = e
+            self.free.put(buf)
+
+    def close(self) -> None:
+        """Wait for every pending block; raise the writer's error, if any."""
+        if self.thread.is_alive():
+            self.todo.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Shard:
+    """One layer's shard file: each micro-batch's rows are staged in memory, both halves (``act(gate)``
+    and ``up``), checked, and written at their place in the ``.npy`` by the :class:`_Writer`: one
+    sequential write per block instead of page faults on a memory map, overlapping the forward
+    pass, with host memory bounded by a few micro-batches of one layer."""
+
+    def __init__(self, path: Path, n_rows: int, width: int, dtype: np.dtype, writer: _Writer):
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n_rows, width))
+        self.offset = header.offset
+        del header
+        self.fd: int | None = os.open(path, os.O_WRONLY)
+        self.width, self.dtype, self.writer = width, getattr(torch, np.dtype(dtype).name), writer
+        self.row_bytes = width * np.dtype(dtype).itemsize
+        self.stage: torch.Tensor | None = None
+        self.halves = 0
+
+    def put(self, layer: int, row: int, col0: int, rows: torch.Tensor) -> None:
+        if self.halves == 0:
+            self.stage = self.writer.buffer((rows.shape[0], self.width), self.dtype)
+        self.stage[:, col0 : col0 + rows.shape[1]].copy_(rows)  # device -> host and dtype cast
+        self.halves += 1
+        if self.halves == 2:
+            # one reduction finds NaN/inf in the activations and overflow of the shard dtype
+            if not torch.isfinite(self.stage.sum(dtype=torch.float32)):
+                _non_finite(layer)
+            self.writer.submit(self.fd, self.stage, self.offset + row * self.row_bytes)
+            self.stage, self.halves = None, 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Recorder:
@@ -64,7 +151,7 @@ class _Recorder:
         self.blocks = A.layers(model, ad)
         self.valid: torch.Tensor | None = None  # flat indices of non-padding tokens
         self.row = 0  # first shard row of the current micro-batch
-        self.shards: list[np.ndarray] = []
+        self.shards: list[_Shard] = []
         self.shard_dtype = shard_dtype
         self.handles = []
         dev = next(model.parameters()).device
@@ -86,14 +173,9 @@ class _Recorder:
         return t.reshape(-1, t.shape[-1]).index_select(0, self.valid)
 
     def _write(self, layer: int, col0: int, t: torch.Tensor) -> None:
-        rows = self._rows(t)
-        if not torch.isfinite(rows).all():
-            _non_finite(layer)
-        n = rows.shape[0]
-        dest = torch.from_numpy(self.shards[layer][self.row : self.row + n, col0 : col0 + rows.shape[1]])
-        dest.copy_(rows)  # one pass: device -> host and dtype cast
+        self.shards[layer].put(layer, self.row, col0, self._rows(t))
 
-    def attach(self, shards: list[np.ndarray] | None) -> None:
+    def attach(self, shards: list[_Shard] | None) -> None:
         """Hook every block: the MLP signals into ``shards`` (when given), else the statistics."""
         if shards:
             self.shards = shards
@@ -166,7 +248,7 @@ def extract_batch(
 
     ``shard_paths[l]`` receives a (tokens x 2*intermediate) array: columns ``[0, I)`` are
     ``act(gate)`` and ``[I, 2I)`` are ``up`` of layer ``l``. Padding positions are excluded.
-    Shards are memory-mapped files filled micro-batch by micro-batch, so host memory stays
+    Shards are ``.npy`` files filled micro-batch by micro-batch (:class:`_Shard`), so host memory stays
     bounded by one micro-batch; each is renamed into place only when complete. ``stats_path``
     receives the ``down_proj``/``o_proj`` input moments (:func:`load_stats`). The workflow runs
     the two as separate jobs (see the module docstring); giving both does them in one pass.
@@ -188,10 +270,8 @@ def extract_batch(
     tmp_paths = [Path(p).with_name(f".{Path(p).name}.tmp.npy") for p in shard_paths or []]
     for p in tmp_paths:
         p.parent.mkdir(parents=True, exist_ok=True)
-    shards = [
-        np.lib.format.open_memmap(p, mode="w+", dtype=shard_dtype, shape=(n_tokens, 2 * i))
-        for p, i in zip(tmp_paths, rec.inter)
-    ]
+    writer = _Writer() if shard_paths is not None else None
+    shards = [_Shard(p, n_tokens, 2 * i, np.dtype(shard_dtype), writer) for p, i in zip(tmp_paths, rec.inter)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     try:
@@ -211,14 +291,20 @@ def extract_batch(
             rec.valid = mask.flatten().nonzero().squeeze(1).to(device)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             rec.row += int(mask.sum())
+        if writer is not None:
+            writer.close()  # every block on disk (or the writer's error) before the shards are renamed
         for s in shards:
-            s.flush()
-        del shards
-        rec.shards = []
+            s.close()
+        shards, rec.shards = [], []
         for tmp, final in zip(tmp_paths, shard_paths or []):
             os.replace(tmp, final)
     finally:
         rec.detach()
+        if writer is not None and writer.thread.is_alive():
+            writer.todo.put(None)
+            writer.thread.join()
+        for s in shards:
+            s.close()
         for p in tmp_paths:
             if p.exists():
                 p.unlink()
