@@ -49,19 +49,9 @@ METHOD_HELP = (
 # The keys of a model's spec that decide each stage's output: a rule's params hold exactly these
 # (Snakemake re-runs a job when its params change, and misses what is not in them). Loading keys
 # decide the weights every stage works on; a nested dict names the sub-keys of a section.
-LOAD_KEYS = (
-    "source",
-    "base",
-    "hf_id",
-    "path",
-    "package",
-    "file",
-    "revision",
-    "trust_remote_code",
-    "architecture",
-    "num_layers",
-    "dtype",
-)
+# Where a model's weights come from and what they are (``source`` aside).
+SOURCE_KEYS = ("hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture", "num_layers")
+LOAD_KEYS = ("source", "base", *SOURCE_KEYS, "dtype")
 STAGE_KEYS = {
     "convert": ("path", "package", "file", "architecture"),
     "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
@@ -276,20 +266,7 @@ def _copy(x):
 
 
 # Keys a model alias (``models.<slug>.base``) cannot change: they define the weights it shares.
-WEIGHT_KEYS = (
-    "source",
-    "hf_id",
-    "path",
-    "package",
-    "file",
-    "revision",
-    "trust_remote_code",
-    "architecture",
-    "num_layers",
-    "intermediate_size",
-    "corpus",
-    "train",
-)
+WEIGHT_KEYS = ("source", *SOURCE_KEYS, "intermediate_size", "corpus", "train")
 
 
 def _merge(base: dict, over: dict) -> dict:
