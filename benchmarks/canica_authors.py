@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--signals", type=int, default=22016)
     p.add_argument("--k", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--solver", default="picard", choices=["picard", "fastica"])
+    p.add_argument("--solver", default="fastica", choices=["fastica", "picard"])
     p.add_argument("--prune", type=float, default=0.2, help="fraction of signals pruned for the Dice")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="JSON of the per-layer results")

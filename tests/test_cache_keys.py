@@ -38,7 +38,7 @@ CASES = [
     ("min_keep_per_layer", micro(min_keep_per_layer=2), FROM_MASK),
     ("ica.max_iter", {"ica": {"max_iter": 100}}, {"ica": 2, **FROM_MASK}),
     ("ica.tol", {"ica": {"tol": 0.001}}, {"ica": 2, **FROM_MASK}),
-    ("ica.solver", {"ica": {"solver": "fastica"}}, {"ica": 2, **FROM_MASK}),
+    ("ica.solver", {"ica": {"solver": "picard"}}, {"ica": 2, **FROM_MASK}),
     ("ica.backend (c8 means another backend)", {"ica": {"backend": "exact"}}, {"ica": 2, **FROM_MASK}),
     (
         "torch_threads",

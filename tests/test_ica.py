@@ -126,7 +126,7 @@ def test_nonconvergence_policy(tmp_path, planted, policy):
         paths.append(tmp_path / f"L{layer}.npy")
         np.save(paths[-1], x[:, layer * 400 : (layer + 1) * 400].astype(np.float16))
     if policy == "fail":
-        with pytest.raises(RuntimeError, match=r"L0.npy: the ICA \(picard\) did not reach FastICA.s tol"):
+        with pytest.raises(RuntimeError, match=r"L0.npy: the ICA \(fastica\) did not reach FastICA.s tol"):
             ica_batch(paths, 8, "torch", 0, max_iter=2, on_nonconvergence=policy)
         return
     res = ica_batch(paths, 8, "torch", 0, max_iter=2, on_nonconvergence=policy, retries=2)

@@ -5,7 +5,7 @@ Three backends compute the same decomposition of a (tokens x signals) matrix ``X
 - ``torch``: z-score (block by block, no copy), the Gram matrix of the smaller dimension, its
   top-``k`` eigenvectors by subspace iteration run to convergence (principal angles between
   successive iterates) with an exact ``eigh`` fall-back, then the ICA of the ``k`` components
-  in float64: Picard-O (``solver="picard"``, the default) or parallel FastICA (``"fastica"``),
+  in float64: parallel FastICA (``solver="fastica"``, the default) or Picard-O (``"picard"``),
   one ``cube`` objective with the same fixed points and FastICA's stopping test. CPU or CUDA.
 - ``exact``: the authors' way and the correctness reference: full SVD of the signal matrix,
   then scikit-learn's float64 FastICA.
@@ -395,7 +395,7 @@ def canica_torch_layers(
     tol: float = 1e-4,
     device: str = "cpu",
     keep_maps: bool = False,
-    solver: str = "picard",
+    solver: str = "fastica",
 ) -> list[ICAResult]:
     """The torch backend on several layers: subspaces one by one, the ICA of all of them at once
     (``solver``: Picard-O or FastICA, :data:`SOLVERS`).
@@ -434,7 +434,7 @@ def canica_torch(
     tol: float = 1e-4,
     device: str = "cpu",
     keep_maps: bool = False,
-    solver: str = "picard",
+    solver: str = "fastica",
 ) -> ICAResult:
     return canica_torch_layers([x], k, [seed], max_iter, tol, device, keep_maps, solver)[0]
 
@@ -511,7 +511,7 @@ def canica(
     tol: float = 1e-4,
     device: str = "cpu",
     keep_maps: bool = False,
-    solver: str = "picard",
+    solver: str = "fastica",
 ) -> ICAResult:
     """Decompose one (tokens x signals) matrix with the chosen backend (``solver``: the torch
     backend's ICA iterations; the others have their own)."""
@@ -533,7 +533,7 @@ def canica_runs(
     max_iter: int = 300,
     tol: float = 1e-4,
     device: str = "cpu",
-    solver: str = "picard",
+    solver: str = "fastica",
 ) -> list[ICAResult]:
     """``len(seeds)`` CanICA runs of one matrix with their maps. The torch backend computes the
     subspace once (it does not depend on the ICA start) and iterates every run's ICA as one

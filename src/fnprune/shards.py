@@ -92,7 +92,7 @@ def ica_batch(
     retries: int = 2,
     on_constant_layer: str = "keep_whole",
     runs: int = 1,
-    solver: str = "picard",
+    solver: str = "fastica",
 ) -> dict[str, np.ndarray]:
     """CanICA of every layer shard of one calibration batch; per-layer scores and convergence.
 
@@ -227,7 +227,7 @@ def _consensus_batch(
     tol: float,
     device: str,
     on_nonconvergence: str,
-    solver: str = "picard",
+    solver: str = "fastica",
 ) -> dict[str, np.ndarray]:
     from tqdm import tqdm
 
