@@ -98,11 +98,15 @@ class _Writer:
                 self.error = e
             self.free.put(buf)
 
-    def close(self) -> None:
-        """Wait for every pending block; raise the writer's error, if any."""
+    def stop(self) -> None:
+        """Let the thread finish the pending blocks and end (idempotent; raises nothing)."""
         if self.thread.is_alive():
             self.todo.put(None)
             self.thread.join()
+
+    def close(self) -> None:
+        """Wait for every pending block; raise the writer's error, if any."""
+        self.stop()
         if self.error is not None:
             raise self.error
 
@@ -300,9 +304,8 @@ def extract_batch(
             os.replace(tmp, final)
     finally:
         rec.detach()
-        if writer is not None and writer.thread.is_alive():
-            writer.todo.put(None)
-            writer.thread.join()
+        if writer is not None:
+            writer.stop()
         for s in shards:
             s.close()
         for p in tmp_paths:

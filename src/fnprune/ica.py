@@ -313,7 +313,7 @@ def picard_cube(
             ok = curv > 0
             mem.append((step * ok[:, None, None], dy * ok[:, None, None], torch.where(ok, 1.0 / curv, 0.0)))
             mem = mem[-memory:]
-        mem = [(s_ * keep[:, None, None], y_ * keep[:, None, None], r_ * keep) for s_, y_, r_ in mem]
+        mem = _forget(mem, keep)
         g_old = grad
         direction = _lbfgs_direction(grad, h, mem) * active[:, None, None]  # converged problems stay
         y_new, _, step, failed = _line_search(y, loss, signs, direction, ls_tries)
@@ -322,9 +322,15 @@ def picard_cube(
             y_fb, _, step_fb, _ = _line_search(y, loss, signs, -grad * failed[:, None, None], 10)
             y_new = torch.where(failed[:, None, None], y_fb, y_new)
             step = torch.where(failed[:, None, None], step_fb, step)
-            mem = [(s_ * ~failed[:, None, None], y_ * ~failed[:, None, None], r_ * ~failed) for s_, y_, r_ in mem]
+            mem = _forget(mem, ~failed)
         y = y_new
     return _unbatch(single, y, active, n_iter)
+
+
+def _forget(mem: list, keep: torch.Tensor) -> list:
+    """The L-BFGS memory with the pairs of the problems not in ``keep`` zeroed (they then add nothing)."""
+    k3 = keep[:, None, None]
+    return [(s_ * k3, y_ * k3, r_ * keep) for s_, y_, r_ in mem]
 
 
 def _lbfgs_direction(grad: torch.Tensor, h: torch.Tensor, mem: list) -> torch.Tensor:
