@@ -41,6 +41,11 @@ rule paper:
         "results/paper/paper/report.md",
 
 
+rule paper_tiny:
+    input:
+        "results/paper/paper_tiny/report.md",
+
+
 rule paper_full:
     input:
         "results/paper/paper_full/report.md",

@@ -27,7 +27,7 @@ from fnprune.train import build_model, train_tokenizer
 def texts(n: int) -> list[str]:
     from fnprune.corpus import embedded_documents
 
-    docs = [t for _, t in embedded_documents()]
+    docs = [d[1] for d in embedded_documents()]
     return [d[:2000] for d in docs[:n]]
 
 

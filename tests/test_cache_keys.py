@@ -29,6 +29,12 @@ CASES = [
     ("eval.num_fewshot", micro(eval={"num_fewshot": 1}), EVAL_BOTH),
     ("eval.ppl_seqlens", micro(eval={"ppl_seqlens": [32]}), {"perplexity": 2, "metrics": 2}),
     ("eval.ppl_batch_size", micro(eval={"ppl_batch_size": 3}), {"perplexity": 2, "metrics": 2}),
+    ("eval.ppl_max_windows", micro(eval={"ppl_max_windows": 4}), {"perplexity": 2, "metrics": 2}),
+    (
+        "corpora.*.mc_task (the embedded tasks' items)",
+        {"corpora": {"stdlib": {"mc_task": {"n_items": 30}}}},
+        {"lm_eval_tasks": 1, **EVAL_BOTH},
+    ),
     ("gpus", micro(gpus=1), {}),
     ("calibration.max_length", micro(calibration={"max_length": 64}), FROM_EXTRACT),
     ("calibration.micro_batch_size", micro(calibration={"micro_batch_size": 2}), FROM_EXTRACT),

@@ -99,3 +99,56 @@ def test_editing_a_text_corpus_file_reruns_its_corpus_job(tmp_path):
     f.write_text(f.read_text() + "\n\n\nDocument 60. " + "word " * 100)
     proc = snakemake(wd, "-n", "results/data/mytext/test.jsonl", configs=(str(overlay),))
     assert jobs_of(proc.stdout) == {"corpus": 1}, proc.stdout[-2000:]
+
+
+def test_file_docstrings_in_source_order_under_qualified_names():
+    from fnprune.corpus import file_docstrings
+
+    src = '''"""Module doc."""
+
+class A:
+    """Class doc, long enough to be kept: more than eighty characters of documentation text here."""
+
+    def f(self):
+        """Method doc, long enough to be kept: more than eighty characters of documentation text."""
+
+def g():
+    """short"""
+'''
+    text = file_docstrings(src, "pkg.mod")
+    assert text.startswith("Module doc.") and "pkg.mod.A\n\nClass doc" in text and "pkg.mod.A.f\n\nMethod" in text
+    assert "short" not in text and text.index("pkg.mod.A\n") < text.index("pkg.mod.A.f")
+    assert file_docstrings("def (:", "x") == ""
+
+
+def test_stdlib_files_leave_out_tests_and_bundled_packages():
+    from fnprune.corpus import SKIPPED_DIRS, stdlib_files, stdlib_root
+
+    root = stdlib_root()
+    rel = [p.relative_to(root).as_posix() for p in stdlib_files()]
+    assert "json/decoder.py" in rel and "argparse.py" in rel and rel == sorted(rel)
+    assert not any(set(r.split("/")[:-1]) & SKIPPED_DIRS or r.split("/")[-1].startswith("test_") for r in rel)
+
+
+@pytest.mark.parametrize("name", ["stdlib_docs", "stdlib_code"])
+def test_scale_corpora_hold_the_papers_union_and_split_by_file(name, tmp_path):
+    """Each of the two large corpora holds 1,280+ calibration texts (32 batches of 40), and a file
+    of the standard library lands in one split whichever corpus it is read into."""
+    import yaml
+
+    from helpers import REPO
+
+    spec = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["corpora"][name]
+    m = build_corpus(spec, tmp_path / name)
+    assert m["splits"]["calib"]["records"] >= 1280 and m["python"]
+    split_of_file = {}
+    for split in SPLITS:
+        for rec in read_records(tmp_path / name / f"{split}.jsonl"):
+            path = rec["id"].split(":", 1)[1].rsplit("#", 1)[0]
+            assert split_of_file.setdefault(path, split) == split, rec["id"]
+    other = build_corpus({**spec, "parts": ["code" if name == "stdlib_docs" else "docstrings"]}, tmp_path / "other")
+    assert other["sha256"] != m["sha256"]
+    for split in SPLITS:
+        for rec in read_records(tmp_path / "other" / f"{split}.jsonl"):
+            path = rec["id"].split(":", 1)[1].rsplit("#", 1)[0]
+            assert split_of_file.get(path, split) == split, rec["id"]

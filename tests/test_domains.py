@@ -133,7 +133,9 @@ def test_stage_writes_tables_and_figure(tmp_path):
 
 
 def test_ppl_fields_and_points_of_the_shipped_config():
-    cfg = C.validate(yaml.safe_load(open("config/config.yaml")))
+    cfg = yaml.safe_load(open("config/config.yaml"))
+    cfg.update(yaml.safe_load(open("config/tiny.yaml")))  # the toy's domains
+    cfg = C.validate(cfg)
     assert D.bases(cfg) == ["tiny"]
     points = D.pruned_points(cfg, "tiny")
     assert points[:2] == [("tiny", 20, "c16"), ("tiny", 20, "wanda_sp")]
@@ -150,3 +152,10 @@ def test_ppl_fields_and_points_of_the_shipped_config():
         "calibration_corpus": "langref",
     }
     assert D.ppl_fields(cfg, "tiny_dense", "stdlib")["calibration_corpus"] is None
+
+
+def test_the_default_domains_compare_code_and_documentation_on_smol():
+    cfg = C.validate(yaml.safe_load(open("config/config.yaml")))
+    assert D.bases(cfg) == ["smol"] and cfg["domains"]["corpora"] == ["stdlib_docs", "stdlib_code"]
+    f = D.ppl_fields(cfg, "smol_code_r20_c64", "stdlib_docs")
+    assert f["calibration_corpus"] == "stdlib_code" and f["corpus"] == "stdlib_docs" and f["weights"] == "smol"

@@ -222,6 +222,7 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     assert max(abs(a - b) for a, b in zip(ours.loglikelihood_rolling(rolling), want_r)) < 1e-3
     ours.LOGITS_TOKENS = 64  # one window a pass: the split rolling path scores the same
     assert max(abs(a - b) for a, b in zip(ours.loglikelihood_rolling(rolling), want_r)) < 1e-3
+    ours.SHARED_CONTEXT_TYPES = ()  # the continuation path alone (shared contexts: the next test)
     calls = []
     forward = model.forward
 
@@ -236,3 +237,68 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     finally:
         del model.forward
     assert calls and all(isinstance(k, int) and k > 0 for k in calls) and min(calls) < 20, calls
+
+
+def test_shared_context_scoring_equals_one_forward_per_request(tiny):
+    """Requests that share a context (a multiple-choice item's choices, the empty contexts of
+    acc_mutual_info) are scored from one context pass whose cache is repeated over the choices:
+    every score and greedy flag equals a full forward pass of context + continuation, and the
+    model sees each shared context once."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from fnprune.lmeval import _scoring_lm_class
+
+    model, tok = tiny
+    words = "the module returns a new list of items sorted by key and value in order".split()
+    contexts = [" ".join(words[: 3 + i]) for i in range(5)]
+    pairs = [(c, " " + " ".join(words[j : j + 1 + (i + j) % 4])) for i, c in enumerate(contexts) for j in range(4)]
+    pairs += [("", " sorted list"), ("", " y"), ("x", " y z")]  # two empty contexts share one; "x" is alone
+    lm = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=3, max_length=64)
+    calls = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def spy(*a, **kw):
+        calls.append("context" if kw.get("use_cache") and "past_key_values" not in kw else "other")
+        return forward(*a, **kw)
+
+    model.forward = spy
+    try:
+        got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    finally:
+        del model.forward
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        c_ids, k_ids = (
+            lm._encode_pair(ctx, cont) if ctx else ([lm.prefix_token_id], lm.tok_encode(cont, add_special_tokens=False))
+        )
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([c_ids + k_ids])).logits[0].float(), -1)
+        rows = logp[len(c_ids) - 1 : len(c_ids) + len(k_ids) - 1]
+        want = float(rows.gather(1, torch.tensor(k_ids)[:, None]).sum())
+        assert lp == pytest.approx(want, abs=1e-4), (ctx, cont)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(k_ids)).all()), (ctx, cont)
+    # 6 shared contexts, each run once (5 items + the empty one); "x" alone takes the plain path.
+    assert calls.count("context") == 6 and len(calls) < len(pairs)
+
+
+def test_item_scores_follow_doc_order_and_keep_numbers_only():
+    from fnprune.lmeval import item_scores
+
+    samples = {
+        "mc": [
+            {"doc_id": 1, "metrics": ["acc", "acc_norm"], "acc": 0.0, "acc_norm": 1.0},
+            {"doc_id": 0, "metrics": ["acc", "acc_norm"], "acc": 1.0, "acc_norm": 1.0},
+        ],
+        "ppl": [{"doc_id": 0, "metrics": ["word_perplexity"], "word_perplexity": [-3.2, 10]}],
+    }
+    assert item_scores(samples) == {"mc": {"acc": [1.0, 0.0], "acc_norm": [1.0, 1.0]}}
+
+
+def test_mc_items_refuse_more_items_than_passages():
+    from fnprune.embedded_tasks import mc_items
+
+    passages = [{"id": f"r{i}@0", "source": f"r{i}", "context": "c", "gold": f"g{i}"} for i in range(5)]
+    assert len(mc_items(passages, 4, 5, 0)) == 5
+    with pytest.raises(ValueError, match="n_items = 6, but the held-out text holds 5 passages"):
+        mc_items(passages, 4, 6, 0)

@@ -147,30 +147,34 @@ def test_head_pruning_on_fused_qkv_must_be_excluded(config):
 
 
 def test_embedded_grid_expansion(config):
-    cal = paper.calibration_targets(config, "paper", "tiny")
+    cal = paper.calibration_targets(config, "paper_tiny", "tiny")
     assert cal[0] == Target("tiny", None, "dense")
     assert [t.method for t in cal if t.ratio == 20] == ["c16_b1", "c16_b2", "c16"]
-    assert [t.method for t in paper.component_targets(config, "paper", "tiny") if t.ratio == 10] == ["c8", "c16", "c32"]
-    assert len(paper.threshold_targets(config, "paper", "tiny")) == 3 * 5
-    masks = paper.overlap_masks(config, "paper", "tiny")
+    assert [t.method for t in paper.component_targets(config, "paper_tiny", "tiny") if t.ratio == 10] == [
+        "c8",
+        "c16",
+        "c32",
+    ]
+    assert len(paper.threshold_targets(config, "paper_tiny", "tiny")) == 3 * 5
+    masks = paper.overlap_masks(config, "paper_tiny", "tiny")
     assert [t.method for t in masks] == ["c16", "random", "magnitude", "wanda_sp", "flap", "flap_mlp"]
-    assert paper.stability_target(config, "paper", "tiny") == (Target("tiny", 20, "c16"), 16, "torch")
+    assert paper.stability_target(config, "paper_tiny", "tiny") == (Target("tiny", 20, "c16"), 16, "torch")
     assert paper.variant("c16_nilearn_bias", k=8, batches=2) == "c8_nilearn_b2_bias"
 
 
 @pytest.mark.parametrize(
     "key, value, needle",
     [
-        ("models", ["nope"], "paper.grids.paper.models"),
-        ("methods", ["c16_bogus"], "paper.grids.paper.methods"),
-        ("ablation_method", "c16_b2", "paper.grids.paper.ablation_method"),
-        ("focus_ratio", 25, "paper.grids.paper.focus_ratio"),
-        ("calibration_batches", [1, 5], "paper.grids.paper.calibration_batches"),
+        ("models", ["nope"], "paper.grids.paper_tiny.models"),
+        ("methods", ["c16_bogus"], "paper.grids.paper_tiny.methods"),
+        ("ablation_method", "c16_b2", "paper.grids.paper_tiny.ablation_method"),
+        ("focus_ratio", 25, "paper.grids.paper_tiny.focus_ratio"),
+        ("calibration_batches", [1, 5], "paper.grids.paper_tiny.calibration_batches"),
     ],
 )
 def test_grid_errors_name_the_key(config, key, value, needle):
     cfg = copy.deepcopy(config)
-    cfg["paper"]["grids"]["paper"][key] = value
+    cfg["paper"]["grids"]["paper_tiny"][key] = value
     with pytest.raises(ValueError, match=needle):
         paper.check_grids(cfg)
 
@@ -283,20 +287,20 @@ def test_grid_studies_and_seeds_are_checked():
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg.update(yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
     paper.check_grids(cfg)
-    assert paper.figures_of(cfg, "paper")[-1] == "seeds"
-    assert [t.method for t in paper.study_targets(cfg, "paper", "consensus") if t.ratio == 20] == ["c16", "c16_x5"]
-    assert paper.seeds_ica_dirs(cfg, "paper") == ("torch_c16", ["torch_c16_s1", "torch_c16_s2", "torch_c16_s3"])
+    assert paper.figures_of(cfg, "paper_tiny")[-1] == "seeds"
+    assert [t.method for t in paper.study_targets(cfg, "paper_tiny", "consensus") if t.ratio == 20] == ["c16", "c16_x5"]
+    assert paper.seeds_ica_dirs(cfg, "paper_tiny") == ("torch_c16", ["torch_c16_s1", "torch_c16_s2", "torch_c16_s3"])
     # the config's own seed among the stability seeds is the reference itself: dropped, not an error
     # (it used to refuse `seed: 1` for every target, in or out of the grid)
     cfg["seed"] = 1
     paper.check_grids(cfg)
-    assert paper.seeds_ica_dirs(cfg, "paper") == ("torch_c16", ["torch_c16_s2", "torch_c16_s3"])
-    cfg["paper"]["grids"]["paper"]["stability_seeds"] = [1]
-    assert "seeds" not in paper.figures_of(cfg, "paper")
-    cfg["paper"]["grids"]["paper"]["studies"]["bad"] = ["c16_nope"]
+    assert paper.seeds_ica_dirs(cfg, "paper_tiny") == ("torch_c16", ["torch_c16_s2", "torch_c16_s3"])
+    cfg["paper"]["grids"]["paper_tiny"]["stability_seeds"] = [1]
+    assert "seeds" not in paper.figures_of(cfg, "paper_tiny")
+    cfg["paper"]["grids"]["paper_tiny"]["studies"]["bad"] = ["c16_nope"]
     with pytest.raises(ValueError) as e:
         paper.check_grids(cfg)
-    assert "paper.grids.paper.studies.bad" in str(e.value)
+    assert "paper.grids.paper_tiny.studies.bad" in str(e.value)
 
 
 MICRO_GRID = {

@@ -71,3 +71,48 @@ def test_summary_lists_dense_and_pruned_side_by_side():
     text = tables.summary_text(dense, pruned)
     assert "1,000" in text and "800" in text and "0.900 ± 0.030" in text and "0.800 ± 0.030" in text
     assert "first 50 items" in text and "flap_token_ppl@128" in text
+
+
+def with_items(rec, scores):
+    rec["lm_eval_items"] = {"fnprune_mc": {"acc": [float(x) for x in scores]}}
+    return rec
+
+
+def test_paired_t_matches_scipy_and_holm_is_step_down():
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 2, 400).astype(float), rng.integers(0, 2, 400).astype(float)
+    mean, lo, hi, p = tables.paired_t(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert mean == pytest.approx((a - b).mean()) and p == pytest.approx(ref.pvalue)
+    assert lo < mean < hi
+    assert tables.paired_t(a, a) == (0.0, 0.0, 0.0, 1.0)
+    # Holm: sorted p-values times (m, m-1, ...), made monotone, capped at 1, in the input's order.
+    assert tables.holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
+    assert tables.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_accuracy_paired_over_items_marks_ties_and_pairs_that_differ():
+    rng = np.random.default_rng(3)
+    n = 1000
+    truth = rng.random(n) < 0.8
+    flip = lambda p: np.where(rng.random(n) < p, ~truth, truth)  # noqa: E731
+    base = rng.normal(3.0, 0.5, 300)
+    recs = [
+        with_items(record("dense", 0.0, base, 0.8), truth),
+        with_items(record("good", 0.2, base + 0.1 + rng.normal(0, 0.01, 300), 0.7), flip(0.05)),
+        with_items(record("close", 0.2, base + 0.1 + rng.normal(0, 0.01, 300), 0.7), flip(0.06)),
+        with_items(record("bad", 0.2, base + 0.6 + rng.normal(0, 0.01, 300), 0.5), flip(0.45)),
+    ]
+    rows = {r["method"]: r for r in tables.paired_acc_rows(recs)}
+    assert rows["good"]["best"] in ("good", "close") and rows["good"]["tied"] and rows["close"]["tied"]
+    assert not rows["bad"]["tied"]
+    mean, lo, hi = rows["bad"]["vs_dense"]
+    assert mean == pytest.approx(rows["bad"]["value"] - truth.mean()) and lo < mean < hi < 0
+    pairs = {(r["a"], r["b"], r["measure"]): r for r in tables.pairwise_rows(recs)}
+    acc = {k[:2]: v["order"] for k, v in pairs.items() if k[2] == "fnprune_mc:acc"}
+    assert acc[("bad", "close")] == ">" and acc[("bad", "good")] == ">" and acc[("close", "good")] == "="
+    ppl = {k[:2]: v["order"] for k, v in pairs.items() if k[2] == "flap_token_ppl@128"}
+    assert ppl[("dense", "bad")] == "<" and ppl[("bad", "good")] == ">"
+    assert all(0 <= v["p"] <= v["p_holm"] <= 1 for v in pairs.values())
+    md, _ = tables.comparison_table(recs)
+    assert "## Accuracy, paired over items" in md and "## Which methods differ" in md

@@ -58,7 +58,7 @@ STAGE_KEYS = {
     "stats": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size")}),
     "mask": (*LOAD_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
     "prune": LOAD_KEYS,
-    "perplexity": (*LOAD_KEYS, {"eval": ("ppl_seqlens", "ppl_batch_size")}),
+    "perplexity": (*LOAD_KEYS, {"eval": ("ppl_seqlens", "ppl_batch_size", "ppl_max_windows")}),
     "lm_eval": (
         *LOAD_KEYS,
         {
@@ -236,13 +236,16 @@ def head_pruning_problems(config: dict, models: list[str], method: str) -> list[
     (fused qkv: Phi-3, ChatGLM3) it cannot run on."""
     if BASELINE_METHOD.fullmatch(method) is None or BASELINE_METHOD.fullmatch(method)["baseline"] != "flap":
         return []
+
+    def arch(m):  # an alias's architecture is its base's (the config may not be expanded yet)
+        spec = config["models"][m]
+        return spec.get("architecture") or config["models"].get(spec.get("base"), {}).get("architecture")
+
     return [
-        f"{method} prunes attention heads, which model {m} ({config['models'][m]['architecture']}, fused "
+        f"{method} prunes attention heads, which model {m} ({arch(m)}, fused "
         f"query_key_value) does not support; use flap_mlp"
         for m in models
-        if m in config["models"]
-        and config["models"][m]["architecture"] in REGISTRY
-        and not supports_head_pruning(config["models"][m]["architecture"])
+        if m in config["models"] and arch(m) in REGISTRY and not supports_head_pruning(arch(m))
     ]
 
 

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import logging
+import platform
 import re
 import warnings
 from collections.abc import Iterable
@@ -43,15 +44,96 @@ zipfile zlib
 
 
 # The parts of the embedded text (config ``corpora.*.parts``): pydoc's topics are the language
-# reference, the module docstrings the library documentation.
-EMBEDDED_PARTS = ("topics", "modules")
+# reference, ``modules`` the docstrings of STDLIB_MODULES (imported); ``docstrings`` and ``code``
+# are read from the standard library's own source files (parsed, never imported): every docstring
+# of a file, and the file's source text.
+EMBEDDED_PARTS = ("topics", "modules", "docstrings", "code")
+DEFAULT_PARTS = ("topics", "modules")  # the stdlib corpus (tiny's training text)
+FILE_PARTS = ("docstrings", "code")
+
+# Folders of the standard library left out of the file parts: tests, the bundled pip and the IDLE
+# and 2to3 applications, generated data (pydoc_data holds the topics, encodings' codec tables).
+SKIPPED_DIRS = frozenset(
+    "site-packages dist-packages test tests idlelib lib2to3 turtledemo pydoc_data encodings ensurepip "
+    "__pycache__ __phello__".split()
+)
 
 
-def embedded_documents(parts: Iterable[str] = EMBEDDED_PARTS) -> list[tuple[str, str]]:
-    """``(title, text)`` pairs: pydoc's topics and/or the docstrings of ``STDLIB_MODULES``.
+def stdlib_root() -> Path:
+    """The folder of the running Python's standard library (``sysconfig``'s ``stdlib`` path)."""
+    import sysconfig
 
-    A document's title, and so its split (:func:`split_of`), does not depend on ``parts``: a
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library's ``.py`` files, sorted by relative path, :data:`SKIPPED_DIRS` left out."""
+    root = stdlib_root() if root is None else Path(root)
+    return sorted(
+        (
+            p
+            for p in root.rglob("*.py")
+            if not any(part in SKIPPED_DIRS or part.startswith("test") for part in p.relative_to(root).parts[:-1])
+            and not p.name.startswith("test_")
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def file_docstrings(source: str, module: str) -> str:
+    """Every docstring of a source file (module, classes, functions, methods) of more than 80
+    characters, each under its qualified name, in source order; ``""`` when it does not parse."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    parts = []
+    doc = ast.get_docstring(tree)
+    if doc:
+        parts.append(doc)
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}.{child.name}"
+                d = ast.get_docstring(child)
+                if d and len(d) > 80:
+                    parts.append(f"{name}\n\n{d}")
+                walk(child, name)
+
+    walk(tree, module)
+    return "\n\n".join(parts)
+
+
+def _file_documents(part: str) -> list[tuple[str, str, str]]:
+    root = stdlib_root()
+    docs = []
+    for path in stdlib_files(root):
+        rel = path.relative_to(root).as_posix()
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if part == "docstrings":
+            module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+            text = file_docstrings(source, module)
+        else:
+            text = source
+        if text.strip():
+            # One split key per file for both parts: a file's docstrings and its code fall in the
+            # same split, so a corpus of one never calibrates on the other's held-out text.
+            docs.append((f"{part}:{rel}", text, f"file:{rel}"))
+    return docs
+
+
+def embedded_documents(parts: Iterable[str] = DEFAULT_PARTS) -> list[tuple[str, str, str]]:
+    """``(title, text, split key)`` triples of the embedded text's ``parts``.
+
+    A document's split key, and so its split (:func:`split_of`), does not depend on ``parts``: a
     corpus of one part is the other documents removed, each split a subset of the full corpus's.
+    The file parts key by file, so the docstrings and the code of one file share a split.
     """
     parts = set(parts)
     if unknown := parts - set(EMBEDDED_PARTS):
@@ -60,7 +142,7 @@ def embedded_documents(parts: Iterable[str] = EMBEDDED_PARTS) -> list[tuple[str,
     if "topics" in parts:
         from pydoc_data.topics import topics
 
-        docs += [(f"topic:{name}", text) for name, text in sorted(topics.items())]
+        docs += [(f"topic:{name}", text, f"topic:{name}") for name, text in sorted(topics.items())]
     for modname in STDLIB_MODULES if "modules" in parts else ():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -68,9 +150,9 @@ def embedded_documents(parts: Iterable[str] = EMBEDDED_PARTS) -> list[tuple[str,
                 mod = importlib.import_module(modname)
             except ImportError:  # a minimal Python without e.g. sqlite3 or ssl
                 continue
-        parts = []
+        texts = []
         if mod.__doc__:
-            parts.append(inspect.cleandoc(mod.__doc__))
+            texts.append(inspect.cleandoc(mod.__doc__))
         for name, obj in sorted(vars(mod).items()):
             if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
                 continue
@@ -78,9 +160,12 @@ def embedded_documents(parts: Iterable[str] = EMBEDDED_PARTS) -> list[tuple[str,
                 continue
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 80:
-                parts.append(f"{modname}.{name}\n\n{doc}")
-        if parts:
-            docs.append((f"module:{modname}", "\n\n".join(parts)))
+                texts.append(f"{modname}.{name}\n\n{doc}")
+        if texts:
+            docs.append((f"module:{modname}", "\n\n".join(texts), f"module:{modname}"))
+    for part in FILE_PARTS:
+        if part in parts:
+            docs += _file_documents(part)
     return docs
 
 
@@ -111,13 +196,16 @@ def split_of(title: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1]
 
 
-def _records_from_documents(docs: Iterable[tuple[str, str]], spec: dict) -> dict[str, list[dict]]:
+def _records_from_documents(docs: Iterable[tuple], spec: dict) -> dict[str, list[dict]]:
+    """Chunked records by split. ``docs`` are ``(title, text)`` or ``(title, text, split key)``;
+    ``group_chunks`` neighbouring chunks share a split (0: the whole document does)."""
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     group = spec.get("group_chunks", 4)
-    for title, text in docs:
+    for title, text, *key in docs:
+        key = key[0] if key else title
         for i, chunk in enumerate(chunk_document(text, spec["max_chars"], spec["min_chars"])):
             # Neighbouring chunks of a document stay in one split; long documents still spread.
-            split = split_of(f"{title}#{i // group}", spec["fractions"])
+            split = split_of(key if group == 0 else f"{key}#{i // group}", spec["fractions"])
             out[split].append({"id": f"{title}#{i}", "text": chunk})
     return out
 
@@ -157,7 +245,7 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     source = spec["source"]
     if source == "embedded":
-        records = _records_from_documents(embedded_documents(spec.get("parts", EMBEDDED_PARTS)), spec)
+        records = _records_from_documents(embedded_documents(spec.get("parts", DEFAULT_PARTS)), spec)
     elif source == "text":
         path = Path(spec["path"])
         if not path.is_file():
@@ -180,7 +268,8 @@ def build_corpus(spec: dict, out_dir: str | Path) -> dict:
 
     manifest = {"source": source, "splits": {}}
     if source == "embedded":
-        manifest["parts"] = list(spec.get("parts", EMBEDDED_PARTS))
+        manifest["parts"] = list(spec.get("parts", DEFAULT_PARTS))
+        manifest["python"] = platform.python_version()  # the file parts are its standard library
     for split in SPLITS:
         recs = records.get(split, [])
         with atomic_path(out_dir / f"{split}.jsonl") as tmp:

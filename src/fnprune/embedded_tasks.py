@@ -69,6 +69,11 @@ def mc_items(passages: list[dict], n_choices: int, n_items: int | None, seed: in
     """Multiple-choice items; the distractors are the continuations of passages of other records."""
     rng = np.random.default_rng(seed)
     chosen = range(len(passages))
+    if n_items is not None and n_items > len(passages):
+        raise ValueError(
+            f"mc_task.n_items = {n_items}, but the held-out text holds {len(passages)} passages; "
+            f"lower n_items or passage_chars, or give the corpus larger validation/test fractions"
+        )
     if n_items is not None and n_items < len(passages):
         chosen = sorted(rng.choice(len(passages), size=n_items, replace=False).tolist())
     items = []

@@ -135,6 +135,23 @@ def task_metrics(task_results: dict) -> dict[str, dict]:
     return out
 
 
+def item_scores(samples: dict) -> dict[str, dict[str, list[float]]]:
+    """Per task and metric, every item's score in ``doc_id`` order (``{task: {metric: [...]}}``),
+    from lm-eval's logged samples: the pairing of two models' accuracies. Only metrics with one
+    number per item are kept (acc, acc_norm, acc_mutual_info); perplexity tasks log pairs."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for task, rows in samples.items():
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        metrics = {}
+        for name in rows[0].get("metrics", []) if rows else []:
+            values = [_number(r.get(name)) for r in rows]
+            if all(v is not None for v in values):
+                metrics[name] = values
+        if metrics:
+            out[task] = metrics
+    return out
+
+
 def summarise(raw: dict, expected: Iterable[str]) -> dict:
     """Metrics per task, the mean accuracy and versions; every expected task must be present."""
     results = raw.get("results", {})
@@ -173,6 +190,7 @@ def _scoring_lm_class():
 
     import torch
     from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
 
     class ContinuationLogitsHFLM(HFLM):
         _max_cont: int | None = None
@@ -180,7 +198,70 @@ def _scoring_lm_class():
         # batch-size windows of max_length tokens at once (32 x 2048 x 49152 floats: 13 GB, twice).
         LOGITS_TOKENS = 8192
 
+        # Model types whose cache the shared-context path repeats over a batch (transformers' Cache).
+        SHARED_CONTEXT_TYPES = ("llama", "mistral", "qwen2")
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if override_bs is None and getattr(self.model.config, "model_type", None) in self.SHARED_CONTEXT_TYPES:
+                return self._shared_context_tokens(requests, disable_tqdm)
+            return self._continuation_tokens(requests, disable_tqdm, override_bs)
+
+        def _shared_context_tokens(self, requests, disable_tqdm: bool):
+            """Requests that share a context (a multiple-choice item's choices; acc_mutual_info's
+            empty contexts): the context's forward pass once, its cache repeated over the choices,
+            so an item of n choices costs context + n continuations, not n x (context +
+            continuation). Scores equal HFLM's to float rounding (``tests/test_lmeval.py``)."""
+            import copy
+
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, ctx, _cont) in enumerate(requests):
+                groups.setdefault(tuple(ctx), []).append(i)
+            shared = {
+                ctx: idx
+                for ctx, idx in groups.items()
+                if len(idx) > 1 and len(ctx) + max(len(requests[i][2]) for i in idx) <= self.max_length + 1
+            }
+            rest = [i for ctx, idx in groups.items() if ctx not in shared for i in idx]
+            out: list = [None] * len(requests)
+            if rest:
+                for i, res in zip(rest, self._continuation_tokens([requests[i] for i in rest], disable_tqdm, None)):
+                    out[i] = res
+            autocast = torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            )
+            bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
+            for ctx, idx in tqdm(shared.items(), desc="shared contexts", disable=disable_tqdm, mininterval=5):
+                with torch.no_grad(), autocast:
+                    first = self.model(torch.tensor([ctx], device=self.device), use_cache=True, logits_to_keep=1)
+                head = torch.log_softmax(first.logits[0, -1].float(), -1)
+                for lo in range(0, len(idx), bs):
+                    chunk = idx[lo : lo + bs]
+                    conts = [requests[i][2] for i in chunk]
+                    width = max(map(len, conts)) - 1
+                    rest_lp = None
+                    if width > 0:
+                        x = torch.zeros(len(chunk), width, dtype=torch.long, device=self.device)
+                        for j, c in enumerate(conts):
+                            x[j, : len(c) - 1] = torch.tensor(c[:-1])
+                        cache = copy.deepcopy(first.past_key_values)
+                        cache.batch_repeat_interleave(len(chunk))
+                        with torch.no_grad(), autocast:
+                            logits = self.model(x, past_key_values=cache, use_cache=True).logits
+                        rest_lp = torch.log_softmax(logits.float(), -1)
+                    for j, (i, c) in enumerate(zip(chunk, conts)):
+                        lp, greedy = float(head[c[0]]), int(head.argmax()) == c[0]
+                        if len(c) > 1:
+                            tgt = torch.tensor(c[1:], device=self.device)
+                            row = rest_lp[j, : len(c) - 1]
+                            lp += float(row.gather(1, tgt[:, None]).sum())
+                            greedy = greedy and bool((row.argmax(-1) == tgt).all())
+                        out[i] = (lp, greedy)
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], (lp, greedy))
+            return out
+
+        def _continuation_tokens(self, requests, disable_tqdm: bool, override_bs: int | None):
             self._max_cont = max((len(cont) for _, _, cont in requests), default=None)
             try:
                 if override_bs and len(requests) > 1:
@@ -283,15 +364,18 @@ def run_lm_eval(
         batch_size=batch_size,
         limit=limit,
         task_manager=manager,
-        log_samples=False,
+        log_samples=True,
         device=str(model.device),
     )
     if raw is None:
         raise RuntimeError("lm-eval returned no results (not the main process)")
+    # The logged samples carry every prompt and response: only their per-item scores are kept.
+    items = item_scores(raw.pop("samples", None) or {})
     raw = _jsonable(raw)
     if raw_out is not None:
         write_json(raw_out, raw)
     out = summarise(raw, _leaf_names(loaded))
+    out["items"] = items
     out["config"] = {
         "num_fewshot": num_fewshot,
         "batch_size": batch_size,

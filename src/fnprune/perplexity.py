@@ -1,8 +1,8 @@
 """Token perplexity, the FLAP / LLM-Pruner protocol.
 
 The test texts are joined with ``"\\n\\n"``, tokenised once and cut into non-overlapping windows
-of ``seqlen`` tokens (the last partial window is dropped); each window is scored on its own
-and PPL = exp(mean over windows of the window's mean next-token NLL).
+of ``seqlen`` tokens (the last partial window is dropped; ``max_windows`` keeps that many, evenly
+spaced); each window is scored on its own and PPL = exp(mean over windows of the window's mean next-token NLL).
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def token_perplexity(
         raise ValueError(f"perplexity seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
     t0 = time.time()
     rows = windows(tokenizer, texts, seqlen)
-    if max_windows:
-        rows = rows[:max_windows]
+    available = len(rows)
+    if max_windows and max_windows < available:
+        # Evenly spaced over the whole text, so every part of the test split is represented.
+        rows = rows[torch.linspace(0, available - 1, max_windows).round().long()]
     device = next(model.parameters()).device
     model.eval()
     nlls = []
@@ -58,6 +60,7 @@ def token_perplexity(
         "protocol": PROTOCOL,
         "seqlen": seqlen,
         "windows": len(rows),
+        "windows_available": available,  # windows of the whole test text (max_windows: evenly spaced)
         "tokens": int(rows.numel()),
         "nll": mean_nll,
         "ppl": math.exp(mean_nll),

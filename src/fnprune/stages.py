@@ -324,7 +324,10 @@ def perplexity(
     model, tok = _load(model_spec, model_dir_or_source, device)
     texts = read_split(test_split)
     ev = model_spec["eval"]
-    results = [token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"]) for seqlen in ev["ppl_seqlens"]]
+    results = [
+        token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"], ev.get("ppl_max_windows"))
+        for seqlen in ev["ppl_seqlens"]
+    ]
     write_json(
         out,
         {
@@ -359,10 +362,11 @@ def lm_eval(
     write_json(out, res)
 
 
-def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: int) -> None:
+def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: int, mc: dict | None = None) -> None:
+    """The embedded tasks of a corpus; ``mc`` is its ``corpora.<name>.mc_task`` (item count and sizes)."""
     from .embedded_tasks import write_embedded_tasks
 
-    write_embedded_tasks(test_split, validation_split, out_dir, seed=seed)
+    write_embedded_tasks(test_split, validation_split, out_dir, seed=seed, **(mc or {}))
 
 
 def metrics(
@@ -485,6 +489,7 @@ def metrics(
         rec["lm_eval_mean_acc"] = le.get("mean_acc")
         rec["lm_eval_versions"] = le.get("versions")
         rec["lm_eval_config"] = le.get("config")
+        rec["lm_eval_items"] = le.get("items") or {}  # per-item scores: accuracy paired over items
         stages["lm_eval"] = le.get("wall_s", math.nan)
     rec["stage_wall_s"] = stages
     rec["versions"] = versions()

@@ -33,17 +33,28 @@ def comparison_order(records: list[dict]) -> list[dict]:
     )
 
 
-def paired_ratio(nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Perplexity ratio a / b of two models on the same windows, with a ``level`` t-interval over the
-    paired per-window differences of mean token NLL (log PPL_a - log PPL_b is their mean)."""
+def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean of the paired differences a - b, its ``level`` t-interval and the two-sided p-value of
+    the paired t-test (for 0/1 item scores: the normal approximation of McNemar's test)."""
     import numpy as np
     from scipy import stats
 
-    if len(nll_a) != len(nll_b) or len(nll_a) < 2:
-        raise ValueError(f"paired perplexity needs the same windows, at least 2 (got {len(nll_a)} and {len(nll_b)})")
-    d = np.asarray(nll_a, dtype=np.float64) - np.asarray(nll_b, dtype=np.float64)
-    half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
-    return math.exp(d.mean()), math.exp(d.mean() - half), math.exp(d.mean() + half)
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired comparison needs the same windows or items, at least 2 (got {len(a)} and {len(b)})")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = d.std(ddof=1) / math.sqrt(d.size)
+    mean = float(d.mean())
+    if se == 0:
+        return mean, mean, mean, 1.0 if mean == 0 else 0.0
+    half = stats.t.ppf(0.5 + level / 2, d.size - 1) * se
+    return mean, mean - half, mean + half, float(2 * stats.t.sf(abs(mean) / se, d.size - 1))
+
+
+def paired_ratio(nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Perplexity ratio a / b of two models on the same windows, with a ``level`` t-interval over the
+    paired per-window differences of mean token NLL (log PPL_a - log PPL_b is their mean)."""
+    mean, lo, hi, _ = paired_t(nll_a, nll_b, level)
+    return math.exp(mean), math.exp(lo), math.exp(hi)
 
 
 def _window_nll(record: dict, key: str) -> list[float] | None:
@@ -53,23 +64,33 @@ def _window_nll(record: dict, key: str) -> list[float] | None:
     return None
 
 
-def paired_ppl_rows(records: list[dict]) -> list[dict]:
-    """Per model x ratio x perplexity protocol: every pruned method's ratio to dense and to the best
-    method of its ratio, each with a 95% paired interval over windows; ``tied`` marks the methods
-    whose interval against the best includes 1 (not distinguishable from the best)."""
-    out = []
+def _item_scores(record: dict, key: str) -> list[float] | None:
+    task, _, metric = key.partition(":")
+    return ((record.get("lm_eval_items") or {}).get(task) or {}).get(metric)
+
+
+def _paired_groups(records: list[dict]):
+    """``(model, ratio), dense record or None, pruned records`` per model and ratio, in table order."""
     dense = {r["model"]: r for r in records if r["method"] == "dense"}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r["method"] != "dense":
             groups.setdefault((r["model"], r.get("ratio_requested")), []).append(r)
-    for (model, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        yield key, dense.get(key[0]), rs
+
+
+def paired_ppl_rows(records: list[dict]) -> list[dict]:
+    """Per model x ratio x perplexity protocol: every pruned method's ratio to dense and to the best
+    method of its ratio, each with a 95% paired interval over windows; ``tied`` marks the methods
+    whose interval against the best includes 1 (not distinguishable from the best)."""
+    out = []
+    for (model, ratio), d, rs in _paired_groups(records):
         for key in sorted({k for r in rs for k in r.get("perplexity", {})}):
             have = [r for r in rs if _window_nll(r, key)]
             if not have:
                 continue
             best = min(have, key=lambda r: r["perplexity"][key])
-            d = dense.get(model)
             for r in sorted(have, key=lambda r: r["perplexity"][key]):
                 row = {
                     "model": model,
@@ -110,6 +131,123 @@ def paired_ppl_markdown(rows: list[dict]) -> str:
     )
 
 
+def paired_acc_rows(records: list[dict]) -> list[dict]:
+    """Per model x ratio x lm-eval task metric with per-item scores: every pruned method's accuracy
+    difference to dense and to the best method of its ratio (points), with 95% paired t-intervals
+    over items; ``tied`` marks the methods whose interval against the best includes 0."""
+    out = []
+    for (model, ratio), d, rs in _paired_groups(records):
+        keys = sorted({f"{t}:{m}" for r in rs for t, ms in (r.get("lm_eval_items") or {}).items() for m in ms})
+        for key in keys:
+            have = [r for r in rs if _item_scores(r, key)]
+            if not have:
+                continue
+            mean = {id(r): float(sum(_item_scores(r, key)) / len(_item_scores(r, key))) for r in have}
+            best = max(have, key=lambda r: mean[id(r)])
+            for r in sorted(have, key=lambda r: -mean[id(r)]):
+                row = {"model": model, "ratio": ratio, "metric": key, "method": r["method"], "value": mean[id(r)]}
+                row["best"] = best["method"]
+                if d is not None and _item_scores(d, key):
+                    row["vs_dense"] = paired_t(_item_scores(r, key), _item_scores(d, key))[:3]
+                row["vs_best"] = paired_t(_item_scores(r, key), _item_scores(best, key))[:3]
+                row["tied"] = row["vs_best"][2] >= 0.0
+                out.append(row)
+    return out
+
+
+def paired_acc_markdown(rows: list[dict]) -> str:
+    """The paired accuracy rows as Markdown (differences in points); ties with the best in bold."""
+
+    def ci(v: tuple[float, float, float]) -> str:
+        return f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"
+
+    body = [
+        [
+            r["model"],
+            fmt(r["ratio"]),
+            r["metric"],
+            r["method"],
+            f"**{fmt(r['value'], 3)}**" if r["tied"] else fmt(r["value"], 3),
+            ci(r["vs_dense"]) if r.get("vs_dense") else "-",
+            "best" if r["method"] == r["best"] else ci(r["vs_best"]),
+        ]
+        for r in rows
+    ]
+    return markdown_table(
+        ["model", "ratio", "metric", "method", "value", "- dense, points [95% CI]", "- best, points [95% CI]"],
+        body,
+        4,
+    )
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone), in the input's order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def pairwise_rows(records: list[dict], alpha: float = 0.05) -> list[dict]:
+    """Every pair of methods (dense included) per model x ratio x measure, with the paired t-test's
+    p-value and its Holm adjustment over the pairs of that model, ratio and measure.
+
+    Measures: each perplexity protocol (per-window NLL; lower is better) and each lm-eval metric
+    with per-item scores (higher is better). ``order`` is ``"<"`` where the row method is
+    significantly better than the column method at ``alpha`` after adjustment, ``">"`` worse,
+    ``"="`` not distinguishable."""
+    out = []
+    for (model, ratio), d, rs in _paired_groups(records):
+        members = ([d] if d is not None else []) + sorted(rs, key=lambda r: r["method"])
+        measures = [(k, _window_nll, True) for k in sorted({k for r in rs for k in r.get("perplexity", {})})]
+        measures += [
+            (k, _item_scores, False)
+            for k in sorted({f"{t}:{m}" for r in rs for t, ms in (r.get("lm_eval_items") or {}).items() for m in ms})
+        ]
+        for key, get, lower in measures:
+            have = [r for r in members if get(r, key)]
+            pairs = [(a, b) for i, a in enumerate(have) for b in have[i + 1 :]]
+            if not pairs:
+                continue
+            tests = [paired_t(get(a, key), get(b, key)) for a, b in pairs]
+            for (a, b), t, p_adj in zip(pairs, tests, holm([t[3] for t in tests])):
+                better = (t[0] < 0) == lower
+                order = "=" if p_adj >= alpha else ("<" if better else ">")
+                out.append(
+                    {
+                        "model": model,
+                        "ratio": ratio,
+                        "measure": key,
+                        "a": a["method"],
+                        "b": b["method"],
+                        "diff": t[0],
+                        "p": t[3],
+                        "p_holm": p_adj,
+                        "order": order,
+                    }
+                )
+    return out
+
+
+def pairwise_markdown(rows: list[dict]) -> str:
+    """One matrix per model x ratio x measure: cell (row, column) ``<`` the row method is better,
+    ``>`` worse, ``=`` not distinguishable (paired t-test, Holm-adjusted over the matrix's pairs)."""
+    flip = {"<": ">", ">": "<", "=": "="}
+    blocks: dict[tuple, dict] = {}
+    for r in rows:
+        b = blocks.setdefault((r["model"], r["ratio"], r["measure"]), {})
+        b[(r["a"], r["b"])] = r["order"]
+        b[(r["b"], r["a"])] = flip[r["order"]]
+    parts = []
+    for (model, ratio, measure), cells in blocks.items():
+        names = list(dict.fromkeys(n for pair in cells for n in pair))
+        body = [[n] + ["" if n == m else cells.get((n, m), "") for m in names] for n in names]
+        parts.append(f"**{model}, ratio {fmt(ratio)}, {measure}**\n\n" + markdown_table(["", *names], body, 1))
+    return "\n".join(parts)
+
+
 def comparison_table(records: list[dict]) -> tuple[str, str]:
     """Markdown and CSV text of the method comparison; the best displayed pruned value per model x
     ratio and column is bold (:func:`best_cells`, ties all bold).
@@ -137,6 +275,22 @@ def comparison_table(records: list[dict]) -> tuple[str, str]:
             "method of its ratio, with a 95% t-interval over the per-window differences of mean token NLL "
             "(windows of one text are not independent: read the intervals as approximate). Bold: not "
             "distinguishable from the best (its interval includes 1).\n\n" + paired_ppl_markdown(paired)
+        )
+    acc = paired_acc_rows(records)
+    if acc:
+        md += (
+            "\n## Accuracy, paired over items\n\nDifference of each method's accuracy to dense and to the best "
+            "method of its ratio, in points, with a 95% t-interval over the per-item score differences "
+            "(the same items for every model). Bold: not distinguishable from the best (its interval "
+            "includes 0).\n\n" + paired_acc_markdown(acc)
+        )
+    pairs = pairwise_rows(records)
+    if pairs:
+        md += (
+            "\n## Which methods differ\n\nEvery pair of methods of a ratio, dense included: `<` the row's "
+            "method is better than the column's, `>` worse, `=` not distinguishable, by a paired t-test "
+            "(windows for perplexity, items for accuracy) at 5% after Holm's adjustment over the pairs of "
+            "one matrix.\n\n" + pairwise_markdown(pairs)
         )
     errs = stderr_rows(records)
     if errs:

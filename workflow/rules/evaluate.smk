@@ -11,6 +11,7 @@ rule lm_eval_tasks:
         "results/logs/lm_eval_tasks/{corpus}.log",
     params:
         seed=config["seed"],
+        mc=lambda w: config["corpora"][w.corpus]["mc_task"],
     threads: 1
     resources:
         mem_mb=2000,
