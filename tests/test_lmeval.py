@@ -239,7 +239,8 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     assert calls and all(isinstance(k, int) and k > 0 for k in calls) and min(calls) < 20, calls
 
 
-def test_shared_context_scoring_equals_one_forward_per_request(tiny):
+@pytest.mark.parametrize("batch_size", [3, 16])  # 16: blocks of several contexts of different lengths, padded
+def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size):
     """Requests that share a context (a multiple-choice item's choices, the empty contexts of
     acc_mutual_info) are scored from one context pass whose cache is repeated over the choices:
     every score and greedy flag equals a full forward pass of context + continuation, and the
@@ -254,20 +255,20 @@ def test_shared_context_scoring_equals_one_forward_per_request(tiny):
     contexts = [" ".join(words[: 3 + i]) for i in range(5)]
     pairs = [(c, " " + " ".join(words[j : j + 1 + (i + j) % 4])) for i, c in enumerate(contexts) for j in range(4)]
     pairs += [("", " sorted list"), ("", " y"), ("x", " y z")]  # two empty contexts share one; "x" is alone
-    lm = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=3, max_length=64)
+    lm = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=64)
     calls = []
-    forward = model.forward
+    body = model.model.forward
 
-    @functools.wraps(forward)
-    def spy(*a, **kw):
-        calls.append("context" if kw.get("use_cache") and "past_key_values" not in kw else "other")
-        return forward(*a, **kw)
+    @functools.wraps(body)
+    def spy(*a, **kw):  # a context pass: padded contexts, no cache yet
+        calls.append("context" if kw.get("past_key_values") is None and kw.get("attention_mask") is not None else "")
+        return body(*a, **kw)
 
-    model.forward = spy
+    model.model.forward = spy
     try:
         got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
     finally:
-        del model.forward
+        del model.model.forward
     for (ctx, cont), (lp, greedy) in zip(pairs, got):
         c_ids, k_ids = (
             lm._encode_pair(ctx, cont) if ctx else ([lm.prefix_token_id], lm.tok_encode(cont, add_special_tokens=False))
@@ -278,8 +279,9 @@ def test_shared_context_scoring_equals_one_forward_per_request(tiny):
         want = float(rows.gather(1, torch.tensor(k_ids)[:, None]).sum())
         assert lp == pytest.approx(want, abs=1e-4), (ctx, cont)
         assert greedy == bool((rows.argmax(-1) == torch.tensor(k_ids)).all()), (ctx, cont)
-    # 6 shared contexts, each run once (5 items + the empty one); "x" alone takes the plain path.
-    assert calls.count("context") == 6 and len(calls) < len(pairs)
+    # Blocks of about batch_size continuations: each item's 4 choices fill a block, the two
+    # empty-context requests a sixth; "x" alone takes the plain path. Each context runs once.
+    assert calls.count("context") == (6 if batch_size == 3 else 2) and len(calls) < len(pairs)
 
 
 def test_item_scores_follow_doc_order_and_keep_numbers_only():
@@ -302,3 +304,13 @@ def test_mc_items_refuse_more_items_than_passages():
     assert len(mc_items(passages, 4, 5, 0)) == 5
     with pytest.raises(ValueError, match="n_items = 6, but the held-out text holds 5 passages"):
         mc_items(passages, 4, 6, 0)
+
+
+def test_mc_task_metrics_choose_the_yaml_metrics(corpus, tmp_path):
+    import yaml
+
+    info = write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path, n_items=8, metrics=["acc"], **SMALL)
+    cfg = yaml.safe_load(Path(info["tasks"][MC_TASK]["yaml"]).read_text())
+    assert [m["metric"] for m in cfg["metric_list"]] == ["acc"] and info["tasks"][MC_TASK]["metrics"] == ["acc"]
+    with pytest.raises(ValueError, match="mc_task.metrics"):
+        write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path / "x", metrics=["bleu"], **SMALL)

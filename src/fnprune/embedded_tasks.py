@@ -125,9 +125,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_task_yaml(name: str, data: Path, out_dir: Path) -> Path:
+MC_METRICS = ("acc", "acc_norm", "acc_mutual_info")
+
+
+def _write_task_yaml(name: str, data: Path, out_dir: Path, metrics: Iterable[str] | None = None) -> Path:
     cfg = yaml.safe_load((TEMPLATES / f"{name}.yaml").read_text())
     cfg["dataset_kwargs"] = {"data_files": {"test": str(data.resolve())}}
+    if metrics is not None:  # acc_mutual_info costs one more pass per choice (its unconditional scores)
+        cfg["metric_list"] = [m for m in cfg["metric_list"] if m["metric"] in set(metrics)]
     path = out_dir / f"{name}.yaml"
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -143,6 +148,7 @@ def write_embedded_tasks(
     passage_chars: int = 384,
     continuation_chars: int = 48,
     n_items: int | None = None,
+    metrics: Iterable[str] = MC_METRICS,
 ) -> dict:
     """Write the data and lm-eval YAMLs of ``fnprune_mc`` and ``fnprune_ppl`` into ``out_dir``.
 
@@ -152,6 +158,9 @@ def write_embedded_tasks(
     """
     if n_choices < 2:
         raise ValueError(f"n_choices={n_choices}: need at least 2")
+    metrics = list(metrics)
+    if not metrics or set(metrics) - set(MC_METRICS):
+        raise ValueError(f"mc_task.metrics: {metrics}; expected some of {', '.join(MC_METRICS)}")
     out_dir = Path(out_dir).resolve()
     test, validation = read_records(test_jsonl), read_records(validation_jsonl)
     items = mc_items(_passages(validation + test, passage_chars, continuation_chars), n_choices, n_items, seed)
@@ -168,13 +177,13 @@ def write_embedded_tasks(
         data = out_dir / f"{name}.jsonl"
         sha = _write_jsonl(data, rows)
         info["tasks"][name] = {
-            "yaml": str(_write_task_yaml(name, data, out_dir)),
+            "yaml": str(_write_task_yaml(name, data, out_dir, metrics if name == MC_TASK else None)),
             "data": str(data),
             "items": len(rows),
             "sha256": sha,
         }
     info["tasks"][MC_TASK].update(
-        n_choices=n_choices, passage_chars=passage_chars, continuation_chars=continuation_chars
+        n_choices=n_choices, passage_chars=passage_chars, continuation_chars=continuation_chars, metrics=metrics
     )
     info["sha256"] = sha256_of_strings([t["sha256"] for t in info["tasks"].values()])
     write_json(out_dir / "manifest.json", info)

@@ -208,10 +208,9 @@ def _scoring_lm_class():
 
         def _shared_context_tokens(self, requests, disable_tqdm: bool):
             """Requests that share a context (a multiple-choice item's choices; acc_mutual_info's
-            empty contexts): the context's forward pass once, its cache repeated over the choices,
-            so an item of n choices costs context + n continuations, not n x (context +
-            continuation). Scores equal HFLM's to float rounding (``tests/test_lmeval.py``)."""
-            import copy
+            empty contexts): the context's forward pass once, its cache reused by the choices, so an
+            item of n choices costs context + n continuations, not n x (context + continuation).
+            Scores equal a full forward pass to float rounding (``tests/test_lmeval.py``)."""
 
             groups: dict[tuple, list[int]] = {}
             for i, (_, ctx, _cont) in enumerate(requests):
@@ -226,39 +225,79 @@ def _scoring_lm_class():
             if rest:
                 for i, res in zip(rest, self._continuation_tokens([requests[i] for i in rest], disable_tqdm, None)):
                     out[i] = res
-            autocast = torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            )
             bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
-            for ctx, idx in tqdm(shared.items(), desc="shared contexts", disable=disable_tqdm, mininterval=5):
-                with torch.no_grad(), autocast:
-                    first = self.model(torch.tensor([ctx], device=self.device), use_cache=True, logits_to_keep=1)
-                head = torch.log_softmax(first.logits[0, -1].float(), -1)
-                for lo in range(0, len(idx), bs):
-                    chunk = idx[lo : lo + bs]
-                    conts = [requests[i][2] for i in chunk]
-                    width = max(map(len, conts)) - 1
-                    rest_lp = None
-                    if width > 0:
-                        x = torch.zeros(len(chunk), width, dtype=torch.long, device=self.device)
-                        for j, c in enumerate(conts):
-                            x[j, : len(c) - 1] = torch.tensor(c[:-1])
-                        cache = copy.deepcopy(first.past_key_values)
-                        cache.batch_repeat_interleave(len(chunk))
-                        with torch.no_grad(), autocast:
-                            logits = self.model(x, past_key_values=cache, use_cache=True).logits
-                        rest_lp = torch.log_softmax(logits.float(), -1)
-                    for j, (i, c) in enumerate(zip(chunk, conts)):
-                        lp, greedy = float(head[c[0]]), int(head.argmax()) == c[0]
-                        if len(c) > 1:
-                            tgt = torch.tensor(c[1:], device=self.device)
-                            row = rest_lp[j, : len(c) - 1]
-                            lp += float(row.gather(1, tgt[:, None]).sum())
-                            greedy = greedy and bool((row.argmax(-1) == tgt).all())
-                        out[i] = (lp, greedy)
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], (lp, greedy))
+            # Blocks of whole groups holding about ``bs`` continuations: one padded pass over the
+            # block's contexts, then its continuations ``bs`` at a time on the contexts' cache.
+            blocks, cur, n = [], [], 0
+            for ctx in shared:
+                cur.append(ctx)
+                n += len(shared[ctx])
+                if n >= bs:
+                    blocks.append(cur)
+                    cur, n = [], 0
+            blocks += [cur] if cur else []
+            bar = tqdm(
+                total=sum(map(len, shared.values())), desc="shared contexts", disable=disable_tqdm, mininterval=5
+            )
+            for block in blocks:
+                members = [i for c in block for i in shared[c]]
+                scores = self._score_block(block, [[requests[i][2] for i in shared[c]] for c in block], bs)
+                for i, res in zip(members, scores):
+                    out[i] = res
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], res)
+                bar.update(len(members))
+            bar.close()
+            return out
+
+        def _score_block(self, contexts: list[tuple], conts: list[list[list[int]]], bs: int):
+            """Log-likelihood and greedy flag of every continuation ``conts[g][j]`` after context
+            ``contexts[g]``. Contexts are right-padded into one pass (padding masked); the
+            continuations run ``bs`` at a time on their context's cache rows, at positions
+            continuing their own context, the context padding masked."""
+            import copy
+
+            dev = self.device
+            lens = torch.tensor([len(c) for c in contexts], device=dev)
+            width = int(lens.max())
+            ids = torch.zeros(len(contexts), width, dtype=torch.long, device=dev)
+            for g, c in enumerate(contexts):
+                ids[g, : len(c)] = torch.tensor(c)
+            ctx_mask = (torch.arange(width, device=dev)[None] < lens[:, None]).long()
+            autocast = torch.autocast(
+                device_type=dev.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
+            )
+            with torch.no_grad(), autocast:
+                body = self.model.model(input_ids=ids, attention_mask=ctx_mask, use_cache=True)
+                last = body.last_hidden_state[torch.arange(len(contexts), device=dev), lens - 1]
+                head = torch.log_softmax(self.model.lm_head(last).float(), -1)  # predicts each first token
+            pairs = [(g, c) for g, cs in enumerate(conts) for c in cs]
+            out = []
+            for lo in range(0, len(pairs), bs):
+                chunk = pairs[lo : lo + bs]
+                rows = torch.tensor([g for g, _ in chunk], device=dev)
+                k = max(len(c) for _, c in chunk) - 1
+                lp_rest = None
+                if k > 0:
+                    x = torch.zeros(len(chunk), k, dtype=torch.long, device=dev)
+                    for j, (_, c) in enumerate(chunk):
+                        x[j, : len(c) - 1] = torch.tensor(c[:-1])
+                    cache = copy.deepcopy(body.past_key_values)
+                    cache.batch_select_indices(rows)
+                    mask = torch.cat([ctx_mask[rows], torch.ones(len(chunk), k, dtype=torch.long, device=dev)], 1)
+                    pos = lens[rows][:, None] + torch.arange(k, device=dev)[None]
+                    with torch.no_grad(), autocast:
+                        logits = self.model(
+                            input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+                        ).logits
+                    lp_rest = torch.log_softmax(logits.float(), -1)
+                for j, (g, c) in enumerate(chunk):
+                    lp, greedy = float(head[g, c[0]]), int(head[g].argmax()) == c[0]
+                    if len(c) > 1:
+                        tgt = torch.tensor(c[1:], device=dev)
+                        row = lp_rest[j, : len(c) - 1]
+                        lp += float(row.gather(1, tgt[:, None]).sum())
+                        greedy = greedy and bool((row.argmax(-1) == tgt).all())
+                    out.append((lp, greedy))
             return out
 
         def _continuation_tokens(self, requests, disable_tqdm: bool, override_bs: int | None):
