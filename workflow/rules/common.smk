@@ -245,7 +245,9 @@ def corpus_source(wildcards):
 
 
 def corpus_spec(wildcards):
-    return config["corpora"][wildcards.corpus]
+    """The keys of a corpus that decide its splits: all but ``mc_task``, which decides only its
+    embedded tasks (the lm_eval_tasks job's params)."""
+    return {k: v for k, v in config["corpora"][wildcards.corpus].items() if k != "mc_task"}
 
 
 def n_layers(wildcards):
