@@ -108,26 +108,34 @@ def paired_ppl_rows(records: list[dict]) -> list[dict]:
     return out
 
 
-def paired_ppl_markdown(rows: list[dict]) -> str:
-    """The paired perplexity rows as Markdown; ties with the best (interval includes 1) in bold."""
-
-    def ci(v: tuple[float, float, float]) -> str:
-        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
-
+def _paired_markdown(rows: list[dict], measure: str, value: str, digits: int, ci, headers: list[str]) -> str:
+    """Paired rows (:func:`paired_ppl_rows`, :func:`paired_acc_rows`) as Markdown: model, ratio,
+    ``measure``, method, ``value`` (bold where tied with the best), the intervals against dense and
+    against the best, each rendered by ``ci``."""
     body = [
         [
             r["model"],
             fmt(r["ratio"]),
-            r["protocol"],
+            r[measure],
             r["method"],
-            f"**{fmt(r['ppl'])}**" if r["tied"] else fmt(r["ppl"]),
+            f"**{fmt(r[value], digits)}**" if r["tied"] else fmt(r[value], digits),
             ci(r["vs_dense"]) if r.get("vs_dense") else "-",
             "best" if r["method"] == r["best"] else ci(r["vs_best"]),
         ]
         for r in rows
     ]
-    return markdown_table(
-        ["model", "ratio", "protocol", "method", "PPL", "x dense [95% CI]", "x best [95% CI]"], body, 4
+    return markdown_table(["model", "ratio", *headers], body, 4)
+
+
+def paired_ppl_markdown(rows: list[dict]) -> str:
+    """The paired perplexity rows as Markdown; ties with the best (interval includes 1) in bold."""
+    return _paired_markdown(
+        rows,
+        "protocol",
+        "ppl",
+        2,
+        lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]",
+        ["protocol", "method", "PPL", "x dense [95% CI]", "x best [95% CI]"],
     )
 
 
@@ -157,26 +165,13 @@ def paired_acc_rows(records: list[dict]) -> list[dict]:
 
 def paired_acc_markdown(rows: list[dict]) -> str:
     """The paired accuracy rows as Markdown (differences in points); ties with the best in bold."""
-
-    def ci(v: tuple[float, float, float]) -> str:
-        return f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"
-
-    body = [
-        [
-            r["model"],
-            fmt(r["ratio"]),
-            r["metric"],
-            r["method"],
-            f"**{fmt(r['value'], 3)}**" if r["tied"] else fmt(r["value"], 3),
-            ci(r["vs_dense"]) if r.get("vs_dense") else "-",
-            "best" if r["method"] == r["best"] else ci(r["vs_best"]),
-        ]
-        for r in rows
-    ]
-    return markdown_table(
-        ["model", "ratio", "metric", "method", "value", "- dense, points [95% CI]", "- best, points [95% CI]"],
-        body,
-        4,
+    return _paired_markdown(
+        rows,
+        "metric",
+        "value",
+        3,
+        lambda v: f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]",
+        ["metric", "method", "value", "- dense, points [95% CI]", "- best, points [95% CI]"],
     )
 
 
