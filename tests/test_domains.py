@@ -159,3 +159,35 @@ def test_the_default_domains_compare_code_and_documentation_on_smol():
     assert D.bases(cfg) == ["smol"] and cfg["domains"]["corpora"] == ["stdlib_docs", "stdlib_code"]
     f = D.ppl_fields(cfg, "smol_code_r20_c64", "stdlib_docs")
     assert f["calibration_corpus"] == "stdlib_code" and f["corpus"] == "stdlib_docs" and f["weights"] == "smol"
+
+
+def _with_windows(record, nll):
+    r = json.loads(json.dumps(record))
+    r["results"][0]["window_nll"] = nll
+    return r
+
+
+def test_paired_cells_give_ratios_to_dense_and_to_the_best_source_over_the_same_windows():
+    rng = np.random.default_rng(0)
+    base = rng.normal(4.0, 0.5, size=50)
+    shift = {0: 0.0, 2: 0.10, 3: 0.30, 4: 0.30, 5: 0.10}  # langref: langref-calibrated best; libdocs: libdocs
+    recs = [_with_windows(r, list(base + shift.get(i, 0.0) + rng.normal(0, 0.01, 50))) for i, r in enumerate(RECORDS)]
+    (g,) = D.perplexity_grids(recs)
+    cells = D.paired_cells(g)
+    lr, ld = cells  # rows tiny_langref, tiny_libdocs; columns langref, libdocs
+    assert lr[0]["vs_best"] is None and lr[0]["best"] == "tiny_langref"
+    assert ld[1]["vs_best"] is None and ld[1]["best"] == "tiny_libdocs"
+    ratio, lo, hi = ld[0]["vs_best"]  # libdocs mask on langref: exp(0.2) x the langref mask's perplexity
+    assert lo < ratio < hi and lo > 1.0 and ratio == pytest.approx(np.exp(0.2), rel=0.01)
+    assert lr[0]["vs_dense"][0] == pytest.approx(np.exp(0.1), rel=0.01)
+    md = D.paired_markdown(g)
+    assert md.splitlines()[2].startswith("| tiny_langref | langref | ") and "| best |" in md.splitlines()[2]
+    rows = list(csv.DictReader(io.StringIO(D.grids_csv([g]))))
+    cell = next(r for r in rows if r["source"] == "tiny_libdocs" and r["eval_corpus"] == "langref")
+    assert float(cell["x_best"]) == pytest.approx(ratio) and float(cell["x_best_lo"]) > 1.0
+
+
+def test_no_paired_table_without_window_nll():
+    (g,) = D.perplexity_grids(RECORDS)
+    assert D.paired_markdown(g) is None
+    assert all(c is None for row in D.paired_cells(g) for c in row)

@@ -22,7 +22,7 @@ import numpy as np
 from .config import method_problems, parse_target, raise_problems, weights_of
 from .io import atomic_path, read_json, write_text
 from .mask import dice, kept_vector, read_mask
-from .tables import Column, fmt, markdown_table, method_label
+from .tables import Column, fmt, markdown_table, method_label, paired_ratio
 
 # Corpus keys that decide which split a document's chunks land in (fnprune.corpus).
 SPLIT_KEYS = ("fractions", "max_chars", "min_chars", "group_chunks")
@@ -109,6 +109,8 @@ class Grid:
     calibration: list[str | None]
     corpora: list[str]
     ppl: np.ndarray
+    # Per-window mean token NLL of each cell (rows x corpora), None where not recorded.
+    window_nll: list[list[list[float] | None]] | None = None
 
     @property
     def change(self) -> np.ndarray:
@@ -140,11 +142,13 @@ def perplexity_grids(records: Sequence[dict]) -> list[Grid]:
     for ratio, method in dict.fromkeys((r["ratio"], r["method"]) for r in pruned):
         for protocol in protocols:
             ppl = np.full((1 + len(sources), len(corpora)), np.nan)
+            nll: list[list[list[float] | None]] = [[None] * len(corpora) for _ in range(1 + len(sources))]
             for r in dense + [r for r in pruned if (r["ratio"], r["method"]) == (ratio, method)]:
                 i = 0 if r["dense"] else 1 + sources.index(r["model"])
                 for x in r["results"]:
                     if _protocol(x) == protocol:
                         ppl[i, corpora.index(r["corpus"])] = x["ppl"]
+                        nll[i][corpora.index(r["corpus"])] = x.get("window_nll")
             grids.append(
                 Grid(
                     ratio,
@@ -154,9 +158,64 @@ def perplexity_grids(records: Sequence[dict]) -> list[Grid]:
                     [None, *(calibration[s] for s in sources)],
                     corpora,
                     ppl,
+                    nll,
                 )
             )
     return grids
+
+
+def paired_cells(g: Grid) -> list[list[dict | None]]:
+    """Per pruned row x corpus: its perplexity ratio to the dense model and to the best source of
+    that corpus, each with a 95% interval paired over the same windows
+    (:func:`fnprune.tables.paired_ratio`); None where a cell lacks its per-window NLL."""
+    out = []
+    nll = g.window_nll or [[None] * len(g.corpora) for _ in g.rows]
+    for i in range(1, len(g.rows)):
+        row = []
+        for j in range(len(g.corpora)):
+            have = [k for k in range(1, len(g.rows)) if nll[k][j] and not math.isnan(g.ppl[k, j])]
+            if i not in have:
+                row.append(None)
+                continue
+            best = min(have, key=lambda k: g.ppl[k, j])
+            row.append(
+                {
+                    "vs_dense": paired_ratio(nll[i][j], nll[0][j]) if nll[0][j] else None,
+                    "best": g.rows[best],
+                    "vs_best": None if best == i else paired_ratio(nll[i][j], nll[best][j]),
+                }
+            )
+        out.append(row)
+    return out
+
+
+def _ci(v: tuple[float, float, float]) -> str:
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def paired_markdown(g: Grid) -> str | None:
+    """The paired table of one grid: per source and domain, ``x dense`` and ``x best`` with 95%
+    intervals over windows (the best source of the column reads ``best``); an interval against the
+    best that excludes 1 is a real difference. None when no cell has per-window NLLs."""
+    cells = paired_cells(g)
+    if not any(c for row in cells for c in row):
+        return None
+    body = []
+    for i, row in enumerate(cells, start=1):
+        out = [g.rows[i], g.calibration[i] or "-"]
+        for c in row:
+            if c is None:
+                out += ["-", "-"]
+            else:
+                out += [
+                    _ci(c["vs_dense"]) if c["vs_dense"] else "-",
+                    "best" if c["vs_best"] is None else _ci(c["vs_best"]),
+                ]
+        body.append(out)
+    header = ["calibration source", "calibrated on"]
+    for corpus in g.corpora:
+        header += [f"{corpus}: x dense", f"{corpus}: x best"]
+    return markdown_table(header, body, 2)
 
 
 def mask_overlap(a: dict, b: dict) -> dict:
@@ -247,6 +306,15 @@ def markdown(base: str, grids: Sequence[Grid], overlaps: Sequence[dict], figure:
     ]
     for g in grids:
         lines += [f"## {grid_title(g)}", "", grid_markdown(g)]
+        paired = paired_markdown(g)
+        if paired:
+            lines += [
+                "Perplexity ratios paired over the same test windows, with 95% t-intervals of the per-window "
+                "log-perplexity differences: against the dense model, and against the best source on that "
+                "domain (an interval that excludes 1 is a difference the windows can show).",
+                "",
+                paired,
+            ]
     lines += [
         "## Mask overlap between calibration sources",
         "",
@@ -264,10 +332,27 @@ def grids_csv(grids: Sequence[Grid]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
-        ["ratio", "method", "protocol", "source", "calibration_corpus", "eval_corpus", "ppl", "dense_ppl", "change_pct"]
+        [
+            "ratio",
+            "method",
+            "protocol",
+            "source",
+            "calibration_corpus",
+            "eval_corpus",
+            "ppl",
+            "dense_ppl",
+            "change_pct",
+            *(f"{v}{e}" for v in ("x_dense", "x_best") for e in ("", "_lo", "_hi")),
+        ]
     )
     for g in grids:
+        cells = paired_cells(g)
         for i, j in itertools.product(range(len(g.rows)), range(len(g.corpora))):
+            c = cells[i - 1][j] if i else None
+            paired = []
+            for v in ("vs_dense", "vs_best"):
+                x = (c or {}).get(v) or ((1.0, 1.0, 1.0) if c and v == "vs_best" else ("", "", ""))
+                paired += list(x)
             w.writerow(
                 [
                     g.ratio,
@@ -279,6 +364,7 @@ def grids_csv(grids: Sequence[Grid]) -> str:
                     g.ppl[i, j],
                     g.ppl[0, j],
                     g.change[i, j],
+                    *paired,
                 ]
             )
     return buf.getvalue()
