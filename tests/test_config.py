@@ -167,6 +167,34 @@ def test_domains_errors_name_the_key(cfg, path, value, needle):
         _domains_check(cfg)
 
 
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        (
+            "fractions",
+            {"train": 0.71, "calib": 0.2, "validation": 0.05, "test": 0.04},
+            r"corpora.stdlib_docs and corpora.stdlib_code \(model smol_code calibrates on stdlib_code and is "
+            r"evaluated on stdlib_docs's test split\) split the same documents with a different fractions",
+        ),
+        ("parts", ["modules"], "mix parts 'modules' \\(split by module\\) and \\['docstrings'\\]"),
+        ("group_chunks", 4, "a different group_chunks"),
+    ],
+)
+def test_no_model_calibrates_on_the_held_out_text_of_another_domain(key, value, needle):
+    """The shipped smol domains (code vs documentation): a file's code and docstrings must share a
+    split, or smol_code (calibrated on code) could calibrate on the documentation test files."""
+    from fnprune import domains
+
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    _domains_check(cfg)  # as shipped: no leak
+    cfg["corpora"]["stdlib_code"][key] = value
+    with pytest.raises(ValueError, match=needle):
+        _domains_check(cfg)
+    cfg["domains"]["models"] = ["smol"]  # the alias smol_code is still evaluated on stdlib_docs
+    with pytest.raises(ValueError, match="model smol_code calibrates on stdlib_code"):
+        domains.check(cfg)
+
+
 # ---- requested targets: the grammar and impossible values, before any job ------------------------
 
 

@@ -239,7 +239,8 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     assert calls and all(isinstance(k, int) and k > 0 for k in calls) and min(calls) < 20, calls
 
 
-@pytest.mark.parametrize("batch_size", [3, 16])  # 16: blocks of several contexts of different lengths, padded
+# 16: blocks of several contexts of different lengths, padded; "auto": blocks of max_batch_size (16)
+@pytest.mark.parametrize("batch_size", [3, 16, "auto"])
 def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size):
     """Requests that share a context (a multiple-choice item's choices, the empty contexts of
     acc_mutual_info) are scored from one context pass whose cache is repeated over the choices:
@@ -255,7 +256,7 @@ def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size)
     contexts = [" ".join(words[: 3 + i]) for i in range(5)]
     pairs = [(c, " " + " ".join(words[j : j + 1 + (i + j) % 4])) for i, c in enumerate(contexts) for j in range(4)]
     pairs += [("", " sorted list"), ("", " y"), ("x", " y z")]  # two empty contexts share one; "x" is alone
-    lm = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=64)
+    lm = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=64, max_batch_size=16)
     calls = []
     body = model.model.forward
 
@@ -314,3 +315,6 @@ def test_mc_task_metrics_choose_the_yaml_metrics(corpus, tmp_path):
     assert [m["metric"] for m in cfg["metric_list"]] == ["acc"] and info["tasks"][MC_TASK]["metrics"] == ["acc"]
     with pytest.raises(ValueError, match="mc_task.metrics"):
         write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path / "x", metrics=["bleu"], **SMALL)
+    with pytest.raises(ValueError, match=r"validation\.jsonl \+ .*test\.jsonl: mc_task\.n_items = 100000"):
+        write_embedded_tasks(corpus["test"], corpus["validation"], tmp_path / "y", n_items=100000, **SMALL)
+    assert not (tmp_path / "y").exists()

@@ -116,3 +116,9 @@ def test_accuracy_paired_over_items_marks_ties_and_pairs_that_differ():
     assert all(0 <= v["p"] <= v["p_holm"] <= 1 for v in pairs.values())
     md, _ = tables.comparison_table(recs)
     assert "## Accuracy, paired over items" in md and "## Which methods differ" in md
+
+
+def test_unpaired_windows_name_both_targets_and_the_measure():
+    recs = [record("dense", 0.0, np.ones(10)), record("c64", 0.2, np.ones(8) * 1.1)]
+    with pytest.raises(ValueError, match=r"m_c64 vs m_dense on flap_token_ppl@128: .* \(got 8 and 10\)"):
+        tables.paired_ppl_rows(recs)

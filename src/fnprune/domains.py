@@ -67,7 +67,64 @@ def check(config: dict) -> None:
                     f"corpus) with another {', '.join(differ)}, so its test and calib texts could be "
                     f"training text; give it the same {', '.join(differ)}"
                 )
+    calibrated_on = {m: models[m].get("calibration", {}).get("corpus", models[m].get("corpus")) for m in models}
+    pairs = [(m, calibrated_on[m], c) for m in sources for c in d["corpora"] if c in corpora]
+    # every model's own evaluation corpus too (an alias calibrated on another corpus)
+    pairs += [(m, calibrated_on[m], models[m].get("corpus")) for m in models if "base" not in models[m]]
+    pairs += [(m, calibrated_on[m], _alias_corpus(config, m)) for m in models if "base" in models[m]]
+    problems += _cross_split_problems(config, pairs)
     raise_problems(problems)
+
+
+def _alias_corpus(config: dict, model: str) -> str | None:
+    """An alias's evaluation corpus: its own ``corpus`` or its base model's."""
+    m = config["models"][model]
+    return m.get("corpus") or config["models"].get(m["base"], {}).get("corpus")
+
+
+def _cross_split_problems(config: dict, pairs: Sequence[tuple[str, str | None, str | None]]) -> list[str]:
+    """No model may calibrate on the held-out text it is evaluated on: for every ``(model,
+    calibration corpus, evaluation corpus)`` of ``pairs`` cut from the same documents, both
+    corpora must put each document in the same split.
+
+    That needs the same split keys (:data:`SPLIT_KEYS`), whole documents per split where their
+    parts differ (``group_chunks: 0``: chunk ``i`` of a file's docstrings is not chunk ``i`` of its
+    code), and one way of keying a text: ``modules`` keys a module's docstrings by module name,
+    ``docstrings`` and ``code`` by file, so the same docstring could sit in two splits.
+    """
+    from .corpus import DEFAULT_PARTS, FILE_PARTS
+
+    corpora = config["corpora"]
+    problems = []
+    for m, cal, ev in dict.fromkeys(pairs):
+        if cal is None or ev is None or cal == ev or cal not in corpora or ev not in corpora:
+            continue
+        a, b = corpora[cal], corpora[ev]
+        if not _same_documents(a, b):
+            continue
+        where = f"corpora.{ev} and corpora.{cal} (model {m} calibrates on {cal} and is evaluated on {ev}'s test split)"
+        if differ := [k for k in SPLIT_KEYS if a.get(k) != b.get(k)]:
+            problems.append(
+                f"{where} split the same documents with a different {', '.join(differ)}, so {m} could "
+                f"calibrate on {ev}'s held-out text; give both the same {', '.join(differ)}"
+            )
+            continue
+        if a["source"] != "embedded":
+            continue
+        pa, pb = set(a.get("parts", DEFAULT_PARTS)), set(b.get("parts", DEFAULT_PARTS))
+        files = set(FILE_PARTS)
+        if ("modules" in pa and pb & files) or ("modules" in pb and pa & files):
+            problems.append(
+                f"{where} mix parts 'modules' (split by module) and {sorted((pa | pb) & files)} (split "
+                f"by file), so one docstring could be in two splits; use 'docstrings' in both"
+            )
+        elif pa != pb and (pa | pb) & files and a.get("group_chunks", 4) != 0:
+            problems.append(
+                f"{where} hold different parts of the same files in chunk groups "
+                f"(group_chunks {a.get('group_chunks', 4)}); set group_chunks: 0 in both so a file "
+                "stays in one split"
+            )
+    return problems
 
 
 def bases(config: dict) -> list[str]:
@@ -164,6 +221,10 @@ def perplexity_grids(records: Sequence[dict]) -> list[Grid]:
     return grids
 
 
+def _cell(g: Grid, i: int, k: int, j: int) -> str:
+    return f"{g.rows[i]} vs {g.rows[k]} on {g.corpora[j]} ({grid_title(g)})"
+
+
 def paired_cells(g: Grid) -> list[list[dict | None]]:
     """Per pruned row x corpus: its perplexity ratio to the dense model and to the best source of
     that corpus, each with a 95% interval paired over the same windows
@@ -180,9 +241,9 @@ def paired_cells(g: Grid) -> list[list[dict | None]]:
             best = min(have, key=lambda k: g.ppl[k, j])
             row.append(
                 {
-                    "vs_dense": paired_ratio(nll[i][j], nll[0][j]) if nll[0][j] else None,
+                    "vs_dense": paired_ratio(nll[i][j], nll[0][j], what=_cell(g, i, 0, j)) if nll[0][j] else None,
                     "best": g.rows[best],
-                    "vs_best": None if best == i else paired_ratio(nll[i][j], nll[best][j]),
+                    "vs_best": None if best == i else paired_ratio(nll[i][j], nll[best][j], what=_cell(g, i, best, j)),
                 }
             )
         out.append(row)

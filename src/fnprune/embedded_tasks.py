@@ -163,7 +163,10 @@ def write_embedded_tasks(
         raise ValueError(f"mc_task.metrics: {metrics}; expected some of {', '.join(MC_METRICS)}")
     out_dir = Path(out_dir).resolve()
     test, validation = read_records(test_jsonl), read_records(validation_jsonl)
-    items = mc_items(_passages(validation + test, passage_chars, continuation_chars), n_choices, n_items, seed)
+    try:
+        items = mc_items(_passages(validation + test, passage_chars, continuation_chars), n_choices, n_items, seed)
+    except ValueError as e:
+        raise ValueError(f"{validation_jsonl} + {test_jsonl}: {e}") from None
     if not items:
         raise ValueError(
             f"{test_jsonl}, {validation_jsonl}: no passage of {passage_chars}+"

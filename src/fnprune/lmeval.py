@@ -225,7 +225,9 @@ def _scoring_lm_class():
             if rest:
                 for i, res in zip(rest, self._continuation_tokens([requests[i] for i in rest], disable_tqdm, None)):
                     out[i] = res
-            bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
+            # ``auto`` (a GPU's probe) is not run for these blocks: they take lm-eval's max_batch_size.
+            bs = self.batch_size if isinstance(self.batch_size, int) else getattr(self, "max_batch_size", 1)
+            bs = max(1, int(bs or 1))
             # Blocks of whole groups holding about ``bs`` continuations: one padded pass over the
             # block's contexts, then its continuations ``bs`` at a time on the contexts' cache.
             blocks, cur, n = [], [], 0

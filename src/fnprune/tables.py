@@ -33,14 +33,20 @@ def comparison_order(records: list[dict]) -> list[dict]:
     )
 
 
-def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+def paired_t(
+    a: Sequence[float], b: Sequence[float], level: float = 0.95, what: str = "a paired comparison"
+) -> tuple[float, float, float, float]:
     """Mean of the paired differences a - b, its ``level`` t-interval and the two-sided p-value of
-    the paired t-test (for 0/1 item scores: the normal approximation of McNemar's test)."""
+    the paired t-test (for 0/1 item scores: the normal approximation of McNemar's test); ``what``
+    names the two records and the measure in the error for unpaired inputs."""
     import numpy as np
     from scipy import stats
 
     if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"a paired comparison needs the same windows or items, at least 2 (got {len(a)} and {len(b)})")
+        raise ValueError(
+            f"{what}: a paired comparison needs the same windows or items, at least 2 (got {len(a)} and {len(b)}); "
+            "evaluate both with the same eval settings (eval.ppl_max_windows, the same task)"
+        )
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     se = d.std(ddof=1) / math.sqrt(d.size)
     mean = float(d.mean())
@@ -50,11 +56,17 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tup
     return mean, mean - half, mean + half, float(2 * stats.t.sf(abs(mean) / se, d.size - 1))
 
 
-def paired_ratio(nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+def paired_ratio(
+    nll_a: Sequence[float], nll_b: Sequence[float], level: float = 0.95, what: str = "a paired comparison"
+) -> tuple[float, float, float]:
     """Perplexity ratio a / b of two models on the same windows, with a ``level`` t-interval over the
     paired per-window differences of mean token NLL (log PPL_a - log PPL_b is their mean)."""
-    mean, lo, hi, _ = paired_t(nll_a, nll_b, level)
+    mean, lo, hi, _ = paired_t(nll_a, nll_b, level, what)
     return math.exp(mean), math.exp(lo), math.exp(hi)
+
+
+def _what(a: dict, b: dict, key: str) -> str:
+    return f"{a.get('target', a.get('method'))} vs {b.get('target', b.get('method'))} on {key}"
 
 
 def _window_nll(record: dict, key: str) -> list[float] | None:
@@ -101,8 +113,8 @@ def paired_ppl_rows(records: list[dict]) -> list[dict]:
                     "best": best["method"],
                 }
                 if d is not None and _window_nll(d, key):
-                    row["vs_dense"] = paired_ratio(_window_nll(r, key), _window_nll(d, key))
-                row["vs_best"] = paired_ratio(_window_nll(r, key), _window_nll(best, key))
+                    row["vs_dense"] = paired_ratio(_window_nll(r, key), _window_nll(d, key), what=_what(r, d, key))
+                row["vs_best"] = paired_ratio(_window_nll(r, key), _window_nll(best, key), what=_what(r, best, key))
                 row["tied"] = row["vs_best"][1] <= 1.0
                 out.append(row)
     return out
@@ -156,8 +168,8 @@ def paired_acc_rows(records: list[dict]) -> list[dict]:
                 row = {"model": model, "ratio": ratio, "metric": key, "method": r["method"], "value": mean[id(r)]}
                 row["best"] = best["method"]
                 if d is not None and _item_scores(d, key):
-                    row["vs_dense"] = paired_t(_item_scores(r, key), _item_scores(d, key))[:3]
-                row["vs_best"] = paired_t(_item_scores(r, key), _item_scores(best, key))[:3]
+                    row["vs_dense"] = paired_t(_item_scores(r, key), _item_scores(d, key), what=_what(r, d, key))[:3]
+                row["vs_best"] = paired_t(_item_scores(r, key), _item_scores(best, key), what=_what(r, best, key))[:3]
                 row["tied"] = row["vs_best"][2] >= 0.0
                 out.append(row)
     return out
@@ -206,7 +218,7 @@ def pairwise_rows(records: list[dict], alpha: float = 0.05) -> list[dict]:
             pairs = [(a, b) for i, a in enumerate(have) for b in have[i + 1 :]]
             if not pairs:
                 continue
-            tests = [paired_t(get(a, key), get(b, key)) for a, b in pairs]
+            tests = [paired_t(get(a, key), get(b, key), what=_what(a, b, key)) for a, b in pairs]
             for (a, b), t, p_adj in zip(pairs, tests, holm([t[3] for t in tests])):
                 better = (t[0] < 0) == lower
                 order = "=" if p_adj >= alpha else ("<" if better else ">")
