@@ -47,12 +47,8 @@ def check(config: dict) -> None:
     problems += [f"domains.corpora: {c!r} is not a key of corpora" for c in d["corpora"] if c not in corpora]
     problems += method_problems(d["methods"], "domains.methods")
     sources = [m for m in d["models"] if m in models]
-    used = list(
-        dict.fromkeys(
-            [c for c in d["corpora"] if c in corpora]
-            + [models[m].get("calibration", {}).get("corpus", models[m]["corpus"]) for m in sources]
-        )
-    )
+    calibrated_on = {m: models[m].get("calibration", {}).get("corpus", models[m].get("corpus")) for m in models}
+    used = list(dict.fromkeys([c for c in d["corpora"] if c in corpora] + [calibrated_on[m] for m in sources]))
     for w in dict.fromkeys(weights_of(config, m) for m in sources):
         trained = models[w]["corpus"]
         if models[w]["source"] != "train" or trained not in corpora:
@@ -67,19 +63,12 @@ def check(config: dict) -> None:
                     f"corpus) with another {', '.join(differ)}, so its test and calib texts could be "
                     f"training text; give it the same {', '.join(differ)}"
                 )
-    calibrated_on = {m: models[m].get("calibration", {}).get("corpus", models[m].get("corpus")) for m in models}
     pairs = [(m, calibrated_on[m], c) for m in sources for c in d["corpora"] if c in corpora]
-    # every model's own evaluation corpus too (an alias calibrated on another corpus)
-    pairs += [(m, calibrated_on[m], models[m].get("corpus")) for m in models if "base" not in models[m]]
-    pairs += [(m, calibrated_on[m], _alias_corpus(config, m)) for m in models if "base" in models[m]]
+    # every model's own evaluation corpus too (an alias calibrated on another corpus; aliases are
+    # expanded by fnprune.config.validate, so each has its base's corpus)
+    pairs += [(m, calibrated_on[m], models[m].get("corpus")) for m in models]
     problems += _cross_split_problems(config, pairs)
     raise_problems(problems)
-
-
-def _alias_corpus(config: dict, model: str) -> str | None:
-    """An alias's evaluation corpus: its own ``corpus`` or its base model's."""
-    m = config["models"][model]
-    return m.get("corpus") or config["models"].get(m["base"], {}).get("corpus")
 
 
 def _cross_split_problems(config: dict, pairs: Sequence[tuple[str, str | None, str | None]]) -> list[str]:
@@ -410,10 +399,10 @@ def grids_csv(grids: Sequence[Grid]) -> str:
         cells = paired_cells(g)
         for i, j in itertools.product(range(len(g.rows)), range(len(g.corpora))):
             c = cells[i - 1][j] if i else None
-            paired = []
-            for v in ("vs_dense", "vs_best"):
-                x = (c or {}).get(v) or ((1.0, 1.0, 1.0) if c and v == "vs_best" else ("", "", ""))
-                paired += list(x)
+            blank = ("", "", "")
+            vs_dense = (c["vs_dense"] or blank) if c else blank
+            vs_best = (c["vs_best"] or (1.0, 1.0, 1.0)) if c else blank  # the best source: 1 against itself
+            paired = [*vs_dense, *vs_best]
             w.writerow(
                 [
                     g.ratio,
