@@ -1,6 +1,11 @@
 """What a target still costs: the jobs of a dry run priced by the wall times already measured.
 
     python benchmarks/grid_cost.py paper            # the `paper` grid, on this machine's results/
+    python benchmarks/grid_cost.py --all paper      # every job of the grid, as if from scratch
+
+With ``--all`` the dry run is ``snakemake -n -F``: every job of the DAG, each priced by its own
+benchmark file where it has run here (the sum is then measured, not estimated) and by the
+medians below where it has not.
 
 Each job of ``snakemake -n <targets>`` that has a benchmark file is priced by the median wall
 time of the measured benchmark files (``results/benchmarks/{rule}/*.tsv``) that share its name
@@ -55,8 +60,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("targets", nargs="+")
     ap.add_argument("--benchmarks", type=Path, default=Path("results/benchmarks"))
+    ap.add_argument("--all", action="store_true", help="every job of the DAG (-F), own benchmark files first")
     args = ap.parse_args()
-    dry = subprocess.run(["snakemake", "-n", "--nolock", *args.targets], capture_output=True, text=True, check=False)
+    flags = ["-n", "--nolock"] + (["-F"] if args.all else [])
+    dry = subprocess.run(["snakemake", *flags, *args.targets], capture_output=True, text=True, check=False)
     if dry.returncode:
         sys.stderr.write(dry.stdout[-3000:] + dry.stderr[-3000:])
         return dry.returncode
@@ -75,20 +82,22 @@ def main() -> int:
         if stem is None:
             unpriced[rule] += 1
             continue
-        s, level = price(rule, stem, have)
+        own = have.get(rule, {}).get(stem) if args.all else None
+        s, level = (own[-1], "own file") if own else price(rule, stem, have)
         levels[level] += 1
         if s is None:
             unpriced[rule] += 1
         else:
             seconds[rule] += s
-    print(f"{len(jobs)} jobs left for {' '.join(args.targets)}")
+    print(f"{len(jobs)} jobs {'in' if args.all else 'left for'} {' '.join(args.targets)}")
     print(f"{'rule':<22} {'jobs':>5} {'est. wall s':>12}")
     for rule in sorted(counts, key=lambda r: -seconds[r]):
         est = f"{seconds[rule]:.0f}" if seconds[rule] else "-"
         note = f"  ({unpriced[rule]} without a benchmark)" if unpriced[rule] else ""
         print(f"{rule:<22} {counts[rule]:>5} {est:>12}{note}")
     total = sum(seconds.values())
-    print(f"estimated wall time of the priced jobs, one at a time: {total:.0f} s = {total / 3600:.2f} h")
+    what = "wall time" if levels.keys() <= {"own file"} else "estimated wall time"
+    print(f"{what} of the priced jobs, one at a time: {total:.0f} s = {total / 3600:.2f} h")
     print("priced by: " + ", ".join(f"{k} {v}" for k, v in sorted(levels.items())))
     return 0
 

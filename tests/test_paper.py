@@ -137,6 +137,17 @@ def test_shipped_grids_pass_the_checks(config):
     assert Target("vicuna7b", 20, "c128_b38") in full and Target("vicuna7b", 20, "c128_b80") not in full
 
 
+def test_calibration_ablation_can_keep_to_some_ratios(config):
+    cfg = copy.deepcopy(config)
+    cfg["paper"]["grids"]["paper_tiny"]["calibration_ratios"] = [30, 20]
+    cal = paper.calibration_targets(cfg, "paper_tiny", "tiny")
+    assert [(t.ratio, t.method) for t in cal[1:]] == [(r, m) for r in (20, 30) for m in ("c16_b1", "c16_b2", "c16")]
+    # The components ablation keeps every ratio; the smol grid varies calibration at 20% only.
+    assert {t.ratio for t in paper.component_targets(cfg, "paper_tiny", "tiny")[1:]} == {10, 20, 30}
+    smol = [t for t in paper.calibration_targets(config, "paper", "smol_paper")[1:]]
+    assert {t.ratio for t in smol} == {20} and len(smol) == 5
+
+
 def test_head_pruning_on_fused_qkv_must_be_excluded(config):
     cfg = copy.deepcopy(config)
     cfg["paper"]["grids"]["paper_full"]["exclude"] = {}
@@ -170,6 +181,7 @@ def test_embedded_grid_expansion(config):
         ("ablation_method", "c16_b2", "paper.grids.paper_tiny.ablation_method"),
         ("focus_ratio", 25, "paper.grids.paper_tiny.focus_ratio"),
         ("calibration_batches", [1, 5], "paper.grids.paper_tiny.calibration_batches"),
+        ("calibration_ratios", [20, 25], "paper.grids.paper_tiny.calibration_ratios: 25 is not one of ratios"),
     ],
 )
 def test_grid_errors_name_the_key(config, key, value, needle):

@@ -123,7 +123,8 @@ def component_targets(config: dict, grid: str, model: str) -> list[Target]:
 
 
 def calibration_targets(config: dict, grid: str, model: str) -> list[Target]:
-    """Dense and the ablation method at every ratio and calibration size.
+    """Dense and the ablation method at every calibration size and every ratio of the ablation
+    (``calibration_ratios``, else every ratio of the grid).
 
     The union of all batches is the plain method (no ``_b{n}``), so it shares the main targets.
     """
@@ -131,9 +132,15 @@ def calibration_targets(config: dict, grid: str, model: str) -> list[Target]:
     n_all = config["models"][model]["calibration"]["n_batches"]
     return [_dense(model)] + [
         Target(model, r, variant(g["ablation_method"], batches=n if n < n_all else None))
-        for r in g["ratios"]
+        for r in calibration_ratios(g)
         for n in g["calibration_batches"]
     ]
+
+
+def calibration_ratios(g: dict) -> list[int]:
+    """The ratios of a grid's calibration-size ablation, in the grid's order."""
+    chosen = g.get("calibration_ratios")
+    return [r for r in g["ratios"] if chosen is None or r in chosen]
 
 
 def threshold_targets(config: dict, grid: str, model: str) -> list[Target]:
@@ -246,6 +253,11 @@ def check_grids(config: dict) -> None:
             problems.append(f"{key}.stability_seeds: the ablation method {g['ablation_method']!r} fixes its own seed")
         if g["focus_ratio"] not in g["ratios"]:
             problems.append(f"{key}.focus_ratio: {g['focus_ratio']} is not one of ratios {g['ratios']}")
+        problems += [
+            f"{key}.calibration_ratios: {r} is not one of ratios {g['ratios']}"
+            for r in g.get("calibration_ratios", [])
+            if r not in g["ratios"]
+        ]
         for m in (m for m in g["models"] if m in config["models"]):
             n_all = config["models"][m]["calibration"]["n_batches"]
             problems += [
