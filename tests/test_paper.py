@@ -148,6 +148,13 @@ def test_calibration_ablation_can_keep_to_some_ratios(config):
     assert {t.ratio for t in smol} == {20} and len(smol) == 5
 
 
+def test_a_grid_of_an_alias_reports_its_base_models_domains_table(config):
+    from fnprune import domains
+
+    assert domains.bases_of(config, config["paper"]["grids"]["paper"]["models"]) == ["smol"]
+    assert domains.bases_of(config, ["tiny"]) == []  # no domains source shares tiny's weights here
+
+
 def test_head_pruning_on_fused_qkv_must_be_excluded(config):
     cfg = copy.deepcopy(config)
     cfg["paper"]["grids"]["paper_full"]["exclude"] = {}

@@ -121,6 +121,13 @@ def bases(config: dict) -> list[str]:
     return list(dict.fromkeys(weights_of(config, m) for m in config["domains"]["models"]))
 
 
+def bases_of(config: dict, models: list[str]) -> list[str]:
+    """The domains tables (:func:`bases`) of the models whose weights any of ``models`` uses: a
+    grid of the alias ``smol_paper`` reports the table of ``smol``, whose weights it shares."""
+    weights = {weights_of(config, m) for m in models if m in config["models"]}
+    return [b for b in bases(config) if b in weights]
+
+
 def pruned_points(config: dict, base: str) -> list[tuple[str, int, str]]:
     """``(source, ratio, method)`` of every pruned model of ``base``'s table, in config order."""
     d = config["domains"]

@@ -417,7 +417,7 @@ def paper_summary_inputs(wildcards):
         inp["studies"] = f"results/paper/{wildcards.grid}/studies.md"
     if config["paper"]["grids"][wildcards.grid]["domains"]:
         grid_models = config["paper"]["grids"][wildcards.grid]["models"]
-        inp["domains"] = [f"results/domains/{b}_domains.md" for b in fdomains.bases(config) if b in grid_models]
+        inp["domains"] = [f"results/domains/{b}_domains.md" for b in fdomains.bases_of(config, grid_models)]
     return inp
 
 
