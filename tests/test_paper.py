@@ -144,7 +144,7 @@ def test_calibration_ablation_can_keep_to_some_ratios(config):
     assert [(t.ratio, t.method) for t in cal[1:]] == [(r, m) for r in (20, 30) for m in ("c16_b1", "c16_b2", "c16")]
     # The components ablation keeps every ratio; the smol grid varies calibration at 20% only.
     assert {t.ratio for t in paper.component_targets(cfg, "paper_tiny", "tiny")[1:]} == {10, 20, 30}
-    smol = [t for t in paper.calibration_targets(config, "paper", "smol_paper")[1:]]
+    smol = paper.calibration_targets(config, "paper", "smol_paper")[1:]
     assert {t.ratio for t in smol} == {20} and len(smol) == 5
 
 
