@@ -1,9 +1,13 @@
 """Cache keys: after the micro run, a change of one config key schedules exactly the rules whose
 output that key decides (a dry run on the shared micro workdir, nothing is executed)."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import yaml
 
+import fnprune
 from helpers import snakemake
 from test_workflow import jobs_of
 
@@ -105,3 +109,43 @@ def test_a_new_variant_after_the_shards_are_gone_leaves_built_targets_up_to_date
     assert [p.stat().st_mtime_ns for p in stats] == before, "re-extraction must not touch the statistics"
     proc = snakemake(wd, "-n", *built)
     assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def _package_copy(tmp_path, old: str, new: str):
+    """fnprune copied under tmp_path with one edit of ica.py, and an env that imports the copy."""
+    import os
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(fnprune.__file__).parent, src / "fnprune", ignore=shutil.ignore_patterns("__pycache__"))
+    ica = src / "fnprune" / "ica.py"
+    text = ica.read_text()
+    assert old in text
+    ica.write_text(text.replace(old, new, 1))
+    return {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.mark.parametrize(
+    "what,old,new,expected",
+    [
+        (
+            "a statement of FastICA",
+            "    active = torch.ones(n_prob",
+            "    n_prob = int(n_prob)\n    active = torch.ones(n_prob",
+            {"ica": 2, **FROM_MASK},
+        ),
+        (
+            "a comment in FastICA",
+            "    active = torch.ones(n_prob",
+            "    # a comment\n    active = torch.ones(n_prob",
+            {},
+        ),
+    ],
+    ids=["code", "comment"],
+)
+def test_a_change_of_package_code_reruns_the_rules_that_run_it(micro_run, tmp_path, what, old, new, expected):
+    """Snakemake does not track what a script imports: each rule's params carry its code key."""
+    wd = tmp_path / "wd"
+    shutil.copytree(micro_run[0], wd, symlinks=True)
+    proc = snakemake(wd, "-n", *TARGETS, env=_package_copy(tmp_path, old, new))
+    assert jobs_of(proc.stdout) == expected, (what, proc.stdout[-3000:])

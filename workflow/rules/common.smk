@@ -1,8 +1,10 @@
 # Helper functions of the workflow: config access, the path grammar and input functions.
 import os
+import platform
 import re
 import sys
 
+import fnprune.codekeys as fcodekeys
 import fnprune.config as fconfig
 import fnprune.domains as fdomains
 import fnprune.paper as fpaper
@@ -10,6 +12,14 @@ import fnprune.paper as fpaper
 fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 fpaper.check_grids(config)
 fdomains.check(config)
+
+# The code of every script (the script and the fnprune definitions it reaches), one key a script,
+# given as the param `code` of the rules that run it, since Snakemake does not track what a
+# script imports.
+CODE = fcodekeys.workflow_keys(
+    os.path.join(workflow.basedir, "workflow", "scripts"),
+    cache=os.path.join(".snakemake", "fnprune-codekeys.json"),
+)
 
 MODELS = list(config["models"])
 WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
@@ -46,6 +56,12 @@ wildcard_constraints:
 
 def mspec(model):
     return config["models"][model]
+
+
+def corpus_python(wildcards):
+    """Embedded corpora are read from the running Python's own documentation and source files."""
+    spec = config["corpora"][wildcards.corpus]
+    return platform.python_version() if spec["source"] == "embedded" else None
 
 
 def corpus_of(model):

@@ -10,7 +10,9 @@ rule corpus:
     log:
         "results/logs/corpus/{corpus}.log",
     params:
+        code=CODE["corpus"],
         spec=corpus_spec,
+        python=corpus_python,
     threads: 1
     resources:
         mem_mb=2000,
@@ -34,6 +36,7 @@ rule train_model:
     benchmark:
         "results/benchmarks/train/{model}.tsv"
     params:
+        code=CODE["train"],
         torch_threads=TORCH_THREADS,
         spec=train_spec,
         seed=config["seed"],
@@ -59,6 +62,7 @@ rule convert_gguf:
     benchmark:
         "results/benchmarks/convert/{model}.tsv"
     params:
+        code=CODE["convert_gguf"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("convert"),
     threads: 1
@@ -79,6 +83,7 @@ rule calibration_batches:
     log:
         "results/logs/calib/{model}.log",
     params:
+        code=CODE["calibration"],
         spec=calibration_spec,
         seed=lookup(dpath="models/{model}/calibration/seed", within=config),
     threads: 1

@@ -22,6 +22,7 @@ rule domain_table:
     log:
         "results/logs/domains/{model}.log",
     params:
+        code=CODE["domain_table"],
         mask_keys=domain_mask_keys,
     threads: 1
     resources:

@@ -10,6 +10,7 @@ rule lm_eval_tasks:
     log:
         "results/logs/lm_eval_tasks/{corpus}.log",
     params:
+        code=CODE["lm_eval_tasks"],
         seed=config["seed"],
         mc=lambda w: config["corpora"][w.corpus]["mc_task"],
     threads: 1
@@ -32,6 +33,7 @@ rule perplexity:
     benchmark:
         "results/benchmarks/perplexity/{target}.tsv"
     params:
+        code=CODE["perplexity"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("perplexity"),
         source=eval_source,
@@ -76,6 +78,7 @@ rule lm_eval:
     benchmark:
         "results/benchmarks/lm_eval/{target}.tsv"
     params:
+        code=CODE["lm_eval"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("lm_eval"),
         source=eval_source,
@@ -98,6 +101,7 @@ rule metrics:
     log:
         "results/logs/metrics/{target}.log",
     params:
+        code=CODE["metrics"],
         torch_threads=TORCH_THREADS,
         target=target_info,
         spec=stage_spec("metrics"),
@@ -120,6 +124,8 @@ rule summary:
         "results/{target}/summary.txt",
     log:
         "results/logs/summary/{target}.log",
+    params:
+        code=CODE["summary"],
     threads: 1
     resources:
         mem_mb=500,

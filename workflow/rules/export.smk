@@ -13,6 +13,7 @@ rule export_gguf:
     benchmark:
         "results/benchmarks/export_gguf/{target}_{gtype}.tsv"
     params:
+        code=CODE["export_gguf"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("prune"),
         source=eval_source,

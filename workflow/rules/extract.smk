@@ -14,6 +14,7 @@ rule extract:
     benchmark:
         "results/benchmarks/extract/{model}_b{batch}.tsv"
     params:
+        code=CODE["extract"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("extract"),
         source=model_src,
@@ -38,6 +39,7 @@ rule calibration_stats:
     benchmark:
         "results/benchmarks/calibration_stats/{model}_b{batch}.tsv"
     params:
+        code=CODE["calibration_stats"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("stats"),
         source=model_src,

@@ -12,6 +12,7 @@ rule ica:
     benchmark:
         "results/benchmarks/ica/{model}_{backend}_c{k}{icav}_b{batch}.tsv"
     params:
+        code=CODE["ica"],
         torch_threads=TORCH_THREADS,
         n_layers=n_layers,
         ica=ICA_PARAMS,

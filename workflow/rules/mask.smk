@@ -9,6 +9,7 @@ rule mask_ica:
     log:
         "results/logs/mask/{model}_r{ratio}_{ica_selector}.log",
     params:
+        code=CODE["mask_ica"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("mask"),
         source=model_src,
@@ -32,6 +33,7 @@ rule mask_baseline:
     log:
         "results/logs/mask/{model}_r{ratio}_{baseline_selector}.log",
     params:
+        code=CODE["mask_baseline"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("mask"),
         source=model_src,

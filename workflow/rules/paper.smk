@@ -43,6 +43,7 @@ rule paper_tables:
     log:
         "results/logs/paper/{grid}_tables.log",
     params:
+        code=CODE["paper_tables"],
         task_metrics=lookup(dpath="paper/grids/{grid}/task_metrics", within=config),
     threads: 1
     resources:
@@ -67,6 +68,7 @@ for _figure in fpaper.METRIC_FIGURES:
         log:
             f"results/logs/paper/{{grid}}_{{model}}_{_figure}.log",
         params:
+            code=CODE["paper_figure"],
             figure=_figure,
             ablation_method=lookup(dpath="paper/grids/{grid}/ablation_method", within=config),
         threads: 1
@@ -86,6 +88,8 @@ rule paper_overlap:
         **figure_outputs("overlap"),
     log:
         "results/logs/paper/{grid}_{model}_overlap.log",
+    params:
+        code=CODE["paper_overlap"],
     threads: 1
     resources:
         mem_mb=2000,
@@ -103,6 +107,8 @@ rule paper_stability:
         **figure_outputs("stability"),
     log:
         "results/logs/paper/{grid}_{model}_stability.log",
+    params:
+        code=CODE["paper_stability"],
     threads: 1
     resources:
         mem_mb=4000,
@@ -122,6 +128,7 @@ rule paper_seeds:
     log:
         "results/logs/paper/{grid}_{model}_seeds.log",
     params:
+        code=CODE["paper_seeds"],
         seeds=paper_stability_seeds,
     threads: 1
     resources:
@@ -151,6 +158,7 @@ rule paper_studies:
     log:
         "results/logs/paper/{grid}_studies.log",
     params:
+        code=CODE["paper_studies"],
         task_metrics=lookup(dpath="paper/grids/{grid}/task_metrics", within=config),
     threads: 1
     resources:
@@ -175,6 +183,8 @@ rule paper_summary:
         ),
     log:
         "results/logs/paper/{grid}_summary.log",
+    params:
+        code=CODE["paper_summary"],
     threads: 1
     resources:
         mem_mb=1000,

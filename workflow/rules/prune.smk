@@ -11,6 +11,7 @@ rule prune:
     benchmark:
         "results/benchmarks/prune/{model}_r{ratio}_{method}.tsv"
     params:
+        code=CODE["prune"],
         torch_threads=TORCH_THREADS,
         spec=stage_spec("prune"),
         source=model_src,

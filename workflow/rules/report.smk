@@ -9,6 +9,8 @@ rule comparison_table:
         csv="results/{model}_comparison.csv",
     log:
         "results/logs/comparison/{model}.log",
+    params:
+        code=CODE["comparison"],
     threads: 1
     resources:
         mem_mb=1000,
