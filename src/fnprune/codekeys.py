@@ -207,21 +207,23 @@ def _closure(pkg: _Package, roots: list[tuple[str, str | None]]) -> list[str]:
 def _targets(pkg: _Package, mod: _Module, node: ast.AST) -> list[tuple[str, str | None]]:
     names, attrs, imports = _references(node)
     local = _bindings(imports, mod.name)
-    scope = {**mod.imports, **local}
+    out = [(mod.name, n) for n in names if n in mod.defs and n not in local]
+    return out + _follow(pkg, {**mod.imports, **local}, names, attrs)
+
+
+def _follow(pkg: _Package, scope: dict, names: set[str], attrs: dict[str, set[str]]) -> list[tuple[str, str | None]]:
+    """The (module, name) pairs that the imported ``names`` in ``scope`` lead to."""
     out: list[tuple[str, str | None]] = []
-    for n in names:
-        if n in mod.defs and n not in local:
-            out.append((mod.name, n))
-        if n in scope:
-            target_mod, attr = scope[n]
-            sub = f"{target_mod}.{attr}" if target_mod and attr else (attr or target_mod)
-            if attr is not None and pkg.exists(sub):
-                # a module bound to a name: follow the attributes read from it
-                out.extend((sub, a if a != "*" else None) for a in attrs.get(n, {"*"}))
-            elif attr is None:
-                out.extend((target_mod, a if a != "*" else None) for a in attrs.get(n, {"*"}))
-            else:
-                out.append((target_mod, attr))
+    for n in names & set(scope):
+        target_mod, attr = scope[n]
+        sub = f"{target_mod}.{attr}" if target_mod and attr else (attr or target_mod)
+        if attr is not None and pkg.exists(sub):
+            # a module bound to a name: follow the attributes read from it
+            out.extend((sub, a if a != "*" else None) for a in attrs.get(n, {"*"}))
+        elif attr is None:
+            out.extend((target_mod, a if a != "*" else None) for a in attrs.get(n, {"*"}))
+        else:
+            out.append((target_mod, attr))
     return out
 
 
@@ -230,18 +232,8 @@ def script_key(script: str | Path, package_root: str | Path | None = None, _pkg:
     root = Path(package_root).resolve() if package_root is not None else Path(__file__).resolve().parent
     pkg = _pkg if _pkg is not None else _Package(root)
     tree = _strip_docstrings(ast.parse(Path(script).read_text(), filename=str(script)))
-    scope = _imports_of(tree, "<script>")
     names, attrs, _ = _references(tree)
-    roots: list[tuple[str, str | None]] = []
-    for n in names & set(scope):
-        target_mod, attr = scope[n]
-        sub = f"{target_mod}.{attr}" if target_mod and attr else (attr or target_mod)
-        if attr is not None and pkg.exists(sub):
-            roots.extend((sub, a if a != "*" else None) for a in attrs.get(n, {"*"}))
-        elif attr is None:
-            roots.extend((target_mod, a if a != "*" else None) for a in attrs.get(n, {"*"}))
-        else:
-            roots.append((target_mod, attr))
+    roots = _follow(pkg, _imports_of(tree, "<script>"), names, attrs)
     h = hashlib.sha256(_dump(tree).encode())
     for part in _closure(pkg, roots):
         h.update(b"\0" + part.encode())
