@@ -17,9 +17,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .io import write_json  # imported by the DAG's modules already
 
 PACKAGE = "fnprune"
 
@@ -61,10 +62,6 @@ def _resolve(level: int, module: str | None, current: str) -> str | None:
     if current == "<script>":
         return None
     return module or ""  # fnprune is flat: a relative import resolves against the package
-
-
-def _imports_of(node: ast.AST, current: str) -> dict[str, tuple[str, str | None]]:
-    return _bindings([s for s in ast.walk(node) if isinstance(s, (ast.Import, ast.ImportFrom))], current)
 
 
 def _bindings(stmts: list[ast.AST], current: str) -> dict[str, tuple[str, str | None]]:
@@ -179,8 +176,7 @@ def _closure(pkg: _Package, roots: list[tuple[str, str | None]]) -> list[str]:
         if (mod_name, name) in seen:
             continue
         seen.add((mod_name, name))
-        if not pkg.exists(mod_name):
-            # `from fnprune import stages`: a module named as an attribute of its package
+        if not pkg.exists(mod_name):  # an import of a name fnprune does not have
             continue
         mod = pkg.module(mod_name)
         if (mod_name, "<module>") not in seen:
@@ -232,8 +228,8 @@ def script_key(script: str | Path, package_root: str | Path | None = None, _pkg:
     root = Path(package_root).resolve() if package_root is not None else Path(__file__).resolve().parent
     pkg = _pkg if _pkg is not None else _Package(root)
     tree = _strip_docstrings(ast.parse(Path(script).read_text(), filename=str(script)))
-    names, attrs, _ = _references(tree)
-    roots = _follow(pkg, _imports_of(tree, "<script>"), names, attrs)
+    names, attrs, imports = _references(tree)
+    roots = _follow(pkg, _bindings(imports, "<script>"), names, attrs)
     h = hashlib.sha256(_dump(tree).encode())
     for part in _closure(pkg, roots):
         h.update(b"\0" + part.encode())
@@ -267,10 +263,7 @@ def workflow_keys(
     keys = {p.stem: script_key(p, root, pkg) for p in scripts}
     if cache is not None:
         try:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{cache}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"stamp": stamp, "keys": keys}))
-            os.replace(tmp, cache)
+            write_json(cache, {"stamp": stamp, "keys": keys})
         except OSError:
             pass  # a read-only working directory: computed every time
     return keys
