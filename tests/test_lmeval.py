@@ -239,7 +239,8 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     assert calls and all(isinstance(k, int) and k > 0 for k in calls) and min(calls) < 20, calls
 
 
-# 16: blocks of several contexts of different lengths, padded; "auto": blocks of max_batch_size (16)
+# 3: two blocks, continuation chunks of 3; 16 and "auto" (max_batch_size 16): one block of contexts of
+# different lengths, padded
 @pytest.mark.parametrize("batch_size", [3, 16, "auto"])
 def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size):
     """Requests that share a context (a multiple-choice item's choices, the empty contexts of
@@ -280,9 +281,11 @@ def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size)
         want = float(rows.gather(1, torch.tensor(k_ids)[:, None]).sum())
         assert lp == pytest.approx(want, abs=1e-4), (ctx, cont)
         assert greedy == bool((rows.argmax(-1) == torch.tensor(k_ids)).all()), (ctx, cont)
-    # Blocks of about batch_size continuations: each item's 4 choices fill a block, the two
-    # empty-context requests a sixth; "x" alone takes the plain path. Each context runs once.
-    assert calls.count("context") == (6 if batch_size == 3 else 2) and len(calls) < len(pairs)
+    # Blocks of about 4 x batch_size continuations, contexts longest first: with batch size 3 the
+    # three longest items (12 choices) fill one block, the other two and the two empty-context
+    # requests a second; with 16 all 22 fit one block. "x" alone takes the plain path. Each
+    # context runs once.
+    assert calls.count("context") == (2 if batch_size == 3 else 1) and len(calls) < len(pairs)
 
 
 def test_item_scores_follow_doc_order_and_keep_numbers_only():

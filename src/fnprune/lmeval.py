@@ -197,6 +197,9 @@ def _scoring_lm_class():
         # Positions whose logits one forward pass may hold in the rolling path, where lm-eval sends
         # batch-size windows of max_length tokens at once (32 x 2048 x 49152 floats: 13 GB, twice).
         LOGITS_TOKENS = 8192
+        # Continuations a shared-context block holds, in chunks of the batch size: enough to sort
+        # them by length into chunks of about one length (little padding in the continuation pass).
+        BLOCK_CHUNKS = 4
 
         # Model types whose cache the shared-context path repeats over a batch (transformers' Cache).
         SHARED_CONTEXT_TYPES = ("llama", "mistral", "qwen2")
@@ -228,20 +231,10 @@ def _scoring_lm_class():
             # ``auto`` (a GPU's probe) is not run for these blocks: they take lm-eval's max_batch_size.
             bs = self.batch_size if isinstance(self.batch_size, int) else getattr(self, "max_batch_size", 1)
             bs = max(1, int(bs or 1))
-            # Blocks of whole groups holding about ``bs`` continuations: one padded pass over the
-            # block's contexts, then its continuations ``bs`` at a time on the contexts' cache.
-            blocks, cur, n = [], [], 0
-            for ctx in shared:
-                cur.append(ctx)
-                n += len(shared[ctx])
-                if n >= bs:
-                    blocks.append(cur)
-                    cur, n = [], 0
-            blocks += [cur] if cur else []
             bar = tqdm(
                 total=sum(map(len, shared.values())), desc="shared contexts", disable=disable_tqdm, mininterval=5
             )
-            for block in blocks:
+            for block in self._shared_blocks(shared, bs):
                 members = [i for c in block for i in shared[c]]
                 scores = self._score_block(block, [[requests[i][2] for i in shared[c]] for c in block], bs)
                 for i, res in zip(members, scores):
@@ -251,11 +244,30 @@ def _scoring_lm_class():
             bar.close()
             return out
 
+        def _shared_blocks(self, shared: dict, bs: int) -> list[list[tuple]]:
+            """Contexts longest first, cut into blocks of about ``BLOCK_CHUNKS`` x ``bs`` continuations
+            (at most ``LOGITS_TOKENS`` padded context positions a block): contexts of one block have
+            about one length, and a block holds enough continuations to sort them into chunks of
+            about one length too, so little of either pass is padding."""
+            order = sorted(shared, key=lambda c: (-len(c), shared[c][0]))
+            blocks, cur, n = [], [], 0
+            for ctx in order:
+                if cur and (len(cur) + 1) * len(cur[0]) > self.LOGITS_TOKENS:
+                    blocks.append(cur)
+                    cur, n = [], 0
+                cur.append(ctx)
+                n += len(shared[ctx])
+                if n >= self.BLOCK_CHUNKS * bs:
+                    blocks.append(cur)
+                    cur, n = [], 0
+            return blocks + ([cur] if cur else [])
+
         def _score_block(self, contexts: list[tuple], conts: list[list[list[int]]], bs: int):
             """Log-likelihood and greedy flag of every continuation ``conts[g][j]`` after context
             ``contexts[g]``. Contexts are right-padded into one pass (padding masked); the
-            continuations run ``bs`` at a time on their context's cache rows, at positions
-            continuing their own context, the context padding masked."""
+            continuations, longest first, run ``bs`` at a time on their context's cache rows, at
+            positions continuing their own context, the context padding masked. The LM head sees
+            the scored positions only (no padding)."""
             import copy
 
             dev = self.device
@@ -271,36 +283,45 @@ def _scoring_lm_class():
             with torch.no_grad(), autocast:
                 body = self.model.model(input_ids=ids, attention_mask=ctx_mask, use_cache=True)
                 last = body.last_hidden_state[torch.arange(len(contexts), device=dev), lens - 1]
-                head = torch.log_softmax(self.model.lm_head(last).float(), -1)  # predicts each first token
+                head = self.model.lm_head(last).float()  # predicts each first token
+            first = torch.tensor([c[0] for cs in conts for c in cs], device=dev)
+            ctx_of = torch.tensor([g for g, cs in enumerate(conts) for _ in cs], device=dev)
+            out_lp = torch.log_softmax(head, -1)[ctx_of, first].tolist()
+            out_greedy = (head.argmax(-1)[ctx_of] == first).tolist()
             pairs = [(g, c) for g, cs in enumerate(conts) for c in cs]
-            out = []
-            for lo in range(0, len(pairs), bs):
-                chunk = pairs[lo : lo + bs]
-                rows = torch.tensor([g for g, _ in chunk], device=dev)
-                k = max(len(c) for _, c in chunk) - 1
-                lp_rest = None
-                if k > 0:
-                    x = torch.zeros(len(chunk), k, dtype=torch.long, device=dev)
-                    for j, (_, c) in enumerate(chunk):
-                        x[j, : len(c) - 1] = torch.tensor(c[:-1])
-                    cache = copy.deepcopy(body.past_key_values)
-                    cache.batch_select_indices(rows)
-                    mask = torch.cat([ctx_mask[rows], torch.ones(len(chunk), k, dtype=torch.long, device=dev)], 1)
-                    pos = lens[rows][:, None] + torch.arange(k, device=dev)[None]
-                    with torch.no_grad(), autocast:
-                        logits = self.model(
-                            input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-                        ).logits
-                    lp_rest = torch.log_softmax(logits.float(), -1)
-                for j, (g, c) in enumerate(chunk):
-                    lp, greedy = float(head[g, c[0]]), int(head[g].argmax()) == c[0]
-                    if len(c) > 1:
-                        tgt = torch.tensor(c[1:], device=dev)
-                        row = lp_rest[j, : len(c) - 1]
-                        lp += float(row.gather(1, tgt[:, None]).sum())
-                        greedy = greedy and bool((row.argmax(-1) == tgt).all())
-                    out.append((lp, greedy))
-            return out
+            order = sorted((j for j in range(len(pairs)) if len(pairs[j][1]) > 1), key=lambda j: -len(pairs[j][1]))
+            for lo in range(0, len(order), bs):
+                chunk = order[lo : lo + bs]
+                rows = torch.tensor([pairs[j][0] for j in chunk], device=dev)
+                rest = [pairs[j][1][1:] for j in chunk]  # the tokens after the first, fed and scored
+                k = len(rest[0])
+                x = torch.zeros(len(chunk), k, dtype=torch.long, device=dev)
+                inp = torch.zeros(len(chunk), k, dtype=torch.long, device=dev)
+                for r, j in enumerate(chunk):
+                    c = pairs[j][1]
+                    x[r, : len(c) - 1] = torch.tensor(c[:-1])
+                    inp[r, : len(c) - 1] = torch.tensor(c[1:])
+                valid = torch.arange(k, device=dev)[None] < torch.tensor([len(t) for t in rest], device=dev)[:, None]
+                cache = copy.copy(body.past_key_values)  # the selection below replaces tensors, never writes them
+                cache.layers = [copy.copy(layer) for layer in cache.layers]
+                cache.batch_select_indices(rows)
+                mask = torch.cat([ctx_mask[rows], torch.ones(len(chunk), k, dtype=torch.long, device=dev)], 1)
+                pos = lens[rows][:, None] + torch.arange(k, device=dev)[None]
+                with torch.no_grad(), autocast:
+                    hidden = self.model.model(
+                        input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+                    ).last_hidden_state
+                    logits = self.model.lm_head(hidden[valid]).float()
+                tgt = inp[valid]
+                tok_lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1)
+                hit = logits.argmax(-1) == tgt
+                owner = torch.arange(len(chunk), device=dev)[:, None].expand(-1, k)[valid]
+                lp = torch.zeros(len(chunk), device=dev).index_add_(0, owner, tok_lp).tolist()
+                miss = torch.zeros(len(chunk), dtype=torch.long, device=dev).index_add_(0, owner, (~hit).long())
+                for r, j in enumerate(chunk):
+                    out_lp[j] += lp[r]
+                    out_greedy[j] = out_greedy[j] and int(miss[r]) == 0
+            return list(zip(out_lp, out_greedy))
 
         def _continuation_tokens(self, requests, disable_tqdm: bool, override_bs: int | None):
             self._max_cont = max((len(cont) for _, _, cont in requests), default=None)
