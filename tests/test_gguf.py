@@ -1,6 +1,7 @@
 """GGUF as a model source: a micro LLaMA written with the gguf package, converted by the workflow's
 rule, equals its source; what cannot be converted is refused by name; the real SmolLM2 converts."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -108,6 +109,37 @@ def test_converted_logits_equal_the_source(micro_llama, converted, slug, dtype):
     assert prov["dequantised"] is (dtype != "F32") and prov["architecture"] == "LlamaForCausalLM"
     assert set(prov["tensor_types"]) == ({"F32"} if dtype == "F32" else {"F32", "Q8_0"})
     assert prov["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_conversion_reads_the_file_header_once(micro_llama, tmp_path, monkeypatch):
+    """transformers opens the file for the model, the config and the tokenizer; within convert one
+    reader serves them all (the header walk is most of a conversion's time), and the same
+    tensors come out as from a conversion that reads it each time."""
+    import gguf
+    from safetensors.torch import load_file
+
+    model, tok = micro_llama
+    path = tmp_path / "micro.gguf"
+    G.write_gguf(model, tok, path, dtype="Q8_0")
+    spec = {"source": "gguf", "path": str(path)}
+    opened = []
+    real = gguf.GGUFReader
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            opened.append(a[0])
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    G.convert(spec, tmp_path / "once", architecture="LlamaForCausalLM")
+    assert len(opened) == 1, opened
+    assert gguf.GGUFReader is Counting  # restored after the conversion
+    with monkeypatch.context() as m:  # each caller its own reader: what transformers does on its own
+        m.setattr(G, "_parse_once", contextlib.nullcontext)
+        G.convert(spec, tmp_path / "each", architecture="LlamaForCausalLM")
+    assert len(opened) > 2
+    once, each = load_file(tmp_path / "once" / "model.safetensors"), load_file(tmp_path / "each" / "model.safetensors")
+    assert once.keys() == each.keys() and all(torch.equal(once[k], each[k]) for k in once)
 
 
 def test_rerun_of_the_conversion_does_nothing(converted):

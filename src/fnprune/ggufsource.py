@@ -11,6 +11,8 @@ F32, F16 or Q8_0, with llama.cpp's tensor names and its rotary permutation of q/
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -114,6 +116,34 @@ def _package_version(package: str | None) -> str | None:
     return f"{dists[0]}=={importlib.metadata.version(dists[0])}" if dists else None
 
 
+@contextlib.contextmanager
+def _parse_once():
+    """Within one conversion, read each GGUF file's header once and build each tensor-name map once.
+
+    transformers opens the file anew for the model, the config and the tokenizer (four
+    ``GGUFReader`` objects, each walking every metadata field: the vocabulary's 49,152 strings and
+    its merges, about 2.5 s each for SmolLM2) and builds gguf's tensor-name map once per module
+    (397 times, the same map). Both are read-only after construction, so one of each is shared
+    for the duration of the block; the weights read are the same bytes.
+    """
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) -> dict:
     """Dequantise the GGUF file of ``spec`` into a transformers directory ``out_dir`` (atomically).
 
@@ -127,14 +157,17 @@ def convert(spec: dict, out_dir: str | Path, architecture: str | None = None) ->
 
     t0 = time.time()
     path = resolve_file(spec)
-    info = inspect(path)
-    folder, name = str(path.parent), path.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    built = type(loaded).__name__
-    if built not in ARCHITECTURES[info["architecture"]] or (architecture and built != architecture):
-        raise ValueError(f"{path}: transformers builds {built} from it, but models.*.architecture is {architecture!r}")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    with _parse_once():
+        info = inspect(path)
+        folder, name = str(path.parent), path.name
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        built = type(loaded).__name__
+        if built not in ARCHITECTURES[info["architecture"]] or (architecture and built != architecture):
+            raise ValueError(
+                f"{path}: transformers builds {built} from it, but models.*.architecture is {architecture!r}"
+            )
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
     cfg.architectures = [built]
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(cfg, attr):
