@@ -232,6 +232,20 @@ class _Recorder:
         self.handles.clear()
 
 
+def _decoder(model):
+    """The decoder without its LM head where it takes the same call: both passes read the blocks
+    only, and the head's logits (a fifth of a small model's forward FLOPs: 49,152 x 576 of
+    SmolLM2's 134 M parameters) are never used. Otherwise the whole model."""
+    import inspect
+
+    body = getattr(model, "base_model", model)
+    params = inspect.signature(body.forward).parameters
+    takes = all(p in params for p in ("input_ids", "attention_mask", "use_cache")) or any(
+        p.kind is p.VAR_KEYWORD for p in params.values()
+    )
+    return body if takes else model
+
+
 def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
     return [ids for ids in enc["input_ids"] if len(ids) > 0]
@@ -278,6 +292,7 @@ def extract_batch(
     shards = [_Shard(p, n_tokens, 2 * i, np.dtype(shard_dtype), writer) for p, i in zip(tmp_paths, rec.inter)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
+    body = _decoder(model)
     try:
         if shards:
             rec.attach(shards)
@@ -293,7 +308,7 @@ def extract_batch(
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
             rec.valid = mask.flatten().nonzero().squeeze(1).to(device)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             rec.row += int(mask.sum())
         if writer is not None:
             writer.close()  # every block on disk (or the writer's error) before the shards are renamed
