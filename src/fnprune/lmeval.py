@@ -197,8 +197,8 @@ def _scoring_lm_class():
         # Positions whose logits one forward pass may hold in the rolling path, where lm-eval sends
         # batch-size windows of max_length tokens at once (32 x 2048 x 49152 floats: 13 GB, twice).
         LOGITS_TOKENS = 8192
-        # Continuations a shared-context block holds, in chunks of the batch size: enough to sort
-        # them by length into chunks of about one length (little padding in the continuation pass).
+        # A shared-context block holds about this many times the batch size of continuations:
+        # enough to sort them by length into chunks of about one length (little padding).
         BLOCK_CHUNKS = 4
 
         # Model types whose cache the shared-context path repeats over a batch (transformers' Cache).
@@ -321,10 +321,10 @@ def _scoring_lm_class():
                 hit = logits.argmax(-1) == tgt
                 owner = torch.arange(len(part), device=dev)[:, None].expand(-1, k)[valid]
                 lp = torch.zeros(len(part), device=dev).index_add_(0, owner, tok_lp).tolist()
-                miss = torch.zeros(len(part), dtype=torch.long, device=dev).index_add_(0, owner, (~hit).long())
+                miss = torch.zeros(len(part), dtype=torch.long, device=dev).index_add_(0, owner, (~hit).long()).tolist()
                 for r, j in enumerate(part):
                     out_lp[j] += lp[r]
-                    out_greedy[j] = out_greedy[j] and int(miss[r]) == 0
+                    out_greedy[j] = out_greedy[j] and miss[r] == 0
             return list(zip(out_lp, out_greedy))
 
         def _continuation_tokens(self, requests, disable_tqdm: bool, override_bs: int | None):
