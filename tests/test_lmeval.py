@@ -239,8 +239,8 @@ def test_continuation_logits_scoring_equals_hflm(tiny):
     assert calls and all(isinstance(k, int) and k > 0 for k in calls) and min(calls) < 20, calls
 
 
-# 3: two blocks, continuation chunks of 3; 16 and "auto" (max_batch_size 16): one block of contexts of
-# different lengths, padded
+# 3: two blocks, continuation chunks of 1 (half the batch size on the CPU); 16 and "auto"
+# (max_batch_size 16): one block of contexts of different lengths, padded, chunks of 8
 @pytest.mark.parametrize("batch_size", [3, 16, "auto"])
 def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size):
     """Requests that share a context (a multiple-choice item's choices, the empty contexts of
