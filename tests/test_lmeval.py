@@ -288,6 +288,23 @@ def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size)
     assert calls.count("context") == (2 if batch_size == 3 else 1) and len(calls) < len(pairs)
 
 
+@pytest.mark.parametrize(
+    "budget,want",
+    [(20, [[9, 7], [5, 3]]), (15, [[9], [7], [5, 3]])],  # 15: 9 and 7 together would pad to 18 positions
+)
+def test_shared_blocks_run_contexts_longest_first_within_a_position_budget(budget, want):
+    """Blocks take contexts longest first (so a block pads little), close at BLOCK_CHUNKS x the
+    batch size of continuations, and never pad past LOGITS_TOKENS context positions."""
+    from types import SimpleNamespace
+
+    from fnprune.lmeval import _scoring_lm_class
+
+    shared = {(1,) * 3: [0, 1], (1,) * 7: [2, 3, 4, 5], (1,) * 5: [6, 7], (1,) * 9: [8, 9]}
+    lm = SimpleNamespace(LOGITS_TOKENS=budget, BLOCK_CHUNKS=2)
+    blocks = _scoring_lm_class()._shared_blocks(lm, shared, 2)
+    assert [[len(c) for c in block] for block in blocks] == want
+
+
 def test_item_scores_follow_doc_order_and_keep_numbers_only():
     from fnprune.lmeval import item_scores
 
