@@ -1,4 +1,5 @@
-"""Realised speed-up of pruned models on CPU (or ``--device cuda``): prefill latency and decode tokens/s, dense vs pruned.
+"""Realised speed-up of pruned models on CPU (or ``--device cuda``): prefill latency and decode
+tokens/s, dense vs pruned.
 
 Pruning removes a ratio of block parameters (MLP neurons, uniformly over layers here, so the
 shapes match what the methods produce); the ideal speed-up is the ratio of block FLOPs. With
