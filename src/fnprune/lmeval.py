@@ -297,15 +297,16 @@ def _scoring_lm_class():
             for lo in range(0, len(order), chunk):
                 part = order[lo : lo + chunk]
                 rows = torch.tensor([pairs[j][0] for j in part], device=dev)
-                rest = [pairs[j][1][1:] for j in part]  # the tokens after the first, fed and scored
-                k = len(rest[0])
+                seqs = [pairs[j][1] for j in part]  # longest first: the first sets the width
+                k = len(seqs[0]) - 1  # positions fed (all tokens but the last) and scored (all but the first)
                 x = torch.zeros(len(part), k, dtype=torch.long, device=dev)
                 inp = torch.zeros(len(part), k, dtype=torch.long, device=dev)
-                for r, j in enumerate(part):
-                    c = pairs[j][1]
+                for r, c in enumerate(seqs):
                     x[r, : len(c) - 1] = torch.tensor(c[:-1])
                     inp[r, : len(c) - 1] = torch.tensor(c[1:])
-                valid = torch.arange(k, device=dev)[None] < torch.tensor([len(t) for t in rest], device=dev)[:, None]
+                valid = (
+                    torch.arange(k, device=dev)[None] < torch.tensor([len(c) - 1 for c in seqs], device=dev)[:, None]
+                )
                 cache = copy.copy(body.past_key_values)  # the selection below replaces tensors, never writes them
                 cache.layers = [copy.copy(layer) for layer in cache.layers]
                 cache.batch_select_indices(rows)
