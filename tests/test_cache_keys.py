@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import fnprune
+from fnprune.precision import resolve_dtype
 from helpers import snakemake
 from test_workflow import jobs_of
 
@@ -18,6 +19,8 @@ PRUNED_EVAL = {"perplexity": 1, "lm_eval": 1, "metrics": 1}
 EVAL_BOTH = {"lm_eval": 2, "metrics": 2}
 FROM_EXTRACT = {"extract": 2, "ica": 2, "mask_ica": 1, "prune": 1, **PRUNED_EVAL}
 FROM_MASK = {"mask_ica": 1, "prune": 1, **PRUNED_EVAL}
+# Every forward pass runs in the dtype; the mask and the pruning re-run only because the scores do.
+FROM_DTYPE = {"extract": 2, "ica": 2, "mask_ica": 1, "prune": 1, "perplexity": 2, "lm_eval": 2, "metrics": 2}
 
 
 def micro(**keys) -> dict:
@@ -40,6 +43,9 @@ CASES = [
         {"lm_eval_tasks": 1, **EVAL_BOTH},
     ),
     ("gpus", micro(gpus=1), {}),
+    ("dtype", micro(dtype="bfloat16"), FROM_DTYPE),
+    # auto is what this machine multiplies fast: float32 (micro's own) unless the CPU has native bfloat16
+    ("dtype auto", micro(dtype="auto"), FROM_DTYPE if resolve_dtype("auto") == "bfloat16" else {}),
     ("calibration.max_length", micro(calibration={"max_length": 64}), FROM_EXTRACT),
     ("calibration.micro_batch_size", micro(calibration={"micro_batch_size": 2}), FROM_EXTRACT),
     ("calibration.batch_size", micro(calibration={"batch_size": 3}), {"calibration_batches": 1, **FROM_EXTRACT}),

@@ -47,3 +47,16 @@ def test_windows_drop_partial_tail(model_and_tok):
     _, tok = model_and_tok
     w = windows(tok, TEXTS, 10)
     assert w.shape[1] == 10
+
+
+def test_a_bfloat16_model_is_scored_in_float32(model_and_tok):
+    """A bfloat16 model's perplexity stays within bfloat16's rounding of the float32 model's: its
+    logits are upcast before the log-softmax and the NLL is averaged in float64."""
+    model, tok = model_and_tok
+    f32 = token_perplexity(model, tok, TEXTS, seqlen=16, batch_size=3)
+    try:
+        b16 = token_perplexity(model.to(torch.bfloat16), tok, TEXTS, seqlen=16, batch_size=3)
+    finally:
+        model.to(torch.float32)
+    assert b16["nll"] == pytest.approx(f32["nll"], rel=0.02)
+    assert b16["nll"] != f32["nll"]  # the bfloat16 arithmetic really ran

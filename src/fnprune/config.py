@@ -51,13 +51,15 @@ METHOD_HELP = (
 # decide the weights every stage works on; a nested dict names the sub-keys of a section.
 # Where a model's weights come from and what they are (``source`` aside).
 SOURCE_KEYS = ("hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture", "num_layers")
-LOAD_KEYS = ("source", "base", *SOURCE_KEYS, "dtype")
+WEIGHT_SOURCE_KEYS = ("source", "base", *SOURCE_KEYS)
+LOAD_KEYS = (*WEIGHT_SOURCE_KEYS, "dtype")
 STAGE_KEYS = {
     "convert": ("path", "package", "file", "architecture"),
     "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
     "stats": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size")}),
-    "mask": (*LOAD_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
-    "prune": LOAD_KEYS,
+    # Masks and pruning read the weights as stored (exact in any dtype): the run dtype is not theirs.
+    "mask": (*WEIGHT_SOURCE_KEYS, "protect_first", "protect_last", "min_keep_per_layer"),
+    "prune": WEIGHT_SOURCE_KEYS,
     "perplexity": (*LOAD_KEYS, {"eval": ("ppl_seqlens", "ppl_batch_size", "ppl_max_windows")}),
     "lm_eval": (
         *LOAD_KEYS,
@@ -338,7 +340,11 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
     if errors:
         msgs = [f"config key {'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in errors]
         raise_problems(msgs)
+    from .precision import resolve_dtype
+
     for m in config["models"].values():
+        # auto becomes what this machine multiplies fast: the concrete dtype is in every job's params
+        m["dtype"] = resolve_dtype(m["dtype"], m.get("gpus", 0))
         if "calibration" in m:
             if m["calibration"]["corpus"] is None:
                 m["calibration"]["corpus"] = m["corpus"]

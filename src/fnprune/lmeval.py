@@ -352,7 +352,8 @@ def _scoring_lm_class():
                 or self._max_cont is None
                 or "logits_to_keep" not in _inspect.signature(self.model.forward).parameters
             ):
-                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+                # float32 logits whatever the model's dtype: lm-eval log-softmaxes what it gets
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels).float()
             width = inps.shape[1]
             real = inps != 0  # lm-eval right-pads with 0; a real trailing 0 only widens the window
             lengths = torch.where(real.any(1), width - real.flip(1).int().argmax(1), 0)
@@ -365,7 +366,7 @@ def _scoring_lm_class():
                     enabled=self.mixed_precision_dtype is not None,
                 ),
             ):
-                return self.model(inps, logits_to_keep=keep).logits
+                return self.model(inps, logits_to_keep=keep).logits.float()
 
     return ContinuationLogitsHFLM
 

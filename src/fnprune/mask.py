@@ -16,7 +16,17 @@ import numpy as np
 from .io import load_npz, read_json, versions
 
 # What a mask reads from an ICA score file (stages.ica); "?" marks keys older files may lack.
-SCORE_KEYS = ("scores", "converged", "n_iter", "wall_s", "skipped?", "n_tokens?", "extract_wall_s?", "solver?")
+SCORE_KEYS = (
+    "scores",
+    "converged",
+    "n_iter",
+    "wall_s",
+    "skipped?",
+    "n_tokens?",
+    "extract_wall_s?",
+    "solver?",
+    "extract_dtype?",
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +50,7 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
     """
     best: np.ndarray | None = None
     voted: np.ndarray | None = None
-    converged, n_iter, skipped, wall, tokens, ext_wall, solvers = [], [], [], 0.0, [], [], []
+    converged, n_iter, skipped, wall, tokens, ext_wall, solvers, ext_dtypes = [], [], [], 0.0, [], [], [], []
     for path in score_files:
         z = load_npz(path, "ICA scores", SCORE_KEYS, "delete it and rerun its ICA job")
         s, conv, it, w = z["scores"], z["converged"], z["n_iter"], float(z["wall_s"].sum())
@@ -48,6 +58,7 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
         tokens.append(int(z.get("n_tokens", -1)))
         ext_wall.append(float(z.get("extract_wall_s", np.nan)))
         solvers.append(str(z["solver"]) if "solver" in z else None)
+        ext_dtypes.append(str(z["extract_dtype"]) if "extract_dtype" in z else None)
         if np.isnan(s).any() or np.isneginf(s).any():
             raise ValueError(f"{path}: ICA scores hold NaN or -inf")
         neuron = neuron_scores(s)
@@ -79,6 +90,8 @@ def union_neuron_scores(score_files: list[str | Path]) -> tuple[list[np.ndarray]
         "complete": n_skipped == 0,
         # what iterated the ICA of the batches (ica.solver for the torch backend; None: predates the record)
         "solver": "+".join(dict.fromkeys(x for x in solvers if x)) or None,
+        # the dtype the shard passes ran in (None: predates the record)
+        "extract_dtype": "+".join(dict.fromkeys(x for x in ext_dtypes if x)) or None,
     }
     return list(best), info
 

@@ -63,19 +63,20 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
 
 def load_base(
     source: str,
-    dtype: str = "float32",
+    dtype: str | None = "float32",
     device: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """A base (dense) model from a local directory or a hub id, in eval mode."""
+    """A base (dense) model from a local directory or a hub id, in eval mode; ``dtype`` None keeps
+    the weights as stored (the checkpoint's own dtype)."""
     from transformers import AutoModelForCausalLM
 
     if Path(source).exists() and Path(source, SIDECAR).exists():
         return load_pruned(source, dtype=dtype, device=device)
     load_config(source, revision, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        source, revision=revision, dtype=torch_dtype(dtype) if dtype else "auto", trust_remote_code=trust_remote_code
     )
     return model.to(resolve_device(device)).eval()
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import BUILT_SOURCES
 from .io import load_npz, read_json, setup_logging, versions, write_json, write_text
@@ -24,12 +23,22 @@ EXTRACT_RECORD = "extract.json"
 log = logging.getLogger(__name__)
 
 
-def setup(log_file: str | None, threads: int = 1) -> None:
-    """Log to the rule's log file; run torch on exactly ``threads`` intra-op threads (config
-    ``torch_threads``), so results do not depend on how many cores Snakemake was given."""
+def setup(log_file: str | None, threads: int | None = None) -> None:
+    """Log to the rule's log file; a stage that computes with torch gives ``threads`` (config
+    ``torch_threads``) and runs on exactly that many intra-op threads, so results do not depend on
+    how many cores Snakemake was given. The others never import torch (seconds a job)."""
     setup_logging(log_file)
-    torch.set_num_threads(max(1, int(threads)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _hub_kwargs(model_spec: dict) -> dict:
@@ -39,13 +48,24 @@ def _hub_kwargs(model_spec: dict) -> dict:
     return dict(revision=model_spec.get("revision"), trust_remote_code=model_spec.get("trust_remote_code", False))
 
 
-def _load(model_spec: dict, source: str, device: str = "auto"):
+def _load(model_spec: dict, source: str, device: str = "auto", stored: bool = False):
+    """A model and its tokenizer: in the spec's dtype for the forward passes (what ran is checked
+    and logged by :func:`fnprune.precision.check`), or with ``stored`` its weights as saved (masks
+    and pruning read weights, exact in any dtype)."""
     from .modeling import load_base, load_tokenizer
 
     kw = _hub_kwargs(model_spec)
-    model = load_base(source, dtype=model_spec["dtype"], device=device, **kw)
+    model = load_base(source, dtype=None if stored else model_spec["dtype"], device=device, **kw)
     tok = load_tokenizer(source, **kw)
     return model, tok
+
+
+def _run_load(model_spec: dict, source: str, device: str = "auto"):
+    """:func:`_load` for a forward-pass stage, with the kernels it will run on (logged, recorded)."""
+    from .precision import check
+
+    model, tok = _load(model_spec, source, device)
+    return model, tok, check(model)
 
 
 def corpus(spec: dict, out_dir: str) -> None:
@@ -93,14 +113,14 @@ def extract(batches: str, batch: int, model_spec: dict, source: str, shard_dir: 
 
     spec = model_spec["calibration"]
     texts = read_json(batches)["batches"][batch]
-    model, tok = _load(model_spec, source, device)
+    model, tok, kern = _run_load(model_spec, source, device)
     n_layers = model_spec["num_layers"]
     with atomic_dir(shard_dir) as tmp:
         paths = [tmp / f"L{layer}.npy" for layer in range(n_layers)]
         info = extract_batch(
             model, tok, texts, paths, None, spec["max_length"], spec["micro_batch_size"], spec["shard_dtype"]
         )
-        write_json(tmp / EXTRACT_RECORD, info)
+        write_json(tmp / EXTRACT_RECORD, {**info, "kernels": kern})
 
 
 def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, out: str, device: str = "auto") -> None:
@@ -109,7 +129,7 @@ def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, o
 
     spec = model_spec["calibration"]
     texts = read_json(batches)["batches"][batch]
-    model, tok = _load(model_spec, source, device)
+    model, tok, _ = _run_load(model_spec, source, device)
     extract_batch(model, tok, texts, None, out, spec["max_length"], spec["micro_batch_size"])
 
 
@@ -146,6 +166,7 @@ def ica(
         solver=np.array(ica_spec["solver"] if backend == "torch" else backend),  # what iterated the ICA
         n_tokens=np.array(ext.get("n_tokens", -1)),
         extract_wall_s=np.array(ext.get("wall_s", np.nan)),
+        extract_dtype=np.array(ext.get("kernels", {}).get("dtype", "")),
     )
 
 
@@ -173,7 +194,7 @@ def _fluctuation(model_spec: dict, source: str, stats_files: list[str]) -> list[
     from .baselines import stat, wifv_scores
     from .extract import load_stats
 
-    model, _ = _load(model_spec, source, device="cpu")
+    model, _ = _load(model_spec, source, device="cpu", stored=True)
     ad = A.adapter_for(model)
     sizes = [A.intermediate_size(b, ad) for b in A.layers(model, ad)]
     return wifv_scores(model, "down", stat(load_stats(stats_files), "down_var", sizes, "hybrid/imp"))
@@ -249,7 +270,7 @@ def baseline_mask(
     from .extract import load_stats
 
     t0 = time.time()
-    model, _ = _load(model_spec, source, device="cpu")
+    model, _ = _load(model_spec, source, device="cpu", stored=True)
     rec = compute(
         method,
         model,
@@ -282,7 +303,7 @@ def prune(
 
     t0 = time.time()
     rec = read_mask(mask)
-    model, tok = _load(model_spec, source, device)
+    model, tok = _load(model_spec, source, device, stored=True)
     stats = load_stats(stats_files) if bias else {}
     apply_mask(model, rec, down_mean=stats.get("down_mean"), o_mean=stats.get("o_mean"))
     sidecar = {
@@ -302,7 +323,7 @@ def prune(
         "seed": rec.get("seed"),
         "kept": rec["kept"],
         "kept_heads": rec.get("kept_heads"),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": _torch_threads(),
         "device": str(model.device),
         "prune_wall_s": time.time() - t0,
     }
@@ -321,7 +342,7 @@ def perplexity(
     from .corpus import read_split
     from .perplexity import token_perplexity
 
-    model, tok = _load(model_spec, model_dir_or_source, device)
+    model, tok, kern = _run_load(model_spec, model_dir_or_source, device)
     texts = read_split(test_split)
     ev = model_spec["eval"]
     results = [
@@ -334,7 +355,8 @@ def perplexity(
             **(fields or {}),
             "results": results,
             "device": str(model.device),
-            "torch_threads": torch.get_num_threads(),
+            "kernels": kern,
+            "torch_threads": kern["torch_threads"],
             "versions": versions(),
         },
     )
@@ -345,7 +367,7 @@ def lm_eval(
 ) -> None:
     from .lmeval import run_lm_eval
 
-    model, tok = _load(model_spec, model_dir_or_source, device)
+    model, tok, kern = _run_load(model_spec, model_dir_or_source, device)
     ev = model_spec["eval"]
     res = run_lm_eval(
         model,
@@ -359,7 +381,7 @@ def lm_eval(
         include_path=tasks_dir,
         raw_out=raw_out,
     )
-    write_json(out, res)
+    write_json(out, {**res, "kernels": kern})
 
 
 def lm_eval_tasks(test_split: str, validation_split: str, out_dir: str, seed: int, mc: dict | None = None) -> None:
@@ -460,6 +482,7 @@ def metrics(
                     "skipped_layers_per_batch",
                     "complete",
                     "solver",
+                    "extract_dtype",
                 )
             }
             stages["ica"] = m["ica"]["ica_wall_s"]
@@ -480,6 +503,7 @@ def metrics(
         stages["prune"] = side["prune_wall_s"]
     p = read_json(ppl)
     rec["device"] = p.get("device")
+    rec["kernels"] = {"perplexity": p.get("kernels")}
     rec["perplexity"] = {f"{r['protocol']}@{r['seqlen']}": r["ppl"] for r in p["results"]}
     rec["perplexity_detail"] = p["results"]
     stages["perplexity"] = sum(r["wall_s"] for r in p["results"])
@@ -490,6 +514,7 @@ def metrics(
         rec["lm_eval_versions"] = le.get("versions")
         rec["lm_eval_config"] = le.get("config")
         rec["lm_eval_items"] = le.get("items") or {}  # per-item scores: accuracy paired over items
+        rec["kernels"]["lm_eval"] = le.get("kernels")
         stages["lm_eval"] = le.get("wall_s", math.nan)
     rec["stage_wall_s"] = stages
     rec["versions"] = versions()

@@ -1,6 +1,6 @@
 from fnprune import stages
 
-stages.setup(snakemake.log[0], snakemake.params.torch_threads)
+stages.setup(snakemake.log[0])
 inp, t = snakemake.input, snakemake.params.target
 stages.metrics(
     snakemake.wildcards.target,
