@@ -66,19 +66,30 @@ def matmuls(dtypes: list[str], repeats: int, budget_s: float) -> None:
     print(f"float32 peak (the floor of a float32 matmul): {peak:.0f} GFLOP/s ({how})" if peak else how)
     print(f"{'shape m x k x n':>22} " + " ".join(f"{d + ' GFLOP/s':>18}" for d in dtypes) + "   ratio to float32")
     for m, k, n in SHAPES:
-        flop = 2 * m * k * n
-        rates = {}
+        rates, cut = {}, {}
         for dt in dtypes:
-            a = torch.randn(m, k).to(getattr(torch, dt))
+            # a dtype without native kernels can take many minutes at the 7B shape: its rows are cut
+            # so that one product fits the budget (the rate of a row block is the rate of the product)
             b = torch.randn(k, n).to(getattr(torch, dt))
-            t0 = time.perf_counter()
-            a @ b
-            first = time.perf_counter() - t0
-            # a dtype without native kernels can take minutes at the 7B shape: one timed product then
-            reps = repeats if first * repeats < budget_s else 0
-            rates[dt] = flop / (best_time(functools.partial(torch.matmul, a, b), reps) if reps else first) / 1e9
+            probe = torch.randn(min(m, 64), k).to(getattr(torch, dt))
+            t_probe = best_time(functools.partial(torch.matmul, probe, b), 1)
+            rows = (
+                m
+                if t_probe * m / probe.shape[0] * repeats < budget_s
+                else max(probe.shape[0], int(budget_s / repeats / t_probe * probe.shape[0]))
+            )
+            rows = min(rows, m)
+            a = torch.randn(rows, k).to(getattr(torch, dt))
+            rates[dt] = 2 * rows * k * n / best_time(functools.partial(torch.matmul, a, b), repeats) / 1e9
+            cut[dt] = rows
         ratios = " ".join(f"{d}: {rates[d] / rates['float32']:.2f}x" for d in dtypes if d != "float32")
-        print(f"{m:>6} x {k:>5} x {n:>5} " + " ".join(f"{rates[d]:>18.1f}" for d in dtypes) + f"   {ratios}")
+        note = "; ".join(f"{d} on {cut[d]} rows" for d in dtypes if cut[d] < m)
+        print(
+            f"{m:>6} x {k:>5} x {n:>5} "
+            + " ".join(f"{rates[d]:>18.1f}" for d in dtypes)
+            + f"   {ratios}"
+            + (f" ({note})" if note else "")
+        )
 
 
 def forward(model_dir: str, tokens: int, batch: int, repeats: int) -> None:

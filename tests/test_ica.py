@@ -265,3 +265,41 @@ def test_picard_reaches_fastica_fixed_points_in_fewer_iterations():
     assert abs(auroc(score["picard"][0], member) - auroc(score["fastica"][0], member)) < 0.02
     corr = (score["picard"][1] @ score["fastica"][1].T).abs() / vt.shape[1]
     assert float(corr.amax(1).median()) > 0.9  # most Picard maps are one of FastICA's maps
+
+
+@pytest.mark.parametrize("shape", [(300, 1000), (1000, 300), (700, 2100)])
+def test_blocked_symmetric_gram_equals_full_gram(shape):
+    """The Gram matrix from the lower block triangle (blocked syrk, mirrored) is the full product
+    to float rounding, exactly symmetric, for wide and tall inputs and a ragged last block."""
+    from fnprune.ica import _gram, _mirror_lower, _syrk_lower_, column_moments
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    mean, std = column_moments(x)
+    g, tall = _gram(x, mean, std, block=256)
+    z = ((x - mean) / std).double()
+    full = z.T @ z if tall else z @ z.T
+    assert tall == (shape[0] > shape[1]) and bool((g == g.T).all())
+    torch.testing.assert_close(g.double(), full, rtol=1e-5, atol=1e-3)
+    a = torch.randn(200, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lower = torch.zeros(200, 200, dtype=torch.float64)
+    _syrk_lower_(lower, a, 64)  # ragged: 64, 64, 64, 8
+    torch.testing.assert_close(_mirror_lower(lower, 64), a @ a.T, rtol=1e-12, atol=1e-12)
+
+
+def test_fastica_step_with_reused_buffers_equals_the_plain_step(planted):
+    """fastica_cube's step (buffers reused, wx^2 computed once) is sklearn's parallel FastICA
+    step: the same iterations and sources as the plain formula within float rounding."""
+    from fnprune.ica import _start, _sym_decorrelation, _whiten
+
+    x, _ = planted
+    v, _ = spatial_subspace(torch.as_tensor(x), 6, seed=0)
+    vt = v.T.contiguous().double()
+    src, converged, n_iter = fastica_cube(vt, seed=4, max_iter=7, tol=0.0)
+    xw = _whiten(vt.unsqueeze(0))
+    w = _start([4], 6, xw)
+    n = xw.shape[-1]
+    for _ in range(7):
+        wx = w @ xw
+        w = _sym_decorrelation((wx * wx * wx) @ xw.transpose(-1, -2) / n - 3.0 * (wx * wx).mean(-1)[..., None] * w)
+    assert not converged and n_iter == 7
+    torch.testing.assert_close(src, (w @ xw)[0], rtol=1e-9, atol=1e-9)

@@ -186,3 +186,38 @@ def test_dense_embedded_model_beats_chance_on_its_multiple_choice_task(tmp_path)
     assert mc["value"] - 0.25 > 4 * mc["stderr"], mc
     assert m["base_model"]["validation_ppl"] < 400
     assert np.isfinite(m["perplexity"]["flap_token_ppl@128"])
+
+
+def test_a_bfloat16_alias_runs_every_forward_pass_in_bfloat16(micro_run, tmp_path):
+    """micro's weights under ``dtype: bfloat16`` (an alias, never trained again): the shard pass,
+    perplexity and lm-eval run in bfloat16 and say so in metrics.json, next to the CPU they ran on;
+    the scores stay finite and near the float32 run's (logits are scored in float32)."""
+    import yaml
+
+    wd, _ = micro_run
+    overlay = tmp_path / "bf16.yaml"
+    overlay.write_text(yaml.safe_dump({"models": {"micro_bf16": {"base": "micro", "dtype": "bfloat16"}}}))
+    snakemake(
+        wd, "results/micro_bf16_r20_c8/metrics.json", "results/micro_bf16_dense/metrics.json", configs=(str(overlay),)
+    )
+    assert not (wd / "results/models/micro_bf16").exists()
+    for target, f32 in (("micro_bf16_dense", "micro_dense"), ("micro_bf16_r20_c8", "micro_r20_c8")):
+        m = json.loads((wd / f"results/{target}/metrics.json").read_text())
+        ref = json.loads((wd / f"results/{f32}/metrics.json").read_text())
+        for stage in ("perplexity", "lm_eval"):
+            k = m["kernels"][stage]
+            assert k["dtype"] == "bfloat16" and k["device"] == "cpu", (stage, k)
+            assert {"cpu", "cpu_flags", "cpu_native", "cpu_capability"} <= set(k)
+            assert ("matmul_slowdown_vs_float32" in k) == (not k["cpu_native"])
+        assert ref["kernels"]["perplexity"]["dtype"] == "float32"
+        ppl, ppl_ref = m["perplexity"]["flap_token_ppl@64"], ref["perplexity"]["flap_token_ppl@64"]
+        assert np.isfinite(ppl) and abs(np.log(ppl / ppl_ref)) < 0.1, (ppl, ppl_ref)
+    ica = json.loads((wd / "results/micro_bf16_r20_c8/metrics.json").read_text())["ica"]
+    assert ica["extract_dtype"] == "bfloat16"
+    side = json.loads((wd / "results/micro_bf16_r20_c8/model/fnprune.json").read_text())
+    weights = wd / "results/micro_bf16_r20_c8/model/model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:  # pruning reads and writes the weights as stored
+        assert all(f.get_slice(n).get_dtype() == "F32" for n in f.keys())
+    assert side["method"] == "c8_torch"

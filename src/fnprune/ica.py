@@ -80,22 +80,55 @@ def exact_subspace(xz: torch.Tensor, k: int) -> torch.Tensor:
     return u if tall else _spatial_from_temporal(xz, zeros, ones, u)
 
 
+def _syrk_lower_(g: torch.Tensor, a: torch.Tensor, block: int) -> None:
+    """``g += a a^T`` (``a``: m x b) on the blocks of the lower triangle only (a blocked syrk).
+
+    The diagonal blocks are full products; the blocks above the diagonal are left untouched
+    (:func:`_mirror_lower` fills them). With ``nb`` row blocks this costs ``(nb + 1) / (2 nb)``
+    of the full product's FLOPs.
+    """
+    m = a.shape[0]
+    for i in range(0, m, block):
+        g[i : i + block, : i + block].addmm_(a[i : i + block], a[: i + block].T)
+
+
+def _mirror_lower(g: torch.Tensor, block: int) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle is ``g``'s (blocks above the diagonal filled)."""
+    m = g.shape[0]
+    for i in range(0, m, block):
+        d = g[i : i + block, i : i + block]
+        d.copy_(d.tril() + d.tril(-1).T)  # exactly symmetric diagonal blocks
+        g[:i, i : i + block] = g[i : i + block, :i].T
+    return g
+
+
+def _syrk_block(m: int, n_blocks: int = 8, align: int = 64) -> int:
+    """Row-block size for :func:`_syrk_lower_`: about ``m / n_blocks``, a multiple of ``align``."""
+    per_block = -(-m // n_blocks)
+    return max(align, -(-per_block // align) * align)
+
+
 def _gram(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, block: int = 4096) -> tuple[torch.Tensor, bool]:
-    """Gram matrix of the z-scored data in its smaller dimension; ``tall`` when that is signals."""
+    """Gram matrix of the z-scored data in its smaller dimension; ``tall`` when that is signals.
+
+    Symmetric, so only the lower triangle of row blocks is multiplied (:func:`_syrk_lower_`,
+    about 56% of a full product's FLOPs at 8 row blocks) and then mirrored.
+    """
     t, n = x.shape
     tall = t > n
     m = n if tall else t
     dtype = torch.float64 if x.is_cuda else torch.float32
     g = torch.zeros(m, m, dtype=dtype, device=x.device)
+    rows = _syrk_block(m)
     if tall:
         for i in range(0, t, block):
             zb = ((x[i : i + block].to(torch.float32) - mean) / std).to(dtype)
-            g.addmm_(zb.T, zb)
+            _syrk_lower_(g, zb.T, rows)
     else:
         for j in range(0, n, block):
             zb = _zblock(x, mean, std, j, j + block).to(dtype)
-            g.addmm_(zb, zb.T)
-    return g, tall
+            _syrk_lower_(g, zb, rows)
+    return _mirror_lower(g, rows), tall
 
 
 def _spatial_from_temporal(x, mean, std, u: torch.Tensor, block: int = 4096) -> torch.Tensor:
@@ -113,7 +146,8 @@ def top_eigvecs(
     """Top-k eigenvectors of a symmetric PSD matrix by block subspace iteration.
 
     Iterations cost ``m^2 width`` (``width``: the sketch, ``k`` plus oversampling; cheap next to
-    forming ``g``), so they run until the Ritz subspace stops moving: ``1 - mean cos(principal
+    forming ``g``; one product ``g q`` a step, which also serves that step's Rayleigh-Ritz
+    check), so they run until the Ritz subspace stops moving: ``1 - mean cos(principal
     angles)`` between successive iterates below ``tol``. If it has not settled after ``max_iter`` steps (a spectrum flat around ``k``), a float64
     ``eigh`` gives the exact answer instead.
     """
@@ -121,12 +155,14 @@ def top_eigvecs(
     width = min(m, k + (oversample if oversample is not None else max(16, k // 2)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(m, width, generator=gen).to(g))
+    gq = g @ q
     prev = None
     for it in range(1, max_iter + 1):
-        q, _ = torch.linalg.qr(g @ q)
+        q, _ = torch.linalg.qr(gq)
+        gq = g @ q  # the next step's product, and the Rayleigh-Ritz product of this one
         if it % 2 and it > 1:
             continue
-        h = q.T @ g @ q
+        h = q.T @ gq
         w, s = torch.linalg.eigh(h.double())
         cur = q @ s[:, -k:].flip(1).to(q.dtype)
         if prev is not None:
@@ -231,11 +267,15 @@ def fastica_cube(
     w = _start(seeds, k, xw)
     active = torch.ones(n_prob, dtype=torch.bool, device=xw.device)
     n_iter = torch.full((n_prob,), max_iter, dtype=torch.long, device=xw.device)
+    wx = torch.empty_like(xw)  # buffers reused by every step: no fresh (k x N) temporaries
+    g = torch.empty_like(xw)
+    xw_t = xw.transpose(-1, -2)
     for it in range(1, max_iter + 1):
-        wx = w @ xw
-        g = wx * wx * wx
-        g_prime_mean = 3.0 * (wx * wx).mean(-1)
-        w1 = _sym_decorrelation(g @ xw.transpose(-1, -2) / n - g_prime_mean.unsqueeze(-1) * w)
+        torch.matmul(w, xw, out=wx)
+        torch.mul(wx, wx, out=g)  # wx^2, once
+        g_prime_mean = 3.0 * g.mean(-1)
+        g.mul_(wx)  # wx^3
+        w1 = _sym_decorrelation(torch.matmul(g, xw_t) / n - g_prime_mean.unsqueeze(-1) * w)
         lim = (torch.einsum("lij,lij->li", w1, w).abs() - 1).abs().amax(-1)
         w = torch.where(active[:, None, None], w1, w)
         done = active & (lim < tol)
