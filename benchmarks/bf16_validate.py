@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--ppl", default="flap_token_ppl@128")
     ap.add_argument("--mc", default="fnprune_mc:acc")
+    ap.add_argument("--seed-pair", nargs=2, default=("c64", "c64_s1"), help="two ICA starts of one method (float32)")
     ap.add_argument("--protect", type=int, nargs=2, default=(3, 2), help="first and last blocks never pruned")
     args = ap.parse_args()
     res = Path(args.results)
@@ -95,8 +96,9 @@ def main() -> None:
             f"{method:<12} {ppl[method][0]:9.3f} {ppl[method][1]:9.3f} {f'{r:.4f} [{lo:.4f}, {hi:.4f}]':>30} "
             f"{acc_s:>32} {'' if d is None else f'{d:.4f}':>10}"
         )
-    seed = mask_dice(kept(res, args.f32, args.ratio, "c64"), kept(res, args.f32, args.ratio, "c64_s1"), sizes, protect)
-    print(f"\nFastICA seed-to-seed Dice (float32, c64 vs c64_s1): {'not built' if seed is None else f'{seed:.4f}'}")
+    a, b = args.seed_pair
+    seed = mask_dice(kept(res, args.f32, args.ratio, a), kept(res, args.f32, args.ratio, b), sizes, protect)
+    print(f"\nFastICA seed-to-seed Dice (float32, {a} vs {b}): {'not built' if seed is None else f'{seed:.4f}'}")
 
     pruned = [m for m in ppl if m != "dense"]
     for i, name in enumerate(("float32", "bfloat16")):
