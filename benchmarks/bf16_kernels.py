@@ -73,12 +73,7 @@ def matmuls(dtypes: list[str], repeats: int, budget_s: float) -> None:
             b = torch.randn(k, n).to(getattr(torch, dt))
             probe = torch.randn(min(m, 64), k).to(getattr(torch, dt))
             t_probe = best_time(functools.partial(torch.matmul, probe, b), 1)
-            rows = (
-                m
-                if t_probe * m / probe.shape[0] * repeats < budget_s
-                else max(probe.shape[0], int(budget_s / repeats / t_probe * probe.shape[0]))
-            )
-            rows = min(rows, m)
+            rows = min(m, max(probe.shape[0], int(budget_s / repeats / t_probe * probe.shape[0])))
             a = torch.randn(rows, k).to(getattr(torch, dt))
             rates[dt] = 2 * rows * k * n / best_time(functools.partial(torch.matmul, a, b), repeats) / 1e9
             cut[dt] = rows

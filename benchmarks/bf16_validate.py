@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     res = Path(args.results)
 
-    rows, ppl, sizes, protect = [], {}, None, tuple(args.protect)
+    rows, ppl, recs, sizes, protect = [], {}, {}, None, tuple(args.protect)
     for method in ["dense", *args.methods]:
         a = metrics(res, args.f32, args.ratio, method)
         b = metrics(res, args.bf16, args.ratio, method)
@@ -85,6 +85,7 @@ def main() -> None:
         sizes = sizes or b.get("intermediate_sizes")
         d = mask_dice(kept(res, args.f32, args.ratio, method), kept(res, args.bf16, args.ratio, method), sizes, protect)
         ppl[method] = (a["perplexity"][args.ppl], b["perplexity"][args.ppl])
+        recs[method] = (a, b)
         rows.append((method, r, lo, hi, acc, d))
 
     print(
@@ -101,19 +102,14 @@ def main() -> None:
     print(f"\nFastICA seed-to-seed Dice (float32, {a} vs {b}): {'not built' if seed is None else f'{seed:.4f}'}")
 
     pruned = [m for m in ppl if m != "dense"]
-    for i, name in enumerate(("float32", "bfloat16")):
-        order = sorted(pruned, key=lambda m: ppl[m][i])
+    orders = [sorted(pruned, key=lambda m, i=i: ppl[m][i]) for i in (0, 1)]
+    for order, name in zip(orders, ("float32", "bfloat16")):
         print(f"ranking by perplexity, {name}: {' < '.join(order)}")
-    same = sorted(pruned, key=lambda m: ppl[m][0]) == sorted(pruned, key=lambda m: ppl[m][1])
-    print(f"same ranking: {same}")
+    print(f"same ranking: {orders[0] == orders[1]}")
     for i, name in enumerate(("float32", "bfloat16")):
-        recs = {m: metrics(res, args.f32 if i == 0 else args.bf16, args.ratio, m) for m in pruned}
-        best = min(pruned, key=lambda m: ppl[m][i])
-        tied = [
-            m
-            for m in pruned
-            if m == best or paired_ratio(_window_nll(recs[m], args.ppl), _window_nll(recs[best], args.ppl))[1] <= 1.0
-        ]
+        best = orders[i][0]
+        nll = {m: _window_nll(recs[m][i], args.ppl) for m in pruned}
+        tied = [m for m in pruned if m == best or paired_ratio(nll[m], nll[best])[1] <= 1.0]
         print(f"best and tied with it (95% paired over windows), {name}: {', '.join(tied)}")
 
 

@@ -35,12 +35,6 @@ def setup(log_file: str | None, threads: int | None = None) -> None:
         torch.set_num_threads(max(1, int(threads)))
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _hub_kwargs(model_spec: dict) -> dict:
     """Loading keywords of a hub or local model; none for a directory the workflow built."""
     if model_spec["source"] in BUILT_SOURCES:
@@ -296,6 +290,8 @@ def prune(
     out_dir: str,
     device: str = "auto",
 ) -> None:
+    import torch
+
     from .extract import load_stats
     from .ggufsource import read_provenance
     from .mask import read_mask
@@ -323,7 +319,7 @@ def prune(
         "seed": rec.get("seed"),
         "kept": rec["kept"],
         "kept_heads": rec.get("kept_heads"),
-        "torch_threads": _torch_threads(),
+        "torch_threads": torch.get_num_threads(),
         "device": str(model.device),
         "prune_wall_s": time.time() - t0,
     }
