@@ -2,7 +2,7 @@
 
 For the dense model and each pruned model directory given, in one run:
 
-- export F32 and F16 GGUF (``fnprune.ggufsource.write_gguf``: per-layer widths, ``deci``
+- export F32 and F16 GGUF (``fnprune.ggufwrite.write_gguf``: per-layer widths, ``deci``
   architecture when the layers differ);
 - agreement (F32): next-token log-probabilities on ``--windows`` windows of ``--seqlen`` tokens
   of the corpus's held-out test split, llama.cpp vs PyTorch: the largest absolute difference and
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", help="write the rows as JSON here too")
     args = ap.parse_args()
-    from fnprune.ggufsource import write_gguf
+    from fnprune.ggufwrite import write_gguf
     from fnprune.llamacpp import agreement, speed
 
     torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from fnprune import ggufsource as G
+from fnprune import ggufwrite as W
 from helpers import REPO, snakemake
 
 TEXTS = [
@@ -69,7 +70,7 @@ def converted(micro_llama, tmp_path_factory):
     models = {}
     for dtype in ("F32", "Q8_0"):
         path = wd / f"micro_{dtype}.gguf"
-        G.write_gguf(model, tok, path, dtype=dtype)
+        W.write_gguf(model, tok, path, dtype=dtype)
         models[f"gg{dtype.lower().replace('_', '')}"] = {
             "source": "gguf",
             "path": str(path),
@@ -120,7 +121,7 @@ def test_a_conversion_reads_the_file_header_once(micro_llama, tmp_path, monkeypa
 
     model, tok = micro_llama
     path = tmp_path / "micro.gguf"
-    G.write_gguf(model, tok, path, dtype="Q8_0")
+    W.write_gguf(model, tok, path, dtype="Q8_0")
     spec = {"source": "gguf", "path": str(path)}
     opened = []
     real = gguf.GGUFReader
@@ -240,7 +241,7 @@ def test_a_pruned_model_exports_with_per_layer_widths_and_reads_back(micro_llama
 
     model, tok = pruned_micro
     path = tmp_path / "pruned.gguf"
-    widths = G.write_gguf(model, tok, path, "F32", name="micro_r20", metadata={"method": "c8", "ratio": 0.2})
+    widths = W.write_gguf(model, tok, path, "F32", name="micro_r20", metadata={"method": "c8", "ratio": 0.2})
     assert widths["feed_forward_length"] == [100, 37] and widths["head_count"] == [4, 4]
     r = GGUFReader(str(path))
     assert r.fields["general.architecture"].contents() == "deci"  # llama.cpp: LLaMA graph, per-layer shapes
@@ -256,7 +257,7 @@ def test_a_pruned_model_exports_with_per_layer_widths_and_reads_back(micro_llama
             np.asarray(tensors[f"blk.{i}.ffn_down.bias"].data), layer.mlp.down_proj.bias.detach().numpy()
         )
     dense = tmp_path / "dense.gguf"
-    G.write_gguf(micro_llama[0], tok, dense, "Q8_0")
+    W.write_gguf(micro_llama[0], tok, dense, "Q8_0")
     assert GGUFReader(str(dense)).fields["general.architecture"].contents() == "llama"
 
 
@@ -264,7 +265,7 @@ def test_q8_0_keeps_widths_that_blocks_do_not_divide_in_f16(pruned_micro, tmp_pa
     from gguf import GGUFReader
 
     model, tok = pruned_micro
-    G.write_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0")
+    W.write_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0")
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "q8.gguf")).tensors}
     assert types["blk.0.ffn_gate.weight"] == "Q8_0"  # rows of 64 inputs
     assert types["blk.1.ffn_down.weight"] == "F16"  # rows of 37 inputs: no Q8_0 block fits
@@ -285,7 +286,7 @@ def test_llamacpp_runs_the_export_as_fnprune_does(micro_llama, pruned_micro, tmp
 
     model, tok = micro_llama if which == "dense" else pruned_micro
     path = tmp_path / f"{which}.gguf"
-    G.write_gguf(model, tok, path, "F32")
+    W.write_gguf(model, tok, path, "F32")
     windows = [tok(t)["input_ids"][:100] for t in ("".join(TEXTS[:9]), "".join(TEXTS[9:30]))]
     res = agreement(path, model, windows)
     assert res["max_abs_logprob_diff"] < 1e-3 and res["ppl_rel_diff"] < 0.01, res

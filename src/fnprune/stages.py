@@ -553,7 +553,7 @@ GGUF_METADATA = (
 
 def export_gguf(target: str, model_spec: dict, source: str, pruned_dir: str | None, out: str, gtype: str) -> None:
     """Write a target's model (dense: the base; pruned: ``pruned_dir``) as GGUF for llama.cpp."""
-    from .ggufsource import write_gguf
+    from .ggufwrite import write_gguf
     from .modeling import load_pruned, load_tokenizer, read_sidecar
 
     if pruned_dir:
