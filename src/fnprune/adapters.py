@@ -70,6 +70,11 @@ REGISTRY: dict[str, Adapter] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
+    # q_norm/k_norm act on head_dim and are shared by the heads: pruning heads leaves them whole
+    "Qwen3ForCausalLM": _LLAMA,
+    # GeGLU (act_fn is gelu_pytorch_tanh on the gate) and four norms a block; down_proj's output
+    # passes post_feedforward_layernorm before the residual (see fnprune.baselines on _bias)
+    "Gemma3ForCausalLM": _LLAMA,
     "Phi3ForCausalLM": _PHI3,
     "Glm4ForCausalLM": _GLM4,
     "ChatGLMModel": _CHATGLM,

@@ -13,6 +13,7 @@ Path grammar (``results/``):
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
 
@@ -50,11 +51,22 @@ METHOD_HELP = (
 # (Snakemake re-runs a job when its params change, and misses what is not in them). Loading keys
 # decide the weights every stage works on; a nested dict names the sub-keys of a section.
 # Where a model's weights come from and what they are (``source`` aside).
-SOURCE_KEYS = ("hf_id", "path", "package", "file", "revision", "trust_remote_code", "architecture", "num_layers")
+SOURCE_KEYS = (
+    "hf_id",
+    "path",
+    "package",
+    "file",
+    "parts",
+    "sha256",
+    "revision",
+    "trust_remote_code",
+    "architecture",
+    "num_layers",
+)
 WEIGHT_SOURCE_KEYS = ("source", "base", *SOURCE_KEYS)
 LOAD_KEYS = (*WEIGHT_SOURCE_KEYS, "dtype")
 STAGE_KEYS = {
-    "convert": ("path", "package", "file", "architecture"),
+    "convert": ("path", "package", "file", "parts", "sha256", "architecture"),
     "extract": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size", "shard_dtype")}),
     "stats": (*LOAD_KEYS, {"calibration": ("max_length", "micro_batch_size")}),
     # Masks and pruning read the weights as stored (exact in any dtype): the run dtype is not theirs.
@@ -234,21 +246,33 @@ def raise_problems(problems: list[str]) -> None:
 
 
 def head_pruning_problems(config: dict, models: list[str], method: str) -> list[str]:
-    """``flap`` prunes attention heads, which needs separate q/k/v projections: name the models
-    (fused qkv: Phi-3, ChatGLM3) it cannot run on."""
+    """``flap`` prunes attention heads by whole key/value groups, which needs separate q/k/v
+    projections and more than one group: name the models it cannot run on (fused qkv: Phi-3,
+    ChatGLM3; one key/value head: Gemma 3 270M, where removing a group empties the attention)."""
     if BASELINE_METHOD.fullmatch(method) is None or BASELINE_METHOD.fullmatch(method)["baseline"] != "flap":
         return []
 
-    def arch(m):  # an alias's architecture is its base's (the config may not be expanded yet)
+    def key(m, k):  # an alias's weights are its base's (the config may not be expanded yet)
         spec = config["models"][m]
-        return spec.get("architecture") or config["models"].get(spec.get("base"), {}).get("architecture")
+        return spec.get(k) or config["models"].get(spec.get("base"), {}).get(k)
 
-    return [
-        f"{method} prunes attention heads, which model {m} ({arch(m)}, fused "
-        f"query_key_value) does not support; use flap_mlp"
-        for m in models
-        if m in config["models"] and arch(m) in REGISTRY and not supports_head_pruning(arch(m))
-    ]
+    problems = []
+    for m in models:
+        if m not in config["models"]:
+            continue
+        arch = key(m, "architecture")
+        if arch in REGISTRY and not supports_head_pruning(arch):
+            problems.append(
+                f"{method} prunes attention heads, which model {m} ({arch}, fused query_key_value) "
+                f"does not support; use flap_mlp"
+            )
+        elif key(m, "num_key_value_heads") == 1:
+            problems.append(
+                f"{method} removes whole key/value head groups, and model {m} ({arch}) has one key/value "
+                f"head per layer: a layer could lose only all of its attention, so flap would prune the "
+                f"MLP alone under another name; use flap_mlp"
+            )
+    return problems
 
 
 def _with_defaults(validator_cls):
@@ -340,6 +364,7 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
     if errors:
         msgs = [f"config key {'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in errors]
         raise_problems(msgs)
+    raise_problems(source_problems(config))
     from .precision import resolve_dtype
 
     for m in config["models"].values():
@@ -352,6 +377,71 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
                 m["calibration"]["seed"] = config["seed"]
     check(config)
     return config
+
+
+# Keys of a gguf model that its header holds: filled from it when omitted, checked against it when given.
+HEADER_KEYS = ("architecture", "num_layers", "intermediate_size", "num_key_value_heads")
+
+
+def _gguf_header(spec: dict, key: str) -> dict:
+    from .ggufsource import resolve_files
+
+    files = resolve_files(spec, key)
+    return _cached_header(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files), key)
+
+
+@functools.cache
+def _cached_header(files: tuple, key: str) -> dict:
+    from .ggufsource import read_header
+
+    return read_header([Path(f) for f, _, _ in files], key if len(files) > 1 else None)
+
+
+def source_problems(config: dict) -> list[str]:
+    """Where each model's weights come from, checked before anything else: a gguf model's header is
+    read (no torch, no weights mapped) and fills the keys of :data:`HEADER_KEYS` it holds, which are
+    checked against it when the config gives them; other sources must name architecture and
+    num_layers. An alias is checked through its base (its spec repeats the base's keys)."""
+    problems = []
+    for name, m in config["models"].items():
+        if m.get("base"):
+            continue
+        key = f"models.{name}"
+        if m["source"] != "gguf":
+            problems += [
+                f"{key}.{k}: required for source {m['source']}" for k in ("architecture", "num_layers") if k not in m
+            ]
+            continue
+        if m.get("parts") and not m.get("sha256"):
+            problems.append(f"{key}.sha256: required with parts (the checksum of their concatenation)")
+        try:
+            header = _gguf_header(m, key)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+            continue
+        shape = header["shape"]
+        found = {
+            "architecture": header["transformers_class"],
+            "num_layers": shape["num_layers"],
+            "intermediate_size": shape["intermediate_size"] if isinstance(shape["intermediate_size"], int) else None,
+            "num_key_value_heads": shape["num_key_value_heads"]
+            if isinstance(shape["num_key_value_heads"], int)
+            else None,
+        }
+        for k in HEADER_KEYS:
+            if found[k] is None:
+                continue
+            if k in m and m[k] != found[k]:
+                problems.append(f"{key}.{k}: {m[k]!r}, but the GGUF file {header['file']} holds {found[k]!r}")
+            m[k] = found[k]
+    if not problems:  # aliases take what their base was given
+        for m in config["models"].values():
+            base = config["models"].get(m.get("base") or "")
+            if base is not None:
+                for k in HEADER_KEYS:
+                    if k in base:
+                        m.setdefault(k, base[k])
+    return problems
 
 
 def check(config: dict) -> None:
@@ -377,13 +467,6 @@ def check(config: dict) -> None:
             problems.append(f"models.{name}.hf_id: required for source {m['source']}")
         if m["source"] == "local" and "hf_id" in m and not Path(m["hf_id"]).is_dir():
             problems.append(f"models.{name}.hf_id: {m['hf_id']} is not a directory")
-        if m["source"] == "gguf" and not (m.get("path") or (m.get("package") and m.get("file"))):
-            problems.append(
-                f"models.{name}: source gguf needs path (a .gguf file) or package and file (a file "
-                f"inside an installed Python package)"
-            )
-        if m["source"] == "gguf" and m.get("path") and not Path(m["path"]).expanduser().is_file():
-            problems.append(f"models.{name}.path: {m['path']} is not a file")
         if m["source"] == "train":
             if "train" not in m:
                 problems.append(f"models.{name}.train: required for source train")
@@ -428,9 +511,10 @@ def check(config: dict) -> None:
     for section in ("targets", "comparison"):
         for method in config[section].get("methods", []):
             bad = method_problems([method], f"{section}.methods")
-            problems += bad or [
-                f"{section}.methods: {e}" for e in head_pruning_problems(config, config["targets"]["models"], method)
-            ]
+            # a comparison leaves out (and names) a method a model cannot run; a target list may not hold it
+            if not bad and section == "targets":
+                bad = [f"{section}.methods: {e}" for e in head_pruning_problems(config, config[section]["models"], method)]
+            problems += bad
     for model in config["targets"]["models"]:
         if model not in models:
             problems.append(f"targets.models: {model!r} is not a key of models ({', '.join(models)})")

@@ -213,6 +213,9 @@ def _materialise_buffers(model, cfg) -> None:
             with torch.device("cpu"):
                 fresh = type(module)(module.config)
             setattr(model.get_submodule(parent) if parent else model, attr, fresh)
+        scale = getattr(module, "scalar_embed_scale", None)  # Gemma 3's embedding scale, not saved
+        if scale is not None and getattr(module, "embed_scale", None) is not None and module.embed_scale.is_meta:
+            module.embed_scale = torch.tensor(scale, device="cpu")
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             raise ValueError(f"buffer {name} was not restored when loading the pruned model")

@@ -75,10 +75,10 @@ def train(train_split: str, validation_split: str, spec: dict, out_dir: str, see
     train_embedded_model(read_split(train_split), read_split(validation_split), spec, out_dir, seed)
 
 
-def convert_gguf(spec: dict, out_dir: str) -> None:
+def convert_gguf(spec: dict, out_dir: str, model: str = "<model>") -> None:
     from .ggufsource import convert
 
-    convert(spec, out_dir, architecture=spec.get("architecture"))
+    convert(spec, out_dir, architecture=spec.get("architecture"), label=f"models.{model}")
 
 
 def calibration_batches(calib_split: str, spec: dict, seed: int, out: str) -> None:
@@ -526,10 +526,12 @@ def summary(dense_metrics: str, pruned_metrics: str, out: str) -> None:
     log.info("\n%s", text)
 
 
-def comparison(metrics_files: list[str], out_md: str, out_csv: str) -> None:
+def comparison(metrics_files: list[str], out_md: str, out_csv: str, refused: list[str] = ()) -> None:
     from .tables import comparison_table
 
     md, csv = comparison_table([read_json(f) for f in metrics_files])
+    if refused:
+        md += "\n## Methods left out\n\n" + "".join(f"- {r}\n" for r in refused)
     write_text(out_md, md)
     write_text(out_csv, csv)
 

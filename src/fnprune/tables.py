@@ -369,8 +369,9 @@ def summary_text(dense: dict, pruned: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{pruned['target']} vs {dense['target']} ({method_label(pruned['method'])})"]
     if src:
+        packages = ", ".join(sorted({v for v in src.get("gguf_package_versions") or [] if v}))
         lines.append(
-            f"source: {src.get('gguf_name')} ({src.get('gguf_package_version') or src.get('gguf_file')}), "
+            f"source: {src.get('gguf_name')} ({packages or src.get('gguf_file')}), "
             f"tensor types {src.get('tensor_types')}" + (", dequantised" if src.get("dequantised") else "")
         )
     limit = (pruned.get("lm_eval_config") or {}).get("limit")

@@ -93,10 +93,11 @@ def model_source(model):
 
 
 def gguf_file(wildcards):
-    """The GGUF file a ``source: gguf`` model is converted from (``path``, or ``file`` of ``package``)."""
+    """The GGUF file a ``source: gguf`` model is converted from (``path``, ``file`` of ``package``,
+    or every one of its ``parts``)."""
     import fnprune.ggufsource as fgguf
 
-    return str(fgguf.resolve_file(mspec(wildcards.model), f"models.{wildcards.model}"))
+    return [str(f) for f in fgguf.resolve_files(mspec(wildcards.model), f"models.{wildcards.model}")]
 
 
 def batch_ids(model):
@@ -153,12 +154,21 @@ def comparison_tables(wildcards):
     return [f"results/{m}_comparison.md" for m in models]
 
 
+def comparison_methods(model):
+    """The comparison's methods a model can run, and each one it cannot with the reason (flap on a
+    fused-qkv model or on one key/value head): the table names what it leaves out."""
+    run, refused = [], []
+    for meth in config["comparison"]["methods"]:
+        why = fconfig.head_pruning_problems(config, [model], meth)
+        (refused if why else run).append(f"{meth}: {why[0]}" if why else meth)
+    return run, refused
+
+
 def comparison_metrics(wildcards):
     c = config["comparison"]
     out = [f"results/{wildcards.model}_dense/metrics.json"]
-    out += [
-        f"results/{target_name(wildcards.model, r, meth)}/metrics.json" for r in c["ratios"] for meth in c["methods"]
-    ]
+    methods = comparison_methods(wildcards.model)[0]
+    out += [f"results/{target_name(wildcards.model, r, meth)}/metrics.json" for r in c["ratios"] for meth in methods]
     return out
 
 

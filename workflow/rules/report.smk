@@ -11,6 +11,7 @@ rule comparison_table:
         "results/logs/comparison/{model}.log",
     params:
         code=CODE["comparison"],
+        refused=lambda wc: comparison_methods(wc.model)[1],
     threads: 1
     resources:
         mem_mb=1000,
