@@ -1,13 +1,14 @@
 """Configuration validation: every error names the key and what was expected."""
 
 import copy
+import subprocess
 
 import pytest
 import yaml
 
 from fnprune import config as C
 from fnprune import paper
-from helpers import REPO
+from helpers import REPO, SNAKEMAKE
 
 
 @pytest.fixture
@@ -72,9 +73,27 @@ def test_errors_name_the_key(cfg, path, value, needle):
 def test_flap_on_a_fused_qkv_model_is_refused_before_any_work():
     cfg = C.load("config/config.yaml")
     cfg["targets"]["models"] = ["chatglm3_6b"]
-    cfg["comparison"]["methods"] = ["flap_mlp", "flap"]
-    with pytest.raises(ValueError, match="comparison.methods: flap prunes attention heads.*use flap_mlp"):
+    cfg["targets"]["methods"] = ["flap_mlp", "flap"]
+    with pytest.raises(ValueError, match="targets.methods: flap prunes attention heads.*use flap_mlp"):
         C.check(cfg)
+
+
+def test_a_comparison_leaves_out_flap_where_a_model_has_one_key_value_head(tmp_path):
+    """Gemma 3 270M has one key/value head: its comparison runs every other method and names the
+    one it leaves out (the DAG holds no gemma flap job), while smol's keeps flap."""
+    proc = subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1", "comparison"]
+        + ["--configfile", str(REPO / "config" / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = proc.stdout
+    assert "results/gemma_r20_flap_mlp/metrics.json" in jobs and "results/smol_r20_flap/metrics.json" in jobs
+    assert "results/gemma_r20_flap/" not in jobs
+    refused = C.head_pruning_problems(C.load("config/config.yaml"), ["gemma", "smol"], "flap")
+    assert len(refused) == 1 and "model gemma (Gemma3ForCausalLM) has one key/value head" in refused[0]
 
 
 def test_target_grammar():
@@ -241,6 +260,7 @@ def test_a_target_outside_the_grammar_gets_the_grammar_and_the_nearest_form(micr
         ),
         ("micro_r20_c8_m96", r"_m96 .* layers are 96 wide"),
         ("chatglm3_6b_r20_flap", r"fused query_key_value\) does not support; use flap_mlp"),
+        ("gemma_r20_flap", r"model gemma \(Gemma3ForCausalLM\) has one key/value head per layer.*use flap_mlp"),
         ("smol_r20_c4000", r"k = 4000 components exceed the 3072 signals"),
     ],
 )

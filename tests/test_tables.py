@@ -122,3 +122,16 @@ def test_unpaired_windows_name_both_targets_and_the_measure():
     recs = [record("dense", 0.0, np.ones(10)), record("c64", 0.2, np.ones(8) * 1.1)]
     with pytest.raises(ValueError, match=r"m_c64 vs m_dense on flap_token_ppl@128: .* \(got 8 and 10\)"):
         tables.paired_ppl_rows(recs)
+
+
+def test_a_comparison_names_the_methods_it_left_out(tmp_path):
+    from fnprune import io, stages
+
+    files = []
+    for rec in (record("dense", 0.0, [3.0, 3.1, 2.9]), record("flap_mlp", 0.2, [3.2, 3.4, 3.1])):
+        files.append(tmp_path / f"{rec['method']}.json")
+        io.write_json(files[-1], rec)
+    why = "flap: flap removes whole key/value head groups, and model m has one key/value head per layer"
+    stages.comparison([str(f) for f in files], tmp_path / "c.md", tmp_path / "c.csv", [why])
+    md = (tmp_path / "c.md").read_text()
+    assert md.endswith(f"## Methods left out\n\n- {why}\n") and "flap_mlp" in md
