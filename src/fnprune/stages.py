@@ -526,10 +526,12 @@ def summary(dense_metrics: str, pruned_metrics: str, out: str) -> None:
     log.info("\n%s", text)
 
 
-def comparison(metrics_files: list[str], out_md: str, out_csv: str, refused: list[str] = ()) -> None:
+def comparison(
+    metrics_files: list[str], out_md: str, out_csv: str, refused: list[str] = (), draws: dict | None = None
+) -> None:
     from .tables import comparison_table
 
-    md, csv = comparison_table([read_json(f) for f in metrics_files])
+    md, csv = comparison_table([read_json(f) for f in metrics_files], draws or {})
     if refused:
         md += "\n## Methods left out\n\n" + "".join(f"- {r}\n" for r in refused)
     write_text(out_md, md)

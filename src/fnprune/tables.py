@@ -255,12 +255,35 @@ def pairwise_markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def comparison_table(records: list[dict]) -> tuple[str, str]:
+def comparison_table(records: list[dict], draws: dict | None = None) -> tuple[str, str]:
     """Markdown and CSV text of the method comparison; the best displayed pruned value per model x
     ratio and column is bold (:func:`best_cells`, ties all bold).
 
     The Markdown adds lm-eval standard errors and, where the metrics carry per-window NLLs, the
-    paired perplexity table (:func:`paired_ppl_rows`)."""
+    paired perplexity table (:func:`paired_ppl_rows`). With ``draws`` (draw alias slug -> model,
+    draw) the tables of one draw are draw 0's, and a section across draws follows
+    (:mod:`fnprune.replicates`); the CSV holds every draw's row."""
+    from .replicates import across_draws_markdown, across_draws_rows, draw_pairwise_rows
+
+    draws = draws or {}
+    every = comparison_order(records)
+    records = [r for r in every if r["model"] not in draws]
+    md, _ = _one_draw_table(records)
+    _, csv = _one_draw_table(every)
+    rows = across_draws_rows(every, draws) if draws else []
+    if any(r["draws"] > 1 for r in rows):
+        md += (
+            "\n## Across calibration draws\n\nEach random method pruned from independent calibration draws "
+            "(texts, ICA start, random seed). Perplexity: the mean over draws of the ratio to dense (geometric), "
+            "accuracy: the mean difference to dense in points, each with a 95% t-interval across draws and the "
+            "between-draw standard deviation, what another machine or draw should expect. Methods are compared "
+            "on the draws they share (paired by calibration draw) by a t-test at 5%, Holm-adjusted over the "
+            "pairs of one matrix.\n\n" + across_draws_markdown(rows, draw_pairwise_rows(rows))
+        )
+    return md, csv
+
+
+def _one_draw_table(records: list[dict]) -> tuple[str, str]:
     records = comparison_order(records)
     cols = comparison_columns(records)
     bold = best_cells(records, cols)

@@ -8,6 +8,7 @@ import fnprune.codekeys as fcodekeys
 import fnprune.config as fconfig
 import fnprune.domains as fdomains
 import fnprune.paper as fpaper
+import fnprune.replicates as freplicates
 
 fconfig.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 fpaper.check_grids(config)
@@ -165,11 +166,23 @@ def comparison_methods(model):
 
 
 def comparison_metrics(wildcards):
+    """Dense, and every method x ratio of the comparison; a random method on each of the model's
+    draws (models.<m>.draws), a deterministic one (magnitude) once."""
     c = config["comparison"]
     out = [f"results/{wildcards.model}_dense/metrics.json"]
-    methods = comparison_methods(wildcards.model)[0]
-    out += [f"results/{target_name(wildcards.model, r, meth)}/metrics.json" for r in c["ratios"] for meth in methods]
+    draws = fconfig.draws_of(config, wildcards.model)
+    out += [
+        f"results/{target_name(m, r, meth)}/metrics.json"
+        for r in c["ratios"]
+        for meth in comparison_methods(wildcards.model)[0]
+        for m in (draws if freplicates.is_random(meth) else draws[:1])
+    ]
     return out
+
+
+def comparison_draws(wildcards):
+    """Draw alias slug -> (model, draw) for the comparison's tables across draws."""
+    return {m: [wildcards.model, d] for d, m in enumerate(fconfig.draws_of(config, wildcards.model)) if d}
 
 
 def dense_metrics(wildcards):
@@ -332,9 +345,15 @@ def mask_baseline_inputs(wildcards):
 
 
 def ica_seed(wildcards):
-    """The ICA job's seed: ``_s<seed>`` of its directory, else the config's ``seed``."""
+    """The ICA job's seed: ``_s<seed>`` of its directory, else the config's ``seed`` plus the
+    model's draw (0 but on the aliases of ``models.<m>.draws``)."""
     m = re.search(r"_s(\d+)", wildcards.icav)
-    return int(m[1]) if m else config["seed"]
+    return int(m[1]) if m else config["seed"] + mspec(wildcards.model)["draw"]
+
+
+def draw_seed(wildcards):
+    """random's seed: the config's ``seed`` plus the model's draw."""
+    return config["seed"] + mspec(wildcards.model)["draw"]
 
 
 def ica_runs(wildcards):

@@ -39,7 +39,7 @@ rule mask_baseline:
         source=model_src,
         ratio=ratio_fraction,
         selector=selector_info,
-        seed=config["seed"],
+        seed=draw_seed,
     threads: 1
     resources:
         mem_mb=32000,

@@ -12,6 +12,7 @@ rule comparison_table:
     params:
         code=CODE["comparison"],
         refused=lambda wc: comparison_methods(wc.model)[1],
+        draws=comparison_draws,
     threads: 1
     resources:
         mem_mb=1000,

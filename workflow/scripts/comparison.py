@@ -1,4 +1,4 @@
 from fnprune import stages
 
 stages.setup(snakemake.log[0])
-stages.comparison(list(snakemake.input), snakemake.output.md, snakemake.output.csv, snakemake.params.refused)
+stages.comparison(list(snakemake.input), snakemake.output.md, snakemake.output.csv, snakemake.params.refused, snakemake.params.draws)

@@ -1,0 +1,95 @@
+"""Replicates: draws as model aliases, intervals across draws that cover at their level, paired
+tests over shared draws, and the draws a test would need."""
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from fnprune import config as C
+from fnprune import replicates as R
+from fnprune import tables
+from helpers import REPO
+
+
+def test_intervals_across_draws_cover_at_95_percent_under_known_between_draw_variance():
+    """Simulate R draws of a method whose log perplexity ratio has a known mean and between-draw
+    spread, each draw's value measured through its own window noise (the window-paired interval of
+    one draw is too narrow for this: it misses the draw's own variance); the across-draws
+    interval covers the mean about 95% of the time, the one-draw window interval far less."""
+    rng = np.random.default_rng(0)
+    mu, between, window_sd, windows, draws, sims = 0.4, 0.05, 0.3, 256, 5, 2000
+    covered = covered_one_draw = 0
+    for _ in range(sims):
+        effects = mu + rng.normal(0, between, draws)
+        measured = [(e + rng.normal(0, window_sd, windows)) for e in effects]
+        _, lo, hi, _ = R.t_interval([m.mean() for m in measured])
+        covered += lo <= mu <= hi
+        one = measured[0]
+        half = 1.96 * one.std(ddof=1) / math.sqrt(windows)
+        covered_one_draw += one.mean() - half <= mu <= one.mean() + half
+    assert 0.93 <= covered / sims <= 0.97, covered / sims
+    assert covered_one_draw / sims < 0.6, covered_one_draw / sims
+
+
+def test_paired_test_over_draws_and_the_draws_it_would_need():
+    a = [0.50, 0.55, 0.47, 0.52, 0.49]
+    b = [0.40, 0.46, 0.36, 0.43, 0.38]  # a - b = 0.1 +- 0.01: separated
+    mean, sd, p = R.paired_draws_p(a, b)
+    assert mean == pytest.approx(0.1) and p < 0.001
+    assert R.paired_draws_p([1.0], [0.5])[2] == 1.0  # one draw tests nothing
+    n = R.draws_needed(0.05, 0.1)  # effect 0.5 SD: the textbook paired n for 80% power is about 34
+    assert 30 <= n <= 37, n
+    assert R.draws_needed(0.0, 0.1) is None and R.draws_needed(0.2, 0.1) < n
+
+
+def _record(model, method, ratio, ppl, acc):
+    return {
+        "model": model,
+        "target": f"{model}_{method}",
+        "method": method,
+        "ratio_requested": ratio,
+        "achieved_block_ratio": ratio,
+        "perplexity": {"flap_token_ppl@128": ppl},
+        "lm_eval": {"mc": {"acc": {"value": acc, "stderr": 0.01}}},
+    }
+
+
+def test_comparison_reports_each_method_over_its_draws_beside_one_draw():
+    draws = {"m_d1": ["m", 1], "m_d2": ["m", 2]}
+    recs = [_record("m", "dense", 0.0, 20.0, 0.9)]
+    for slug, shift in (("m", 0.0), ("m_d1", 1.0), ("m_d2", -1.0)):
+        recs.append(_record(slug, "c64", 0.2, 40.0 + shift, 0.80 + shift / 100))
+        recs.append(_record(slug, "wanda_sp", 0.2, 30.0 + shift, 0.85))
+    recs.append(_record("m", "magnitude", 0.2, 50.0, 0.7))
+    rows = {(r["method"], r["measure"]): r for r in R.across_draws_rows(recs, draws)}
+    c64 = rows[("c64", "flap_token_ppl@128")]
+    logs = [math.log(v / 20.0) for v in (40.0, 41.0, 39.0)]
+    assert c64["draws"] == 3 and c64["mean"] == pytest.approx(math.exp(np.mean(logs)))
+    assert c64["lo"] < c64["mean"] < c64["hi"] and c64["sd"] == pytest.approx(np.std(logs, ddof=1))
+    mag = rows[("magnitude", "flap_token_ppl@128")]
+    assert mag["draws"] == 1 and not mag["random"] and mag["lo"] == mag["hi"]
+    assert rows[("wanda_sp", "mc:acc")]["mean"] == pytest.approx(-5.0) and rows[("wanda_sp", "mc:acc")]["sd"] == 0
+    pairs = {(p["a"], p["b"], p["measure"]): p for p in R.draw_pairwise_rows(list(rows.values()))}
+    ppl = pairs[("c64", "wanda_sp", "flap_token_ppl@128")]
+    assert ppl["draws"] == 3 and ppl["order"] == ">"  # c64 worse on every shared draw
+    md, csv = tables.comparison_table(recs, draws)
+    assert "## Across calibration draws" in md and "no draw" in md
+    assert md.count("m_d1") == 0 and "m_d1" in csv  # one-draw tables are draw 0's; the CSV has all
+
+
+def test_draws_add_aliases_with_offset_seeds_that_share_the_weights():
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["models"]["smol"]["draws"] = 3
+    C.validate(cfg)
+    m = cfg["models"]
+    assert [s for s in m if s.startswith("smol_d")] == ["smol_d1", "smol_d2"]
+    assert C.draws_of(cfg, "smol") == ["smol", "smol_d1", "smol_d2"]
+    for d in (1, 2):
+        alias = m[f"smol_d{d}"]
+        assert alias["base"] == "smol" and C.weights_of(cfg, f"smol_d{d}") == "smol"
+        assert alias["draw"] == d and alias["calibration"]["seed"] == cfg["seed"] + d
+        assert alias["eval"] == m["smol"]["eval"] and alias["num_layers"] == 30
+    assert m["smol"]["draw"] == 0 and m["smol"]["calibration"]["seed"] == cfg["seed"]
+    assert R.is_random("c64_bias") and R.is_random("random") and not R.is_random("magnitude_m32")
