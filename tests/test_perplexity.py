@@ -19,22 +19,39 @@ def model_and_tok():
     return build_model(spec, tok).eval(), tok
 
 
-def test_matches_direct_computation(model_and_tok):
+@pytest.mark.parametrize("bos", [False, True])
+def test_matches_direct_computation(model_and_tok, bos):
+    """Each window scored on its own; a tokenizer that starts every text with BOS (Gemma's) gets one
+    before each window, and the same tokens are predicted."""
+    import copy
+
     model, tok = model_and_tok
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tok)  # the same tokenizer, adding BOS by default or not
+    single = f"{tok.bos_token} $A" if bos else "$A"
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) is bos
     ids = tok("\n\n".join(TEXTS), add_special_tokens=False)["input_ids"]
     seqlen = 16
     n = len(ids) // seqlen
     nlls = []
     with torch.no_grad():
         for w in range(n):
-            x = torch.tensor([ids[w * seqlen : (w + 1) * seqlen]])
+            x = torch.tensor([([tok.bos_token_id] if bos else []) + ids[w * seqlen : (w + 1) * seqlen]])
             logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
-            nlls.append(-sum(logp[t, x[0, t + 1]].item() for t in range(seqlen - 1)) / (seqlen - 1))
+            nlls.append(
+                -sum(logp[t, x[0, t + 1]].item() for t in range(int(bos), int(bos) + seqlen - 1)) / (seqlen - 1)
+            )
     expected = math.exp(sum(nlls) / len(nlls))
     got = token_perplexity(model, tok, TEXTS, seqlen=seqlen, batch_size=3)
-    assert got["windows"] == n
+    assert got["windows"] == n and got["bos_prefix"] is bos
     assert got["ppl"] == pytest.approx(expected, rel=1e-5)
     assert got["protocol"] == "flap_token_ppl"
+    forced = token_perplexity(model, tok, TEXTS, seqlen=seqlen, batch_size=3, bos=False)
+    assert forced["bos_prefix"] is False and (forced["ppl"] == got["ppl"]) is not bos
 
 
 def test_seqlen_beyond_model_length_is_refused(model_and_tok):

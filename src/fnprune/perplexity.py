@@ -3,6 +3,7 @@
 The test texts are joined with ``"\\n\\n"``, tokenised once and cut into non-overlapping windows
 of ``seqlen`` tokens (the last partial window is dropped; ``max_windows`` keeps that many, evenly
 spaced); each window is scored on its own and PPL = exp(mean over windows of the window's mean next-token NLL).
+A model whose tokenizer starts every text with BOS sees one before each window (:func:`bos_prefix`).
 """
 
 from __future__ import annotations
@@ -28,15 +29,39 @@ def windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def bos_prefix(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every text with it by default, else None.
+
+    Such a model (Gemma) was trained with BOS at the start of every sequence and predicts badly
+    without it, so each window is scored after a BOS; the tokens predicted are the same as
+    without it (the window's second to last), so the protocol is unchanged for other models."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 @torch.no_grad()
 def token_perplexity(
-    model, tokenizer, texts: list[str], seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None
+    model,
+    tokenizer,
+    texts: list[str],
+    seqlen: int = 128,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    bos: bool | None = None,
 ) -> dict:
     """FLAP-protocol perplexity of ``model`` on ``texts``; returns the value and its provenance, with
-    every window's mean token NLL (``window_nll``: the pairing of two models' perplexities)."""
+    every window's mean token NLL (``window_nll``: the pairing of two models' perplexities).
+    ``bos``: a BOS before each window; None: where the tokenizer adds one (:func:`bos_prefix`)."""
     max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len is not None and seqlen > max_len:
-        raise ValueError(f"perplexity seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
+    bos = bos_prefix(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
+    if max_len is not None and seqlen + (bos is not None) > max_len:
+        raise ValueError(
+            f"perplexity seqlen {seqlen}{' + BOS' if bos is not None else ''} exceeds the model's "
+            f"max_position_embeddings {max_len}"
+        )
     t0 = time.time()
     rows = windows(tokenizer, texts, seqlen)
     available = len(rows)
@@ -48,7 +73,11 @@ def token_perplexity(
     nlls = []
     for i in tqdm(range(0, len(rows), batch_size), desc=f"ppl seqlen={seqlen}", mininterval=5):
         x = rows[i : i + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
+        if bos is None:
+            logits = model(input_ids=x, use_cache=False).logits.float()
+        else:
+            x_in = torch.cat([torch.full_like(x[:, :1], bos), x], 1)
+            logits = model(input_ids=x_in, use_cache=False).logits[:, 1:].float()
         nll = (
             F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
             .view(x.shape[0], -1)
@@ -61,6 +90,7 @@ def token_perplexity(
         "seqlen": seqlen,
         "windows": len(rows),
         "windows_available": available,  # windows of the whole test text (max_windows: evenly spaced)
+        "bos_prefix": bos is not None,
         "tokens": int(rows.numel()),
         "nll": mean_nll,
         "ppl": math.exp(mean_nll),

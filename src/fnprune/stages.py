@@ -341,8 +341,10 @@ def perplexity(
     model, tok, kern = _run_load(model_spec, model_dir_or_source, device)
     texts = read_split(test_split)
     ev = model_spec["eval"]
+    # Models fnprune trains saw no BOS in training (train.py), whatever their tokenizer adds.
+    bos = False if model_spec.get("source") == "train" else None
     results = [
-        token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"], ev.get("ppl_max_windows"))
+        token_perplexity(model, tok, texts, seqlen, ev["ppl_batch_size"], ev.get("ppl_max_windows"), bos=bos)
         for seqlen in ev["ppl_seqlens"]
     ]
     write_json(
