@@ -382,3 +382,20 @@ def test_method_name_round_trips_and_changes():
     for name in ("c16", "c16_nilearn_s2_x3_b4_hybrid_uniform_m64_bias", "c8_zglobal"):
         assert C.method_name(C.ICA_METHOD.fullmatch(name)) == name
     assert paper.variant("c16_x5_imp_bias", k=8, batches=2) == "c8_x5_b2_imp_bias"
+
+
+def test_a_pruned_gemma_export_is_refused_at_dry_run_and_a_dense_one_planned(tmp_path):
+    """llama.cpp's gemma3 loader gives every layer one MLP width, which a pruned model lacks."""
+
+    def dry(target):
+        cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1", target]
+        return subprocess.run(
+            cmd + ["--configfile", str(REPO / "config" / "config.yaml")], capture_output=True, text=True, timeout=600
+        )
+
+    bad = dry("results/gemma_r20_c64/model.f16.gguf")
+    assert bad.returncode != 0
+    assert "results/gemma_r20_c64/model.f16.gguf: Gemma3ForCausalLM with MLP widths" in bad.stdout + bad.stderr
+    assert "llama.cpp's gemma3 loader" in bad.stdout + bad.stderr
+    ok = dry("results/gemma_dense/model.f16.gguf")
+    assert ok.returncode == 0 and "rule export_gguf" in ok.stdout, ok.stderr[-2000:]

@@ -199,14 +199,15 @@ def eval_model(wildcards):
 
 
 def export_inputs(wildcards):
-    """A GGUF export's model; only LLaMA-architecture models are written (refused here, before any job)."""
+    """A GGUF export's model; what llama.cpp's loader for the architecture cannot hold (per-layer
+    widths of a pruned model, bias compensation's biases) is refused here, before any job."""
+    import fnprune.ggufwrite as fgguf_write
+
     t = target_info(wildcards)
     arch = mspec(t["model"])["architecture"]
-    if arch != "LlamaForCausalLM":
-        raise ValueError(
-            f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: GGUF export writes "
-            f"LLaMA-architecture models; models.{t['model']}.architecture is {arch}"
-        )
+    why = fgguf_write.export_refusal(arch, pruned=not t["dense"], bias=bool(t.get("bias")))
+    if why:
+        raise ValueError(f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: {why}")
     return {"model": eval_model(wildcards)}
 
 
