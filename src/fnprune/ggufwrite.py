@@ -153,8 +153,8 @@ def export_refusal(architecture: str, pruned: bool, bias: bool) -> str | None:
     layout = _LAYOUTS.get(architecture)
     if layout is None:
         return (
-            f"GGUF export writes {', '.join(sorted(_LAYOUTS))}; {architecture} is not one of them "
-            f"(no llama.cpp architecture for it is written)"
+            f"GGUF export writes LLaMA-architecture models, LLaMA and the decoders built like it "
+            f"({', '.join(sorted(_LAYOUTS))}); {architecture} is not one of them"
         )
     reasons = []
     if pruned and layout.per_layer is None:
@@ -162,7 +162,11 @@ def export_refusal(architecture: str, pruned: bool, bias: bool) -> str | None:
             _widths_reason(architecture, layout, "MLP widths or attention head counts that differ per layer")
         )
     if bias and not {"ffn_down", "attn_output"} <= layout.biases:
-        reasons.append(_bias_reason(architecture, layout, "down_proj/o_proj biases (bias compensation)"))
+        reasons.append(
+            _bias_reason(
+                architecture, layout, "down_proj/o_proj biases (bias compensation: ffn_down.bias, attn_output.bias)"
+            )
+        )
     return "; ".join(reasons) or None
 
 
@@ -170,17 +174,18 @@ def _widths_reason(architecture: str, layout: _Layout, has: str) -> str:
     return (
         f"{architecture} with {has} cannot be written as GGUF: llama.cpp's {layout.arch} loader "
         f"(llama-model.cpp, load_tensors) creates every layer's tensors with one shape, {layout.shapes}, "
-        f"and refuses a tensor of another shape; only its LLaMA graph (deci) sizes each layer by its own "
-        f"feed_forward_length and head counts"
+        f"and refuses a tensor of another shape (of the architectures written here only deci, llama.cpp's "
+        f"LLaMA graph, sizes each layer by its own feed_forward_length and head counts)"
     )
 
 
 def _bias_reason(architecture: str, layout: _Layout, has: str) -> str:
-    tensors = ", ".join(f"{t}.bias" for t in sorted(layout.biases)) or "no bias tensor"
+    creates = ", ".join(f"{t}.bias" for t in sorted(layout.biases))
     return (
         f"{architecture} with {has} cannot be written as GGUF: llama.cpp's {layout.arch} loader "
-        f"(llama-model.cpp, load_tensors) creates {tensors} and nothing else, so a file holding them "
-        f"fails its check that every tensor was loaded (done_getting_tensors: wrong number of tensors)"
+        f"(llama-model.cpp, load_tensors) creates {'no bias tensor but ' + creates if creates else 'no bias tensor'}, "
+        f"so a file holding them fails its check that every tensor was loaded "
+        f"(done_getting_tensors: wrong number of tensors)"
     )
 
 
@@ -242,7 +247,8 @@ def _split_pattern(state: dict) -> str | None:
 
 def _pre_name(state: dict) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for the tokenizer's split regex, among those
-    transformers' GGUF reader also knows; ``default`` (GPT-2's split) otherwise."""
+    transformers' GGUF reader also knows; ``default`` for a plain byte-level tokenizer (GPT-2's
+    split, as fnprune trains them); a regex neither knows is refused."""
     pattern = _split_pattern(state)
     if pattern is None:
         return "default"
