@@ -35,7 +35,7 @@ CLASS = {
 READ_BACK = {**CLASS, "mistral": "LlamaForCausalLM"}
 GGUF_ARCH = {**{k: k for k in KINDS}, "mistral": "llama"}
 # text with characters outside the micro vocabularies: byte-level BPE and byte fallback at work
-SAMPLE = TEXTS[0] + TEXTS[2] + "naïve café — ünïcode ✓ 3.14159\n"
+SAMPLE = TEXTS[0] + TEXTS[2] + "naïve café — ünïcode ✓ 3.14159\n<start_of_turn>user\n"
 
 
 def sentencepiece_style_tokenizer():
@@ -78,6 +78,7 @@ def build(kind: str):
     reason (transformers reads no head_dim for qwen3 and assumes 128).
     """
     import transformers as T
+    from tokenizers import AddedToken
 
     from fnprune.train import train_tokenizer
 
@@ -87,6 +88,7 @@ def build(kind: str):
         tok = qwen_tokenizer()
     else:
         tok = train_tokenizer(TEXTS, 300)
+    tok.add_tokens([AddedToken("<start_of_turn>", special=True)])  # special, but no named special token
     common = dict(
         vocab_size=len(tok),
         hidden_size=64,

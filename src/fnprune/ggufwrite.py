@@ -215,8 +215,10 @@ def _tokens_by_id(tokenizer, n_rows: int) -> tuple[list[str], list[int]]:
     tokens: list[str | None] = [None] * n_rows
     for tok, idx in vocab.items():
         tokens[idx] = tok
-    special = set(tokenizer.all_special_ids)
-    added = {i for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
+    # special: the named ones and every added token marked special (<start_of_turn> and the like)
+    added = tokenizer.added_tokens_decoder
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    added = {i for i, t in added.items() if not t.special}
     types = []
     for i, tok in enumerate(tokens):
         if tok is None:
