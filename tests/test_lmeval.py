@@ -288,6 +288,51 @@ def test_shared_context_scoring_equals_one_forward_per_request(tiny, batch_size)
     assert calls.count("context") == (2 if batch_size == 3 else 1) and len(calls) < len(pairs)
 
 
+@pytest.mark.parametrize("window", [512, 6])
+def test_shared_context_scoring_on_a_sliding_window_model_equals_one_forward_per_request(tiny, window):
+    """Gemma 3 (sliding-window layers, one key/value head, head_dim != hidden / heads): shared
+    contexts where a context and its continuations fit the window (512), the plain path where they
+    do not (6); every score equals a full forward pass either way."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from fnprune.lmeval import _scoring_lm_class
+
+    _, tok = tiny
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    words = "the module returns a new list of items sorted by key and value in order".split()
+    pairs = [(" ".join(words[: 3 + i]), " " + " ".join(words[j : j + 1 + j % 3])) for i in range(3) for j in range(3)]
+    lm = _scoring_lm_class()(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, max_batch_size=4)
+    shared = []
+    real = lm._score_block
+    lm._score_block = lambda *a, **kw: shared.append(1) or real(*a, **kw)
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    assert bool(shared) is (window == 512)
+    for (ctx, cont), (lp, _) in zip(pairs, got):
+        c_ids, k_ids = lm._encode_pair(ctx, cont)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([c_ids + k_ids])).logits[0].float(), -1)
+        rows = logp[len(c_ids) - 1 : len(c_ids) + len(k_ids) - 1]
+        assert lp == pytest.approx(float(rows.gather(1, torch.tensor(k_ids)[:, None]).sum()), abs=1e-4), (ctx, cont)
+
+
 @pytest.mark.parametrize(
     "budget,want",
     [(20, [[9, 7], [5, 3]]), (15, [[9], [7], [5, 3]])],  # 15: 9 and 7 together would pad to 18 positions

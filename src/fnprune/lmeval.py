@@ -202,7 +202,9 @@ def _scoring_lm_class():
         BLOCK_CHUNKS = 4
 
         # Model types whose cache the shared-context path repeats over a batch (transformers' Cache).
-        SHARED_CONTEXT_TYPES = ("llama", "mistral", "qwen2")
+        # Sliding-window models (Gemma 3) only where a context and its continuations fit the
+        # window, so the cache drops nothing (_shared_context_tokens).
+        SHARED_CONTEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             if override_bs is None and getattr(self.model.config, "model_type", None) in self.SHARED_CONTEXT_TYPES:
@@ -218,10 +220,15 @@ def _scoring_lm_class():
             groups: dict[tuple, list[int]] = {}
             for i, (_, ctx, _cont) in enumerate(requests):
                 groups.setdefault(tuple(ctx), []).append(i)
+            # a block pads contexts to its longest and continuations to the longest of a chunk
+            window = getattr(self.model.config, "sliding_window", None) or self.max_length + 1
+            longest_cont = max((len(r[2]) for r in requests), default=0)
             shared = {
                 ctx: idx
                 for ctx, idx in groups.items()
-                if len(idx) > 1 and len(ctx) + max(len(requests[i][2]) for i in idx) <= self.max_length + 1
+                if len(idx) > 1
+                and len(ctx) + max(len(requests[i][2]) for i in idx) <= self.max_length + 1
+                and len(ctx) + longest_cont <= window
             }
             rest = [i for ctx, idx in groups.items() if ctx not in shared for i in idx]
             out: list = [None] * len(requests)
