@@ -166,7 +166,7 @@ def one_tensor_gguf(path, arch: str, dtype) -> str:
         (
             "gpt2",
             np.float32,
-            r"architecture 'gpt2' is not supported; supported: gemma3, llama, mistral, phi3, qwen2, qwen3",
+            r"architecture 'gpt2' is not supported; supported: gemma3, llama, phi3, qwen2, qwen3",
         ),
         ("llama", np.int32, r"tensor token_embd.weight is of type I32, which cannot be dequantised; supported: .*Q4_1"),
     ],

@@ -152,6 +152,12 @@ def _flap(
     min_keep: int,
 ) -> tuple[list[np.ndarray], dict]:
     geo = H.head_geometry(model)
+    if all(n == 1 for n, p in zip(geo["n_kv_heads"], prunable) if p):
+        # a layer keeps at least one group: flap would prune the MLP alone, under flap's name
+        raise ValueError(
+            "flap removes whole key/value head groups, and every prunable layer of this model has one "
+            "key/value head; use flap_mlp"
+        )
     o_var = stat(stats, "o_var", [n * geo["head_dim"] for n in geo["n_heads"]], "flap")
     channel = wifv_scores(model, "o", o_var)
     groups = [flap_group_scores(c, g) for c, g in zip(channel, geo["n_kv_heads"])]

@@ -26,12 +26,11 @@ log = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
 GGUF_MAGIC = b"GGUF"
-# GGUF architectures fnprune converts and prunes: the transformers classes each becomes (what
-# transformers 5.23 reads and fnprune has an adapter for). transformers turns a llama file whose
-# general.name is "mistral" into Mistral.
+# GGUF architectures fnprune converts and prunes: the transformers class each becomes (what
+# transformers 5.23 reads and fnprune has an adapter for). llama.cpp writes Mistral models as
+# `llama` (the same computation within Mistral's sliding window), and gguf has no `mistral`.
 ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "MistralForCausalLM"),
-    "mistral": ("MistralForCausalLM",),
+    "llama": ("LlamaForCausalLM",),
     "qwen2": ("Qwen2ForCausalLM",),
     "qwen3": ("Qwen3ForCausalLM",),
     "phi3": ("Phi3ForCausalLM",),
@@ -255,7 +254,12 @@ def read_header(files: list[Path], label: str | None = None) -> dict:
             f"(data start {data_start:,} + its offset), but the file has {total:,} bytes"
         )
     name = kv.get("general.name")
-    built = "MistralForCausalLM" if arch == "llama" and name == "mistral" else ARCHITECTURES[arch][0]
+    if arch == "llama" and name == "mistral":
+        raise ValueError(
+            f"{label}: a llama file whose general.name is 'mistral' is read by transformers 5.23 as model "
+            f"type 'mistral', which its GGUF loader cannot build; rename it (general.name) to load it as LLaMA"
+        )
+    built = ARCHITECTURES[arch][0]
 
     def arch_key(key, default=None):
         return kv.get(f"{arch}.{key}", default)
