@@ -92,4 +92,11 @@ def test_draws_add_aliases_with_offset_seeds_that_share_the_weights():
         assert alias["draw"] == d and alias["calibration"]["seed"] == cfg["seed"] + d
         assert alias["eval"] == m["smol"]["eval"] and alias["num_layers"] == 30
     assert m["smol"]["draw"] == 0 and m["smol"]["calibration"]["seed"] == cfg["seed"]
+    C.validate(cfg)  # validating the expanded config again adds nothing and refuses nothing
+    assert [s for s in m if s.startswith("smol_d")] == ["smol_d1", "smol_d2"]
+    clash = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    clash["models"]["smol"]["draws"] = 2
+    clash["models"]["smol_d1"] = {"base": "smol", "calibration": {"seed": 7}}
+    with pytest.raises(ValueError, match=r"models.smol.draws: draw alias 'smol_d1' is already a key of models"):
+        C.validate(clash)
     assert R.is_random("c64_bias") and R.is_random("random") and not R.is_random("magnitude_m32")

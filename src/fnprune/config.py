@@ -368,7 +368,9 @@ def expand_draws(config: dict) -> None:
         for d in range(1, spec["draws"]):
             slug = draw_slug(name, d)
             if slug in models:
-                problems.append(f"models.{name}.draws: draw alias {slug!r} is already a key of models")
+                mine = isinstance(models[slug], dict) and models[slug].get("draw") == spec.get("draw", 0) + d
+                if not (mine and models[slug].get("base") == (spec.get("base") or name)):  # not a re-validation
+                    problems.append(f"models.{name}.draws: draw alias {slug!r} is already a key of models")
                 continue
             added[slug] = _merge(
                 spec,
