@@ -409,3 +409,31 @@ def test_what_the_architecture_fixes_is_refused_when_the_model_differs(micro, tm
         setattr(changed.config, attr, value)
     with pytest.raises(ValueError, match=message):
         W.write_gguf(changed, tok, tmp_path / "x.gguf")
+
+
+def test_every_architecture_converts_through_the_workflows_rule(micro, tmp_path):
+    """The real convert_gguf rule, one run for all six: entries that give only a file and a corpus
+    (the header supplies architecture and shape at DAG build), logits equal to the source's."""
+    import yaml
+
+    from helpers import snakemake
+
+    models, sources = {}, {}
+    for kind in KINDS:
+        model, tok = micro(kind)
+        path = tmp_path / f"{kind}.gguf"
+        W.write_gguf(model, tok, path, dtype="F32", name=f"micro_{kind}")
+        models[f"arch{kind}"] = {"source": "gguf", "path": str(path), "corpus": "stdlib"}
+        sources[f"arch{kind}"] = model
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"models": models}))
+    snakemake(tmp_path, *[f"results/models/{m}" for m in models], configs=(str(overlay),))
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(3, 40)[None]
+    for slug, model in sources.items():
+        out = tmp_path / "results" / "models" / slug
+        conv = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert (logits(conv, ids) - logits(model, ids)).abs().max().item() <= 1e-5, slug
+        prov = json.loads((out / "provenance.json").read_text())
+        assert prov["architecture"] == READ_BACK[slug[4:]] and prov["gguf_file"] == models[slug]["path"]
