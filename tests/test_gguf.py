@@ -173,20 +173,20 @@ def one_tensor_gguf(path, arch: str, dtype) -> str:
 )
 def test_what_cannot_be_converted_is_refused_by_name(tmp_path, arch, dtype, message):
     with pytest.raises(ValueError, match=message):
-        G.inspect(one_tensor_gguf(tmp_path / "x.gguf", arch, dtype))
+        G.read_header([one_tensor_gguf(tmp_path / "x.gguf", arch, dtype)])
 
 
 def test_gguf_file_errors_name_the_key(tmp_path):
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ValueError, match=r"models.m.path: .* is not a GGUF file"):
-        G.resolve_file({"path": str(not_gguf)}, "models.m")
+        G.resolve_files({"path": str(not_gguf)}, "models.m")
     with pytest.raises(ValueError, match=r"models.m.package: Python package 'no_such_pkg_xyz' is not installed"):
-        G.resolve_file({"package": "no_such_pkg_xyz", "file": "a.gguf"}, "models.m")
+        G.resolve_files({"package": "no_such_pkg_xyz", "file": "a.gguf"}, "models.m")
     with pytest.raises(ValueError, match=r"models.m.file: .* is not a file"):
-        G.resolve_file({"package": "fnprune", "file": "missing.gguf"}, "models.m")
+        G.resolve_files({"package": "fnprune", "file": "missing.gguf"}, "models.m")
     with pytest.raises(ValueError, match=r"models.m: source gguf needs path"):
-        G.resolve_file({}, "models.m")
+        G.resolve_files({}, "models.m")
 
 
 def test_config_refuses_a_gguf_model_without_a_file():

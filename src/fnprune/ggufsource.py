@@ -88,14 +88,6 @@ def resolve_files(spec: dict, key: str = "models.<model>") -> list[Path]:
     return [p for p, _ in files]
 
 
-def resolve_file(spec: dict, key: str = "models.<model>") -> Path:
-    """The single GGUF file of a ``path`` or ``package`` + ``file`` model."""
-    files = resolve_files(spec, key)
-    if len(files) != 1:
-        raise ValueError(f"{key}: a model given as parts has no single GGUF file (see resolve_files)")
-    return files[0]
-
-
 class _Stream:
     """Sequential reads over the concatenation of ``files``, in large blocks (a header holds a
     vocabulary of up to a few hundred thousand strings)."""
@@ -293,11 +285,6 @@ def read_header(files: list[Path], label: str | None = None) -> dict:
         "tensor_types": dict(sorted(types.items())),
         "n_tensors": len(tensors),
     }
-
-
-def inspect(path: str | Path | list) -> dict:
-    """Architecture, name, class and tensor types of a GGUF file or its parts (header only)."""
-    return read_header(path if isinstance(path, list) else [Path(path)])
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
