@@ -2,6 +2,7 @@
 tests over shared draws, and the draws a test would need."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,66 @@ def test_draws_add_aliases_with_offset_seeds_that_share_the_weights():
     with pytest.raises(ValueError, match=r"models.smol.draws: draw alias 'smol_d1' is already a key of models"):
         C.validate(clash)
     assert R.is_random("c64_bias") and R.is_random("random") and not R.is_random("magnitude_m32")
+
+
+def test_each_method_against_a_reference_over_draws_with_a_variant_paired_draw_by_draw(tmp_path):
+    """``comparison.reference``: every method's ratio to it over shared draws, one test per row;
+    ``comparison.variants``: a variant model's draws join the compared model's as <method>@<variant>,
+    draw d paired with draw d (same calibration texts)."""
+    import json
+
+    from fnprune import stages
+
+    recs = [_record("m", "dense", 0.0, 20.0, 0.9)]
+    for d, slug in enumerate(("m", "m_d1", "m_d2", "m_d3")):
+        noise = (0.0, 2.0, -2.0, 1.0)[d]
+        recs.append(_record(slug, "c64", 0.2, 40.0 + noise, 0.80))
+        recs.append(_record(slug, "c32", 0.2, 36.0 + noise, 0.80))  # 10% lower on every draw
+        recs.append(_record(slug, "c128", 0.2, 40.0 + noise * (1, -3, 2, -1)[d], 0.80))  # no steady difference
+    for d, slug in enumerate(("v", "v_d1", "v_d2", "v_d3")):
+        recs.append(_record(slug, "c64", 0.2, 1.2 * (40.0 + (0.0, 2.0, -2.0, 1.0)[d]), 0.80))
+    files = []
+    for i, r in enumerate(recs):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(r))
+    draws = {"m_d1": ["m", 1], "m_d2": ["m", 2], "m_d3": ["m", 3]}
+    variants = {"v": ["m", "v"], "v_d1": ["m_d1", "v"], "v_d2": ["m_d2", "v"], "v_d3": ["m_d3", "v"]}
+    md_path, csv_path = tmp_path / "c.md", tmp_path / "c.csv"
+    stages.comparison([str(f) for f in files], str(md_path), str(csv_path), [], draws, variants, "c64")
+    md = md_path.read_text()
+    assert "## Against c64, across draws" in md and "c64@v" in md
+    relabelled = []
+    for r in (json.loads(f.read_text()) for f in files):
+        if r["model"] in variants:
+            r["model"], name = variants[r["model"]]
+            r["method"] = f"{r['method']}@{name}"
+        relabelled.append(r)
+    rows = R.across_draws_rows(relabelled, draws)
+    against = {(r["method"], r["measure"]): r for r in R.reference_rows(rows, "c64")}
+    c32 = against[("c32", "flap_token_ppl@128")]
+    assert c32["draws"] == 4 and c32["verdict"] == "better" and c32["lo"] < c32["mean"] < c32["hi"] < 1
+    assert c32["mean"] == pytest.approx(math.exp(np.mean([math.log(36 + n) - math.log(40 + n) for n in (0, 2, -2, 1)])))
+    variant = against[("c64@v", "flap_token_ppl@128")]
+    assert variant["draws"] == 4 and variant["mean"] == pytest.approx(1.2) and variant["verdict"] == "worse"
+    c128 = against[("c128", "flap_token_ppl@128")]
+    assert c128["verdict"] == "not separated" and c128["lo"] < 1 < c128["hi"]
+    assert against[("c32", "mc:acc")]["mean"] == pytest.approx(0.0) and against[("c32", "mc:acc")]["sd"] == 0
+
+
+@pytest.mark.parametrize(
+    "comparison, needle",
+    [
+        ({"reference": "c8"}, "comparison.reference: 'c8' is not one of comparison.methods"),
+        ({"variants": {"nope": {"of": "smol", "methods": ["c64"]}}}, "comparison.variants.nope: 'nope' is not a key"),
+        ({"variants": {"smolp": {"of": "tiny", "methods": ["c64"]}}}, "uses the weights of 'smol', 'tiny' those of"),
+        ({"variants": {"smolp": {"of": "smol", "methods": ["c64_zz"]}}}, "comparison.variants.smolp.methods"),
+        ({"variants": {"smolp3": {"of": "smol", "methods": ["c64"]}}}, "'smolp3' has 3 draws and 'smol' 1"),
+    ],
+)
+def test_reference_and_variant_errors_name_the_key(comparison, needle):
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["models"]["smolp"] = {"base": "smol", "ica": {"solver": "picard"}}
+    cfg["models"]["smolp3"] = {"base": "smol", "draws": 3}
+    cfg["comparison"] = {"methods": ["c64", "wanda_sp"], **comparison}
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        C.validate(cfg)

@@ -221,3 +221,33 @@ def test_a_bfloat16_alias_runs_every_forward_pass_in_bfloat16(micro_run, tmp_pat
     with safe_open(str(weights), "pt") as f:  # pruning reads and writes the weights as stored
         assert all(f.get_slice(n).get_dtype() == "F32" for n in f.keys())
     assert side["method"] == "c8_torch"
+
+
+def test_an_alias_with_its_own_ica_solver_joins_the_comparison_as_a_variant(micro_run, tmp_path):
+    """``models.<m>.ica`` overrides the ica section for one model: micro's weights decomposed by
+    Picard-O join micro's comparison as ``c8@micro_picard`` (comparison.variants); micro's own
+    FastICA jobs are not re-run."""
+    import yaml
+
+    wd, _ = micro_run
+    overlay = tmp_path / "picard.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"micro_picard": {"base": "micro", "ica": {"solver": "picard"}}},
+                "comparison": {
+                    "models": ["micro"],
+                    "ratios": [20],
+                    "methods": ["c8"],
+                    "variants": {"micro_picard": {"of": "micro", "methods": ["c8"]}},
+                },
+            }
+        )
+    )
+    jobs = jobs_of(snakemake(wd, "-n", "results/micro_comparison.md", configs=(str(overlay),)).stdout)
+    assert jobs.get("ica") == 2 and jobs.get("extract") == 2, jobs  # micro_picard's two batches, none of micro's
+    snakemake(wd, "results/micro_comparison.md", "--notemp", configs=(str(overlay),))
+    ica = json.loads((wd / "results/micro_picard_r20_c8/metrics.json").read_text())["ica"]
+    assert ica["solver"] == "picard"
+    assert json.loads((wd / "results/micro_r20_c8/metrics.json").read_text())["ica"]["solver"] == "fastica"
+    assert "c8@micro_picard" in (wd / "results/micro_comparison.md").read_text()

@@ -564,7 +564,38 @@ def check(config: dict) -> None:
     for model in config["targets"]["models"]:
         if model not in models:
             problems.append(f"targets.models: {model!r} is not a key of models ({', '.join(models)})")
+    problems += comparison_problems(config)
     raise_problems(problems)
+
+
+def comparison_problems(config: dict) -> list[str]:
+    """``comparison.reference`` and ``comparison.variants``: a variant is paired with its model draw
+    by draw, so it must share its weights and its number of draws."""
+    c, models, problems = config["comparison"], config["models"], []
+    if c.get("reference") is not None and c["reference"] not in c["methods"]:
+        problems.append(
+            f"comparison.reference: {c['reference']!r} is not one of comparison.methods ({', '.join(c['methods'])})"
+        )
+    for name, v in c.get("variants", {}).items():
+        key = f"comparison.variants.{name}"
+        if name not in models:
+            problems.append(f"{key}: {name!r} is not a key of models ({', '.join(models)})")
+            continue
+        if v["of"] not in models:
+            problems.append(f"{key}.of: {v['of']!r} is not a key of models ({', '.join(models)})")
+            continue
+        if weights_of(config, name) != weights_of(config, v["of"]):
+            problems.append(
+                f"{key}.of: {name!r} uses the weights of {weights_of(config, name)!r}, {v['of']!r} those of "
+                f"{weights_of(config, v['of'])!r}; a variant differs from its model in one setting, not in weights"
+            )
+        if models[name].get("draws", 1) != models[v["of"]].get("draws", 1):
+            problems.append(
+                f"{key}: {name!r} has {models[name].get('draws', 1)} draws and {v['of']!r} "
+                f"{models[v['of']].get('draws', 1)}; a variant is paired with its model draw by draw"
+            )
+        problems += method_problems(v["methods"], f"{key}.methods")
+    return problems
 
 
 def load(path: str | Path) -> dict:

@@ -249,3 +249,95 @@ def across_draws_markdown(rows: list[dict], pairs: list[dict]) -> str:
             + "\n"
         )
     return text
+
+
+def reference_rows(rows: list[dict], reference: str) -> list[dict]:
+    """Every method against ``reference`` over the draws they share (paired by calibration draw),
+    one test per pair at 5% (each row is its own question, as an ablation's is): perplexity as
+    the geometric mean ratio to the reference, a metric as the mean difference in points, each
+    with its 95% t-interval across draws, the SD of the per-draw difference, and for a pair the
+    draws do not separate, the draws a paired test would need for 80% power."""
+    by_block: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_block.setdefault((r["model"], r["ratio"], r["measure"]), {})[r["method"]] = r
+    out = []
+    for (model, ratio, measure), members in by_block.items():
+        ref = members.get(reference)
+        if ref is None:
+            continue
+        for method, r in members.items():
+            if method == reference:
+                continue
+            shared = _shared(r, ref)
+            diffs = [a - b for a, b in shared]
+            mean, lo, hi, sd = t_interval(diffs)
+            _, _, p = paired_draws_p([a for a, _ in shared], [b for _, b in shared])
+            scale = math.exp if r["lower_is_better"] else (lambda x: 100 * x)
+            separated = len(diffs) > 1 and p < 0.05
+            better = (mean < 0) == r["lower_is_better"]
+            out.append(
+                {
+                    "model": model,
+                    "ratio": ratio,
+                    "measure": measure,
+                    "method": method,
+                    "reference": reference,
+                    "draws": len(diffs),
+                    "lower_is_better": r["lower_is_better"],
+                    "mean": scale(mean),
+                    "lo": scale(lo),
+                    "hi": scale(hi),
+                    "sd": sd if r["lower_is_better"] else 100 * sd,
+                    "p": p,
+                    "verdict": ("better" if better else "worse") if separated else "not separated",
+                    "needed": None if separated else draws_needed(mean, sd),
+                }
+            )
+    return out
+
+
+def reference_markdown(rows: list[dict]) -> str:
+    """:func:`reference_rows` as a Markdown table."""
+    from .tables import fmt, markdown_table
+
+    def ci(r):
+        if r["lower_is_better"]:
+            return f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+        return f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
+
+    def needed(r):
+        if r["verdict"] != "not separated":
+            return ""
+        return f"{r['needed']}" if r["needed"] else "> 1,000 or none"
+
+    body = [
+        [
+            r["model"],
+            fmt(r["ratio"]),
+            r["measure"],
+            r["method"],
+            str(r["draws"]),
+            ci(r),
+            f"{r['sd']:.3f}" if r["lower_is_better"] else f"{r['sd']:.1f}",
+            f"{r['p']:.3g}",
+            r["verdict"],
+            needed(r),
+        ]
+        for r in sorted(rows, key=lambda r: (r["model"], r["ratio"] or 0, r["measure"], r["method"]))
+    ]
+    return markdown_table(
+        [
+            "model",
+            "ratio",
+            "measure",
+            "method",
+            "draws",
+            "x reference or - reference (points) [95% CI over draws]",
+            "SD of the per-draw difference",
+            "p (paired t)",
+            "verdict",
+            "draws for 80% power",
+        ],
+        body,
+        4,
+    )

@@ -529,11 +529,24 @@ def summary(dense_metrics: str, pruned_metrics: str, out: str) -> None:
 
 
 def comparison(
-    metrics_files: list[str], out_md: str, out_csv: str, refused: list[str] = (), draws: dict | None = None
+    metrics_files: list[str],
+    out_md: str,
+    out_csv: str,
+    refused: list[str] = (),
+    draws: dict | None = None,
+    variants: dict | None = None,
+    reference: str | None = None,
 ) -> None:
+    """The comparison table. ``variants``: a variant's draw slug -> (the compared model's draw slug
+    it pairs with, the variant's name); its records join that draw as ``<method>@<variant>``."""
     from .tables import comparison_table
 
-    md, csv = comparison_table([read_json(f) for f in metrics_files], draws or {})
+    records = [read_json(f) for f in metrics_files]
+    for r in records:
+        if r["model"] in (variants or {}):
+            r["model"], name = variants[r["model"]]
+            r["method"] = f"{r['method']}@{name}"
+    md, csv = comparison_table(records, draws or {}, reference)
     if refused:
         md += "\n## Methods left out\n\n" + "".join(f"- {r}\n" for r in refused)
     write_text(out_md, md)

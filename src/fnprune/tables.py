@@ -255,15 +255,22 @@ def pairwise_markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def comparison_table(records: list[dict], draws: dict | None = None) -> tuple[str, str]:
+def comparison_table(records: list[dict], draws: dict | None = None, reference: str | None = None) -> tuple[str, str]:
     """Markdown and CSV text of the method comparison; the best displayed pruned value per model x
     ratio and column is bold (:func:`best_cells`, ties all bold).
 
     The Markdown adds lm-eval standard errors and, where the metrics carry per-window NLLs, the
     paired perplexity table (:func:`paired_ppl_rows`). With ``draws`` (draw alias slug -> model,
     draw) the tables of one draw are draw 0's, and a section across draws follows
-    (:mod:`fnprune.replicates`); the CSV holds every draw's row."""
-    from .replicates import across_draws_markdown, across_draws_rows, draw_pairwise_rows
+    (:mod:`fnprune.replicates`), with every method against ``reference`` when one is named; the
+    CSV holds every draw's row."""
+    from .replicates import (
+        across_draws_markdown,
+        across_draws_rows,
+        draw_pairwise_rows,
+        reference_markdown,
+        reference_rows,
+    )
 
     draws = draws or {}
     every = comparison_order(records)
@@ -280,6 +287,15 @@ def comparison_table(records: list[dict], draws: dict | None = None) -> tuple[st
             "on the draws they share (paired by calibration draw) by a t-test at 5%, Holm-adjusted over the "
             "pairs of one matrix.\n\n" + across_draws_markdown(rows, draw_pairwise_rows(rows))
         )
+        against = reference_rows(rows, reference) if reference else []
+        if against:
+            md += (
+                f"\n## Against {reference}, across draws\n\nEach method against `{reference}` on the draws both "
+                "have (paired by calibration draw), one paired t-test per row at 5% without adjustment: each row "
+                "answers its own question (does k = 32 beat k = 64?), not a search over all pairs.\n\n"
+                + reference_markdown(against)
+                + "\n"
+            )
     return md, csv
 
 

@@ -177,12 +177,33 @@ def comparison_metrics(wildcards):
         for meth in comparison_methods(wildcards.model)[0]
         for m in (draws if freplicates.is_random(meth) else draws[:1])
     ]
+    for name, v in c["variants"].items():
+        if v["of"] == wildcards.model:
+            vdraws = fconfig.draws_of(config, name)
+            out += [
+                f"results/{target_name(m, r, meth)}/metrics.json"
+                for r in c["ratios"]
+                for meth in v["methods"]
+                for m in (vdraws if freplicates.is_random(meth) else vdraws[:1])
+            ]
     return out
 
 
 def comparison_draws(wildcards):
     """Draw alias slug -> (model, draw) for the comparison's tables across draws."""
     return {m: [wildcards.model, d] for d, m in enumerate(fconfig.draws_of(config, wildcards.model)) if d}
+
+
+def comparison_variants(wildcards):
+    """Each draw of a variant of the compared model (comparison.variants) -> the model's draw it
+    is paired with, and the variant's name (its methods are labelled <method>@<variant>)."""
+    out = {}
+    for name, v in config["comparison"]["variants"].items():
+        if v["of"] == wildcards.model:
+            mine = fconfig.draws_of(config, wildcards.model)
+            for d, m in enumerate(fconfig.draws_of(config, name)):
+                out[m] = [mine[d], name]
+    return out
 
 
 def dense_metrics(wildcards):
@@ -261,6 +282,13 @@ def stage_spec(stage):
 
 
 ICA_PARAMS = {k: config["ica"][k] for k in fconfig.ICA_OUTPUT_KEYS}
+
+
+def ica_params(wildcards):
+    """The ica section with the model's own ica keys over it (models.<m>.ica)."""
+    return {**ICA_PARAMS, **mspec(wildcards.model).get("ica", {})}
+
+
 TORCH_THREADS = config["torch_threads"]
 
 

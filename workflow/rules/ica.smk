@@ -15,7 +15,7 @@ rule ica:
         code=CODE["ica"],
         torch_threads=TORCH_THREADS,
         n_layers=n_layers,
-        ica=ICA_PARAMS,
+        ica=ica_params,
         seed=ica_seed,
         runs=ica_runs,
     threads: 2

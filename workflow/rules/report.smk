@@ -13,6 +13,8 @@ rule comparison_table:
         code=CODE["comparison"],
         refused=lambda wc: comparison_methods(wc.model)[1],
         draws=comparison_draws,
+        variants=comparison_variants,
+        reference=config["comparison"]["reference"],
     threads: 1
     resources:
         mem_mb=1000,
