@@ -155,12 +155,15 @@ def test_each_method_against_a_reference_over_draws_with_a_variant_paired_draw_b
         ({"variants": {"smolp": {"of": "tiny", "methods": ["c64"]}}}, "uses the weights of 'smol', 'tiny' those of"),
         ({"variants": {"smolp": {"of": "smol", "methods": ["c64_zz"]}}}, "comparison.variants.smolp.methods"),
         ({"variants": {"smolp3": {"of": "smol", "methods": ["c64"]}}}, "'smolp3' has 3 draws and 'smol' 1"),
+        ({"draws": {"c32": 3}}, "comparison.draws.c32: 'c32' is not one of comparison.methods"),
+        ({"variants": {"smolw": {"of": "smol", "methods": ["c64"]}}}, "models.smolw.eval differs from models.smol.eval"),
     ],
 )
 def test_reference_and_variant_errors_name_the_key(comparison, needle):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["models"]["smolp"] = {"base": "smol", "ica": {"solver": "picard"}}
     cfg["models"]["smolp3"] = {"base": "smol", "draws": 3}
+    cfg["models"]["smolw"] = {"base": "smol", "eval": {"ppl_max_windows": 8}}
     cfg["comparison"] = {"methods": ["c64", "wanda_sp"], **comparison}
     with pytest.raises(ValueError, match=re.escape(needle)):
         C.validate(cfg)

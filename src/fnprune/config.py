@@ -576,6 +576,11 @@ def comparison_problems(config: dict) -> list[str]:
         problems.append(
             f"comparison.reference: {c['reference']!r} is not one of comparison.methods ({', '.join(c['methods'])})"
         )
+    problems += [
+        f"comparison.draws.{m}: {m!r} is not one of comparison.methods ({', '.join(c['methods'])})"
+        for m in c.get("draws", {})
+        if m not in c["methods"]
+    ]
     for name, v in c.get("variants", {}).items():
         key = f"comparison.variants.{name}"
         if name not in models:
@@ -589,11 +594,18 @@ def comparison_problems(config: dict) -> list[str]:
                 f"{key}.of: {name!r} uses the weights of {weights_of(config, name)!r}, {v['of']!r} those of "
                 f"{weights_of(config, v['of'])!r}; a variant differs from its model in one setting, not in weights"
             )
-        if models[name].get("draws", 1) != models[v["of"]].get("draws", 1):
+        if models[name].get("draws", 1) > models[v["of"]].get("draws", 1):
             problems.append(
                 f"{key}: {name!r} has {models[name].get('draws', 1)} draws and {v['of']!r} "
-                f"{models[v['of']].get('draws', 1)}; a variant is paired with its model draw by draw"
+                f"{models[v['of']].get('draws', 1)}; a variant is paired with its model draw by draw, so it "
+                f"has at most as many"
             )
+        for section in ("calibration", "eval"):
+            if models[name].get(section) != models[v["of"]].get(section):
+                problems.append(
+                    f"{key}: models.{name}.{section} differs from models.{v['of']}.{section}; a variant is "
+                    f"paired with its model on the same calibration texts and the same evaluation"
+                )
         problems += method_problems(v["methods"], f"{key}.methods")
     return problems
 

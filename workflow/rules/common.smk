@@ -167,7 +167,8 @@ def comparison_methods(model):
 
 def comparison_metrics(wildcards):
     """Dense, and every method x ratio of the comparison; a random method on each of the model's
-    draws (models.<m>.draws), a deterministic one (magnitude) once."""
+    draws (models.<m>.draws, or the first comparison.draws[method]), a deterministic one
+    (magnitude) once; then the variants' methods on each of their draws."""
     c = config["comparison"]
     out = [f"results/{wildcards.model}_dense/metrics.json"]
     draws = fconfig.draws_of(config, wildcards.model)
@@ -175,7 +176,7 @@ def comparison_metrics(wildcards):
         f"results/{target_name(m, r, meth)}/metrics.json"
         for r in c["ratios"]
         for meth in comparison_methods(wildcards.model)[0]
-        for m in (draws if freplicates.is_random(meth) else draws[:1])
+        for m in (draws[: c["draws"].get(meth, len(draws))] if freplicates.is_random(meth) else draws[:1])
     ]
     for name, v in c["variants"].items():
         if v["of"] == wildcards.model:
