@@ -156,7 +156,10 @@ def test_each_method_against_a_reference_over_draws_with_a_variant_paired_draw_b
         ({"variants": {"smolp": {"of": "smol", "methods": ["c64_zz"]}}}, "comparison.variants.smolp.methods"),
         ({"variants": {"smolp3": {"of": "smol", "methods": ["c64"]}}}, "'smolp3' has 3 draws and 'smol' 1"),
         ({"draws": {"c32": 3}}, "comparison.draws.c32: 'c32' is not one of comparison.methods"),
-        ({"variants": {"smolw": {"of": "smol", "methods": ["c64"]}}}, "models.smolw.eval differs from models.smol.eval"),
+        (
+            {"variants": {"smolw": {"of": "smol", "methods": ["c64"]}}},
+            "models.smolw.eval differs from models.smol.eval",
+        ),
     ],
 )
 def test_reference_and_variant_errors_name_the_key(comparison, needle):
@@ -167,3 +170,30 @@ def test_reference_and_variant_errors_name_the_key(comparison, needle):
     cfg["comparison"] = {"methods": ["c64", "wanda_sp"], **comparison}
     with pytest.raises(ValueError, match=re.escape(needle)):
         C.validate(cfg)
+
+
+def test_the_replicate_config_plans_each_method_on_its_draws(tmp_path):
+    """config/replicates.yaml's DAG, dry run: the comparison's methods on smolr's 5 draws, the
+    ablations (comparison.draws) on the first 3, magnitude once, the Picard-O variant on its 3,
+    and each ICA job once per (draw, k) whatever reads it."""
+    import subprocess
+
+    from helpers import SNAKEMAKE
+
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1", "comparison"]
+    cmd += ["--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "replicates.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned = set(re.findall(r"results/(smol[rp](?:_d\d)?_r20_[a-z0-9_]+)/metrics\.json", proc.stdout))
+    for method in ("c64", "c64_bias", "c64_hybrid", "random", "wanda_sp", "flap", "flap_mlp", "c64_b1", "c64_b2"):
+        assert {t for t in planned if t.startswith("smolr") and t.endswith(f"_r20_{method}")} == {
+            f"smolr{d}_r20_{method}" for d in ("", "_d1", "_d2", "_d3", "_d4")
+        }, method
+    for method in ("c32", "c128"):
+        assert {t for t in planned if t.endswith(f"_r20_{method}")} == {
+            f"smolr{d}_r20_{method}" for d in ("", "_d1", "_d2")
+        }
+    assert {t for t in planned if t.endswith("_magnitude")} == {"smolr_r20_magnitude"}
+    assert {t for t in planned if t.startswith("smolp")} == {f"smolp{d}_r20_c64" for d in ("", "_d1", "_d2")}
+    ica = re.findall(r"output: (results/smol[rp](?:_d\d)?/ica/\S+)", proc.stdout)
+    assert len(ica) == len(set(ica)) == 4 * (5 + 3 + 3 + 3), len(ica)  # c64 x 5 draws, c32, c128, picard x 3
