@@ -7,7 +7,7 @@ an older instruction set, against the default run and against the spread between
 The default run is the workflow's own (``results/`` of this checkout, made by
 ``snakemake --cores 2 comparison --configfile config/replicates.yaml``: every draw of the model).
 The restricted run is the same targets in a second work directory, with the converted weights
-and corpus splits linked from the first (the same bytes in), and these set for every job:
+and corpus splits copied from the first (the same bytes in), and these set for every job:
 
     ATEN_CPU_CAPABILITY=avx2        torch's vectorised kernels
     MKL_ENABLE_INSTRUCTIONS=AVX2    MKL's BLAS (torch's float32 matmul on x86)
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -136,12 +137,13 @@ def main() -> None:
 
     wd = args.workdir
     (wd / "results/models").mkdir(parents=True, exist_ok=True)
-    for link, src in (
+    # copies, not links: a job of this run that decided to rewrite them must not touch the default run's files
+    for dst, src in (
         (wd / f"results/models/{weights}", REPO / f"results/models/{weights}"),
         (wd / "results/data", REPO / "results/data"),
     ):
-        if not link.exists():
-            link.symlink_to(src.resolve(), target_is_directory=True)
+        if not dst.exists():
+            shutil.copytree(src, dst, copy_function=shutil.copy2)
     env = {**os.environ, **RESTRICT}
     wall = run(wd, [dense, *targets], args.config, env, args.cores)
 
