@@ -223,3 +223,60 @@ def resize_mlp(block: nn.Module, ad: Adapter, size: int, down_bias: bool) -> Non
         mlp = mlp_of(block, ad)
         old = _get(mlp, ad.down)
         _set(mlp, ad.down, _sliced_linear(old, bias=True))
+
+
+# Depth pruning (ShortGPT) removes whole blocks: the architectures whose blocks fnprune cannot
+# remove, and why. The others count their blocks in ``num_hidden_layers`` and index their KV cache
+# by each attention module's ``layer_idx``, which :func:`keep_layers` renumbers.
+_CHATGLM_BLOCKS = (
+    "ChatGLM3 is remote code: its encoder counts blocks in config.num_layers, numbers them "
+    "(layer_number, 1-based) for its attention scaling and indexes its KV cache by position, none "
+    "of which fnprune can check against the code a checkpoint ships; use an MLP-only method"
+)
+NO_BLOCK_REMOVAL: dict[str, str] = {
+    "ChatGLMModel": _CHATGLM_BLOCKS,
+    "ChatGLMForConditionalGeneration": _CHATGLM_BLOCKS,
+}
+# Config entries that hold one value per block (Gemma 3's and Qwen's sliding/full attention pattern).
+PER_LAYER_CONFIG = ("layer_types",)
+
+
+def block_removal_refusal(architecture: str) -> str | None:
+    """Why the blocks of ``architecture`` cannot be removed, or None when they can (torch-free)."""
+    get_adapter(architecture)
+    return NO_BLOCK_REMOVAL.get(architecture)
+
+
+def keep_layers(model: nn.Module, kept: list[int]) -> None:
+    """Keep only the blocks ``kept`` (ascending indices), in place: an ordinary smaller model.
+
+    The blocks are removed from the module list, ``config.num_hidden_layers`` and every per-layer
+    config entry (:data:`PER_LAYER_CONFIG`) follow, and every module of a kept block that carries a
+    ``layer_idx`` (attention: its slot in the KV cache) is renumbered to the block's new position,
+    so generation with a cache computes what it computes without one.
+    """
+    from torch import nn
+
+    arch = architecture_of(model.config)
+    why = block_removal_refusal(arch)
+    if why:
+        raise ValueError(f"cannot remove blocks of {arch}: {why}")
+    ad = get_adapter(arch)
+    blocks = layers(model, ad)
+    n = len(blocks)
+    kept = [int(i) for i in kept]
+    if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= n:
+        raise ValueError(f"kept blocks {kept}: expected ascending distinct indices of the model's {n} blocks")
+    _set(model, ad.layers, nn.ModuleList([blocks[i] for i in kept]))
+    for new, block in enumerate(layers(model, ad)):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    cfg = model.config
+    for key in PER_LAYER_CONFIG:
+        values = getattr(cfg, key, None)
+        if values is not None:
+            if len(values) != n:
+                raise ValueError(f"config.{key} has {len(values)} entries for {n} blocks")
+            setattr(cfg, key, [values[i] for i in kept])
+    cfg.num_hidden_layers = len(kept)

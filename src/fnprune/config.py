@@ -7,7 +7,8 @@ Path grammar (``results/``):
   -- functional-network pruning with ``k`` ICA components per layer and batch, ``ratio``
   percent of block parameters removed (see :func:`parse_method` for the options);
 - ``{model}_r{ratio}_{baseline}[_m{multiple}]`` -- ``random``, ``magnitude``, ``wanda_sp``,
-  ``flap``, ``flap_mlp``.
+  ``flap``, ``flap_mlp``;
+- ``{model}_r{ratio}_shortgpt`` -- ShortGPT's depth pruning: whole blocks removed (no options).
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from .adapters import REGISTRY, supports_head_pruning  # torch-free: the registr
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 BACKENDS = ("torch", "exact", "nilearn")  # CanICA implementations (fnprune.ica)
-BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp")
+BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_mlp", "shortgpt")
+# Baselines that remove whole blocks (fnprune.depth): no rounding multiple, no bias compensation,
+# their own mask, pruning and metrics rules.
+DEPTH_BASELINES = ("shortgpt",)
+NEURON_BASELINES = tuple(b for b in BASELINES if b not in DEPTH_BASELINES)
 SELECTIONS = ("global", "zglobal", "uniform", "imp")
 _SEL = "|".join(s for s in SELECTIONS if s != "global")
 # The ICA job a method reads: backend, ICA seed, consensus runs (results/{model}/ica/{ica_dir}/).
 ICA_VARIANT = r"(?:_s\d+)?(?:_x\d+)?"
 ICA_SELECTOR = rf"c\d+_(?:{'|'.join(BACKENDS)}){ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?(?:_m\d+)?"
-BASELINE_SELECTOR = rf"(?:{'|'.join(BASELINES)})(?:_m\d+)?"
+BASELINE_SELECTOR = rf"(?:{'|'.join(NEURON_BASELINES)})(?:_m\d+)?"
+DEPTH_SELECTOR = "|".join(DEPTH_BASELINES)
 ICA_METHOD = re.compile(
     rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?:_s(?P<seed>\d+))?(?:_x(?P<runs>\d+))?"
     rf"(?:_b(?P<batches>\d+))?(?P<hybrid>_hybrid)?(?:_(?P<selection>{_SEL}))?(?:_m(?P<multiple>\d+))?"
@@ -38,12 +44,13 @@ ICA_METHOD = re.compile(
 BASELINE_METHOD = re.compile(rf"(?P<baseline>{'|'.join(BASELINES)})(?:_m(?P<multiple>\d+))?")
 METHOD_PATTERN = (
     rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?{ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?"
-    rf"(?:_m\d+)?(?:_bias)?|{BASELINE_SELECTOR})"
+    rf"(?:_m\d+)?(?:_bias)?|{BASELINE_SELECTOR}|{DEPTH_SELECTOR})"
 )
 METHOD_HELP = (
     f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selection>][_m<multiple>][_bias] "
     f"with backend in {', '.join(BACKENDS)} and selection in {', '.join(SELECTIONS[1:])}, or "
-    f"<baseline>[_m<multiple>] with baseline in {', '.join(BASELINES)}"
+    f"<baseline>[_m<multiple>] with baseline in {', '.join(NEURON_BASELINES)}, or "
+    f"{' or '.join(DEPTH_BASELINES)} (whole blocks removed, no options)"
 )
 
 
@@ -135,8 +142,9 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
       the total as close to the ratio as the rounding allows;
     - ``_bias``: FLAP's bias compensation when pruning.
 
-    A baseline may take ``_m<multiple>`` too. ``selector`` names the mask file (all but ``_bias``),
-    ``ica_dir`` the ICA job's directory (backend, k, seed, runs).
+    A baseline may take ``_m<multiple>`` too, except ``shortgpt`` (:data:`DEPTH_BASELINES`), which
+    removes whole blocks and takes no option; its dict alone has ``depth`` (True). ``selector`` names
+    the mask file (all but ``_bias``), ``ica_dir`` the ICA job's directory (backend, k, seed, runs).
     """
     m = ICA_METHOD.fullmatch(method)
     if m:
@@ -164,6 +172,27 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
             "ica_dir": ica_dir,
             "needs_stats": bool(m["hybrid"]) or selection == "imp",
         }
+    why = depth_option_problem(method)
+    if why:
+        raise ValueError(why)
+    if method in DEPTH_BASELINES:
+        return {
+            "kind": "baseline",
+            "k": None,
+            "backend": None,
+            "seed": None,
+            "runs": None,
+            "batches": None,
+            "hybrid": False,
+            "selection": None,
+            "multiple": None,
+            "baseline": method,
+            "bias": False,
+            "selector": method,
+            "ica_dir": None,
+            "needs_stats": False,
+            "depth": True,
+        }
     m = BASELINE_METHOD.fullmatch(method)
     if m:
         multiple = _positive(method, "_m<multiple>", m["multiple"])
@@ -184,6 +213,19 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
             "needs_stats": m["baseline"] not in ("random", "magnitude"),
         }
     raise ValueError(f"method {method!r}: expected {METHOD_HELP}")
+
+
+def depth_option_problem(method: str) -> str | None:
+    """Why ``method`` is a depth baseline (``shortgpt``) with an option it cannot take, else None."""
+    for base in DEPTH_BASELINES:
+        if method.startswith(base + "_"):
+            option = method[len(base) + 1 :]
+            what = {
+                "bias": "bias compensation (_bias) does not apply: no part of a kept block is removed",
+                "m": "a rounding multiple (_m<multiple>) does not apply: kept blocks keep their widths",
+            }.get("m" if re.fullmatch(r"m\d+", option) else option, f"it takes no option (got _{option})")
+            return f"method {method!r}: {base} removes whole blocks, so {what}; use {base}"
+    return None
 
 
 def method_name(m: re.Match, **change) -> str:
@@ -273,6 +315,31 @@ def head_pruning_problems(config: dict, models: list[str], method: str) -> list[
                 f"MLP alone under another name; use flap_mlp"
             )
     return problems
+
+
+def block_removal_problems(config: dict, models: list[str], method: str) -> list[str]:
+    """A depth baseline (``shortgpt``) removes whole blocks: name the models whose architecture
+    fnprune cannot remove blocks of (ChatGLM3's remote code, fnprune.adapters.NO_BLOCK_REMOVAL)."""
+    from .adapters import block_removal_refusal
+
+    if method not in DEPTH_BASELINES:
+        return []
+    problems = []
+    for m in models:
+        spec = config["models"].get(m)
+        if spec is None:
+            continue
+        arch = spec.get("architecture") or config["models"].get(spec.get("base"), {}).get("architecture")
+        why = block_removal_refusal(arch) if arch in REGISTRY else None
+        if why:
+            problems.append(f"{method} removes whole blocks, which model {m} ({arch}) does not support: {why}")
+    return problems
+
+
+def method_refusals(config: dict, models: list[str], method: str) -> list[str]:
+    """What keeps a valid method off some models: head pruning (:func:`head_pruning_problems`) and
+    block removal (:func:`block_removal_problems`) that their architecture does not support."""
+    return head_pruning_problems(config, models, method) + block_removal_problems(config, models, method)
 
 
 def _with_defaults(validator_cls):
@@ -557,9 +624,7 @@ def check(config: dict) -> None:
             bad = method_problems([method], f"{section}.methods")
             # a comparison leaves out (and names) a method a model cannot run; a target list may not hold it
             if not bad and section == "targets":
-                bad = [
-                    f"{section}.methods: {e}" for e in head_pruning_problems(config, config[section]["models"], method)
-                ]
+                bad = [f"{section}.methods: {e}" for e in method_refusals(config, config[section]["models"], method)]
             problems += bad
     for model in config["targets"]["models"]:
         if model not in models:
@@ -663,6 +728,8 @@ def _token_kind(tok: str) -> str | None:
 def nearest_method(method: str) -> str:
     """The valid method closest to ``method``: known options once each, in the grammar's order."""
     for base in sorted(BASELINES, key=len, reverse=True):
+        if base in DEPTH_BASELINES and (method == base or method.startswith(base + "_")):
+            return base
         if method == base or method.startswith(base + "_"):
             m = re.search(r"_m(\d+)", method[len(base) :])
             return base + (f"_m{int(m[1])}" if m and int(m[1]) > 0 else "")
@@ -723,8 +790,11 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
         t = parse_target(target, models, default_backend)
     except ValueError:
         known = any(target.startswith(m + "_") for m in models)
+        method = re.sub(r"^.*?_r\d+_", "", target) if known else ""
         why = (
-            "its method is not in the grammar" if known else f"no model of the config prefixes it ({', '.join(models)})"
+            (depth_option_problem(method) or "its method is not in the grammar")
+            if known
+            else f"no model of the config prefixes it ({', '.join(models)})"
         )
         raise ValueError(
             f"target {target!r} is outside the path grammar: {why}.\n  Expected: {GRAMMAR}.\n"
@@ -757,7 +827,7 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
                 f"{name}: _b{t['batches']} uses more batches than models.{t['model']}.calibration."
                 f"n_batches = {cal['n_batches']}"
             )
-    problems = head_pruning_problems(config, [t["model"]], t["method"]) if t["kind"] == "baseline" else []
+    problems = method_refusals(config, [t["model"]], t["method"]) if t["kind"] == "baseline" else []
     if problems:
         raise ValueError(f"{name}: {problems[0]}")
     if t["multiple"]:

@@ -170,6 +170,22 @@ def export_refusal(architecture: str, pruned: bool, bias: bool) -> str | None:
     return "; ".join(reasons) or None
 
 
+def block_removal_export_refusal(architecture: str) -> str | None:
+    """Why a model of ``architecture`` with whole blocks removed (shortgpt) cannot be exported as GGUF
+    that llama.cpp loads, or None when it can: its layers keep one shape, so it is written as its
+    architecture's plain file (a LLaMA as ``llama``), except where llama.cpp fixes the block pattern
+    rather than reading it (Gemma 3: every sixth layer full attention). Torch-free, as
+    :func:`export_refusal`, which gives the reasons of the other kinds of model."""
+    why = export_refusal(architecture, pruned=False, bias=False)
+    if why or _LAYOUTS[architecture].arch != "gemma3":
+        return why
+    return (
+        f"{architecture} with blocks removed cannot be written as GGUF: llama.cpp's gemma3 loader "
+        f"(llama-model.cpp, load_hparams) does not read the layer types but makes every sixth layer full "
+        f"attention and the rest sliding (set_swa_pattern(6)), so the kept blocks' own types would be lost"
+    )
+
+
 def _widths_reason(architecture: str, layout: _Layout, has: str) -> str:
     return (
         f"{architecture} with {has} cannot be written as GGUF: llama.cpp's {layout.arch} loader "

@@ -224,6 +224,8 @@ def seeds_ica_dirs(config: dict, grid: str) -> tuple[str, list[str]]:
 
 def check_grids(config: dict) -> None:
     """Checks of every grid that the schema cannot express; each names the key at fault."""
+    from .config import block_removal_problems
+
     problems = []
     for name, g in config.get("paper", {}).get("grids", {}).items():
         key = f"paper.grids.{name}"
@@ -238,7 +240,7 @@ def check_grids(config: dict) -> None:
                 if _runs(g, m, meth):
                     problems += [
                         f"{key}.methods: {e} (or list it under {key}.exclude.{m})"
-                        for e in head_pruning_problems(config, [m], meth)
+                        for e in head_pruning_problems(config, [m], meth) + block_removal_problems(config, [m], meth)
                     ]
         problems += [
             f"{key}.exclude: {m!r} is not a model of the grid" for m in g.get("exclude", {}) if m not in g["models"]

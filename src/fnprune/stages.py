@@ -127,6 +127,25 @@ def calibration_stats(batches: str, batch: int, model_spec: dict, source: str, o
     extract_batch(model, tok, texts, None, out, spec["max_length"], spec["micro_batch_size"])
 
 
+def block_influence(batches: str, batch: int, model_spec: dict, source: str, out: str, device: str = "auto") -> None:
+    """ShortGPT's block influence over one calibration batch (:func:`fnprune.depth.block_influence`):
+    per block the sum of ``1 - cos(h_in, h_out)`` over its tokens, and the token count."""
+    from .depth import block_influence as compute
+    from .io import save_npz
+
+    spec = model_spec["calibration"]
+    texts = read_json(batches)["batches"][batch]
+    model, tok, kern = _run_load(model_spec, source, device)
+    res = compute(model, tok, texts, spec["max_length"], spec["micro_batch_size"])
+    save_npz(
+        out,
+        influence_sum=res["influence_sum"],
+        n_tokens=np.array(res["n_tokens"]),
+        wall_s=np.array(res["wall_s"]),
+        dtype=np.array(kern["dtype"]),
+    )
+
+
 def ica(
     shard_dir: str, n_layers: int, k: int, backend: str, ica_spec: dict, seed: int, out: str, runs: int = 1
 ) -> None:
@@ -280,6 +299,61 @@ def baseline_mask(
     write_json(out, rec)
 
 
+def shortgpt_mask(influence_files: list[str], model_spec: dict, source: str, ratio: float, out: str) -> None:
+    """The mask of ``shortgpt``: the prunable blocks of least influence over every calibration batch,
+    removed until their parameters reach ``ratio`` (:func:`fnprune.depth.shortgpt_mask`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .depth import INFLUENCE_KEYS, block_parameters
+    from .depth import shortgpt_mask as compute
+    from .modeling import load_config
+
+    t0 = time.time()
+    info = _shape(model_spec, source)
+    kw = _hub_kwargs(model_spec)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(
+            load_config(source, **kw), trust_remote_code=kw.get("trust_remote_code", False)
+        )
+    total, n_tokens, wall, dtypes = 0.0, 0, 0.0, []
+    for f in influence_files:
+        z = load_npz(f, "block influence", INFLUENCE_KEYS, "delete it and rerun its block_influence job")
+        if len(z["influence_sum"]) != info["n_layers"]:
+            raise ValueError(
+                f"{f}: block influence of {len(z['influence_sum'])} blocks, the model has {info['n_layers']}"
+            )
+        total = total + z["influence_sum"]
+        n_tokens += int(z["n_tokens"])
+        wall += float(z["wall_s"])
+        dtypes.append(str(z["dtype"]))
+    rec = compute(
+        total,
+        n_tokens,
+        block_parameters(meta),
+        info["intermediate_sizes"],
+        info["neuron_params"],
+        info["total_params"],
+        ratio,
+        model_spec["protect_first"],
+        model_spec["protect_last"],
+        influence={
+            "batches_used": list(range(len(influence_files))),
+            "tokens": n_tokens,
+            "wall_s": wall,
+            "dtype": "+".join(dict.fromkeys(dtypes)),
+        },
+    )
+    rec["wall_s"] = time.time() - t0
+    write_json(out, rec)
+    log.info(
+        "shortgpt: removes blocks %s (influence %s); achieved block ratio %.4f",
+        rec["removed_layers"],
+        [round(x, 5) for x in rec["block_influence"]],
+        rec["achieved_block_ratio"],
+    )
+
+
 def prune(
     mask: str,
     model_spec: dict,
@@ -319,6 +393,45 @@ def prune(
         "seed": rec.get("seed"),
         "kept": rec["kept"],
         "kept_heads": rec.get("kept_heads"),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(model.device),
+        "prune_wall_s": time.time() - t0,
+    }
+    save_pruned(model.to("cpu"), tok, out_dir, sidecar)
+
+
+def prune_blocks(mask: str, model_spec: dict, source: str, target: str, out_dir: str, device: str = "auto") -> None:
+    """Remove the blocks a depth mask removes (``removed_layers``) and save the smaller model: a plain
+    config with fewer layers, its weights and the sidecar (:func:`fnprune.modeling.save_pruned`)."""
+    import torch
+
+    from .adapters import keep_layers
+    from .ggufsource import read_provenance
+    from .mask import read_mask
+    from .modeling import save_pruned
+
+    t0 = time.time()
+    rec = read_mask(mask)
+    if "kept_layers" not in rec:
+        raise ValueError(f"{mask}: not a depth mask (no kept_layers); {rec['method']} prunes neurons, not blocks")
+    model, tok = _load(model_spec, source, device, stored=True)
+    keep_layers(model, rec["kept_layers"])
+    sidecar = {
+        "target": target,
+        "source_model": model_spec.get("hf_id", source),
+        "source_revision": model_spec.get("revision"),
+        "source_commit": getattr(model.config, "_commit_hash", None),
+        "trust_remote_code": model_spec.get("trust_remote_code", False),
+        "source_provenance": read_provenance(source) if model_spec["source"] in BUILT_SOURCES else None,
+        "method": rec["method"],
+        "bias_compensation": False,
+        "ratio_requested": rec["ratio_requested"],
+        "achieved_block_ratio": rec["achieved_block_ratio"],
+        "threshold": rec["threshold"],
+        "kept": rec["kept"],
+        "kept_layers": rec["kept_layers"],
+        "removed_layers": rec["removed_layers"],
+        "block_influence": rec["block_influence"],
         "torch_threads": torch.get_num_threads(),
         "device": str(model.device),
         "prune_wall_s": time.time() - t0,
@@ -516,6 +629,23 @@ def metrics(
         stages["lm_eval"] = le.get("wall_s", math.nan)
     rec["stage_wall_s"] = stages
     rec["versions"] = versions()
+    write_json(out, rec)
+
+
+def depth_metrics(
+    target: str, model: str, method: str, model_spec: dict, ppl: str, lm_eval: str | None, out: str, **kw
+) -> None:
+    """:func:`metrics` of a depth target, with what its mask decided: ``kept_layers``,
+    ``removed_layers``, ``block_influence`` (mean per token, every block of the source), and the
+    calibration tokens and wall time of the block influence passes."""
+    from .mask import read_mask
+
+    metrics(target, model, method, model_spec, ppl, lm_eval, out, **kw)
+    rec = read_json(out)
+    m = read_mask(kw["mask"])
+    rec.update({k: m[k] for k in ("kept_layers", "removed_layers", "block_influence")})
+    rec.setdefault("calibration", {})["tokens"] = m["influence"]["tokens"]
+    rec["stage_wall_s"]["block_influence"] = m["influence"]["wall_s"]
     write_json(out, rec)
 
 

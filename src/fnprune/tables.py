@@ -427,6 +427,7 @@ BASELINE_LABELS = {
     "wanda_sp": "Wanda-sp",
     "flap": "FLAP",
     "flap_mlp": "FLAP (MLP only)",
+    "shortgpt": "ShortGPT (blocks)",
 }
 LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte")
 

@@ -38,6 +38,9 @@ BACKEND = config["ica"]["backend"]
 for _requested in fconfig.command_line_targets(sys.argv):
     fconfig.check_requested_path(_requested, config, MODELS, os.getcwd(), BACKEND)
 
+# Targets that remove whole blocks (shortgpt): their pruning and metrics rules are their own.
+DEPTH_TARGET = rf"(?:{'|'.join(MODELS)})_r\d+_(?:{fconfig.DEPTH_SELECTOR})"
+
 
 wildcard_constraints:
     model="|".join(MODELS),
@@ -49,6 +52,7 @@ wildcard_constraints:
     icav=fconfig.ICA_VARIANT,
     ica_selector=fconfig.ICA_SELECTOR,
     baseline_selector=fconfig.BASELINE_SELECTOR,
+    depth=fconfig.DEPTH_SELECTOR,
     method=fconfig.METHOD_PATTERN,
     target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
     grid="|".join(config["paper"]["grids"]),
@@ -160,7 +164,7 @@ def comparison_methods(model):
     fused-qkv model or on one key/value head): the table names what it leaves out."""
     run, refused = [], []
     for meth in config["comparison"]["methods"]:
-        why = fconfig.head_pruning_problems(config, [model], meth)
+        why = fconfig.method_refusals(config, [model], meth)
         (refused if why else run).append(f"{meth}: {why[0]}" if why else meth)
     return run, refused
 
@@ -222,12 +226,16 @@ def eval_model(wildcards):
 
 def export_inputs(wildcards):
     """A GGUF export's model; what llama.cpp's loader for the architecture cannot hold (per-layer
-    widths of a pruned model, bias compensation's biases) is refused here, before any job."""
+    widths of a pruned model, bias compensation's biases, a block pattern it fixes) is refused here,
+    before any job. A depth target (shortgpt) has the source's widths in fewer blocks."""
     import fnprune.ggufwrite as fgguf_write
 
     t = target_info(wildcards)
     arch = mspec(t["model"])["architecture"]
-    why = fgguf_write.export_refusal(arch, pruned=not t["dense"], bias=bool(t.get("bias")))
+    depth = bool(t.get("depth"))
+    why = fgguf_write.export_refusal(arch, pruned=not t["dense"] and not depth, bias=bool(t.get("bias")))
+    if depth and not why:
+        why = fgguf_write.block_removal_export_refusal(arch)
     if why:
         raise ValueError(f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: {why}")
     return {"model": eval_model(wildcards)}
@@ -399,6 +407,28 @@ def prune_inputs(wildcards):
         "model": model_input(w.model),
         **stats_inputs(w.model, method_info(w)["bias"]),
     }
+
+
+def influence_files(model):
+    """The block influence files of ``model`` (its ``block_influence`` jobs), one per calibration batch."""
+    return [f"results/{model}/influence/b{b}.npz" for b in batch_ids(model)]
+
+
+def mask_shortgpt_inputs(wildcards):
+    """shortgpt's mask reads the block influence of every batch; a model whose blocks fnprune cannot
+    remove (ChatGLM3) is refused here, before any job."""
+    why = fconfig.block_removal_problems(config, [wildcards.model], "shortgpt")
+    if why:
+        raise ValueError(f"results/{wildcards.model}/masks/r{wildcards.ratio}_shortgpt.json: {why[0]}")
+    return {"influence": influence_files(wildcards.model), "model": model_input(wildcards.model)}
+
+
+def prune_blocks_inputs(wildcards):
+    return {"mask": mask_file(wildcards.model, wildcards.ratio, wildcards.depth), "model": model_input(wildcards.model)}
+
+
+def depth_target(wildcards):
+    return f"{wildcards.model}_r{wildcards.ratio}_{wildcards.depth}"
 
 
 def prune_bias(wildcards):

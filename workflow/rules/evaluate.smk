@@ -116,6 +116,36 @@ rule metrics:
         "../scripts/metrics.py"
 
 
+# A depth target's metrics add what its mask decided (kept_layers, block_influence); its path
+# matches `metrics` too.
+ruleorder: metrics_depth > metrics
+
+
+rule metrics_depth:
+    input:
+        unpack(metrics_inputs),
+    output:
+        "results/{target}/metrics.json",
+    wildcard_constraints:
+        target=DEPTH_TARGET,
+    log:
+        "results/logs/metrics/{target}.log",
+    params:
+        code=CODE["metrics_depth"],
+        torch_threads=TORCH_THREADS,
+        target=target_info,
+        spec=stage_spec("metrics"),
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/metrics_depth.py"
+
+
 rule summary:
     input:
         dense=dense_metrics,

@@ -1,4 +1,5 @@
-# Masks: the union of per-batch functional networks thresholded to a ratio, or a baseline's.
+# Masks: the union of per-batch functional networks thresholded to a ratio, or a baseline's
+# (shortgpt's: the blocks of least influence).
 
 
 rule mask_ica:
@@ -48,3 +49,26 @@ rule mask_baseline:
         "../../envs/fnprune.yaml"
     script:
         "../scripts/mask_baseline.py"
+
+
+rule mask_shortgpt:
+    input:
+        unpack(mask_shortgpt_inputs),
+    output:
+        "results/{model}/masks/r{ratio}_shortgpt.json",
+    log:
+        "results/logs/mask/{model}_r{ratio}_shortgpt.log",
+    params:
+        code=CODE["mask_shortgpt"],
+        torch_threads=TORCH_THREADS,
+        spec=stage_spec("mask"),
+        source=model_src,
+        ratio=ratio_fraction,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/mask_shortgpt.py"
