@@ -185,7 +185,18 @@ def test_the_replicate_config_plans_each_method_on_its_draws(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     planned = set(re.findall(r"results/(smol[rp](?:_d\d)?_r20_[a-z0-9_]+)/metrics\.json", proc.stdout))
-    for method in ("c64", "c64_bias", "c64_hybrid", "random", "wanda_sp", "flap", "flap_mlp", "c64_b1", "c64_b2"):
+    for method in (
+        "c64",
+        "c64_bias",
+        "c64_hybrid",
+        "random",
+        "wanda_sp",
+        "flap",
+        "flap_mlp",
+        "shortgpt",
+        "c64_b1",
+        "c64_b2",
+    ):
         assert {t for t in planned if t.startswith("smolr") and t.endswith(f"_r20_{method}")} == {
             f"smolr{d}_r20_{method}" for d in ("", "_d1", "_d2", "_d3", "_d4")
         }, method
