@@ -145,6 +145,9 @@ def test_each_method_against_a_reference_over_draws_with_a_variant_paired_draw_b
     c128 = against[("c128", "flap_token_ppl@128")]
     assert c128["verdict"] == "not separated" and c128["lo"] < 1 < c128["hi"]
     assert against[("c32", "mc:acc")]["mean"] == pytest.approx(0.0) and against[("c32", "mc:acc")]["sd"] == 0
+    one = R.reference_rows(R.across_draws_rows([r for r in relabelled if r["model"] == "m"], {}), "c64")
+    assert all(r["draws"] == 1 and r["needed"] is None and r["verdict"] == "not separated" for r in one)
+    assert "one shared draw, no test" in R.reference_markdown(one)
 
 
 @pytest.mark.parametrize(

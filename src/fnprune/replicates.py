@@ -183,7 +183,8 @@ def draw_pairwise_rows(rows: list[dict], alpha: float = 0.05) -> list[dict]:
                     "p": p,
                     "p_holm": p_adj,
                     "order": order,
-                    "needed": draws_needed(mean, sd) if order == "=" else None,
+                    # one shared draw tests nothing and has no spread to plan with
+                    "needed": draws_needed(mean, sd) if order == "=" and n > 1 else None,
                 }
             )
     return out
@@ -232,7 +233,13 @@ def across_draws_markdown(rows: list[dict], pairs: list[dict]) -> str:
             needs.append(
                 f"- {p['model']}, ratio {fmt(p['ratio'])}, {p['measure']}: {p['a']} vs {p['b']} "
                 f"(mean difference {p['diff']:+.4f}, SD {p['sd']:.4f} over {p['draws']} draws): "
-                + (f"about {n} draws for 80% power" if n else "no difference to detect, or more than 1,000 draws")
+                + (
+                    "one shared draw, no test"
+                    if p["draws"] < 2
+                    else f"about {n} draws for 80% power"
+                    if n
+                    else "no difference to detect, or more than 1,000 draws"
+                )
             )
     parts = []
     for (model, ratio, measure), cells in blocks.items():
@@ -290,7 +297,7 @@ def reference_rows(rows: list[dict], reference: str) -> list[dict]:
                     "sd": sd if r["lower_is_better"] else 100 * sd,
                     "p": p,
                     "verdict": ("better" if better else "worse") if separated else "not separated",
-                    "needed": None if separated else draws_needed(mean, sd),
+                    "needed": None if separated or len(diffs) < 2 else draws_needed(mean, sd),
                 }
             )
     return out
@@ -308,6 +315,8 @@ def reference_markdown(rows: list[dict]) -> str:
     def needed(r):
         if r["verdict"] != "not separated":
             return ""
+        if r["draws"] < 2:
+            return "one shared draw, no test"
         return f"{r['needed']}" if r["needed"] else "> 1,000 or none"
 
     body = [
