@@ -55,7 +55,8 @@ def draw_slug(model: str, d: int) -> str:
 def run(workdir: Path, targets: list[str], config: Path, env: dict, cores: int) -> float:
     snakemake = Path(sys.executable).with_name("snakemake")
     cmd = [str(snakemake), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", str(cores)]
-    cmd += [*targets, "--configfile", str(config)]
+    # -d moves the workdir, so the Snakefile's own configfile is not found there: name both
+    cmd += [*targets, "--configfile", str(REPO / "config/config.yaml"), str(config)]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
