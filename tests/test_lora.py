@@ -13,6 +13,7 @@ from fnprune import stages
 from fnprune.modeling import apply_mask, load_pruned, read_sidecar, save_pruned
 from fnprune.train import train_tokenizer
 from helpers import mask_for
+from test_workflow import jobs_of
 
 TEXTS = [
     f"def f{i}(x):\n    return x * {i} + {i % 7}  # the {['cat', 'dog', 'fox'][i % 3]} sat on the mat"
@@ -136,6 +137,7 @@ def test_finetuning_lowers_the_training_loss_and_leaves_the_base_weights(tokeniz
     rec = L.finetune(tuned, rows, lr=0.03, batch_size=4)
     assert rec["steps"] == 16 and len(rec["loss_curve"]) == 16 and rec["warmup_steps"] == 2
     assert rec["loss_end_steps"] == 2 and rec["loss_end"] < 0.8 * rec["loss_start"], rec["loss_curve"]
+    assert rec["loss_start"] == rec["loss_curve"][0] and rec["loss_first"] == sum(rec["loss_curve"][:2]) / 2
     base = {k.replace("base_model.model.", "").replace("base_layer.", ""): v for k, v in tuned.state_dict().items()}
     assert all(torch.equal(base[k], v) for k, v in before.items())
     assert not tuned.training
@@ -259,3 +261,38 @@ def test_impossible_settings_name_their_key(tokenizer, tmp_path, change, needle)
             "t_r20_c4",
             str(tmp_path / "o"),
         )
+
+
+# ---- the workflow -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_micro_lora_targets_run_through_the_workflow(micro_lora_run):
+    """results/micro_r20_c8_lora and results/micro_dense_lora (config/micro.yaml's lora section: 16
+    steps of 8 x 128 tokens): tuned on stdlib's train split, evaluated like any target, metrics.json
+    with the lora block; the pruned model keeps its per-layer widths and loads."""
+    wd, log = micro_lora_run
+    res = wd / "results"
+    jobs = jobs_of(log)
+    assert jobs["lora"] == 2 and jobs["metrics_lora"] == 2 and "prune" not in jobs, jobs
+    untuned = {t: json.loads((res / f"micro_{t}/metrics.json").read_text()) for t in ("dense", "r20_c8")}
+    for t in ("dense", "r20_c8"):
+        m = json.loads((res / f"micro_{t}_lora/metrics.json").read_text())
+        assert m["target"] == f"micro_{t}_lora" and m["tuned_from"] == f"micro_{t}"
+        assert m["method"] == ("dense_lora" if t == "dense" else "c8_lora")
+        lo = m["lora"]
+        assert lo["settings"]["lr"] == 0.003 and lo["tokens_seen"] == 16384 and lo["steps"] == 16
+        assert lo["train_split"] == "results/data/stdlib/train.jsonl" and len(lo["loss_curve"]) == 16
+        assert m["stage_wall_s"]["lora"] == lo["wall_s"] > 0
+        assert m["ratio_requested"] == untuned[t]["ratio_requested"]
+        assert m["parameters"] == (untuned[t].get("parameters") or untuned[t]["base_model"]["parameters"])
+        key = "flap_token_ppl@64"
+        assert m["perplexity"][key] < untuned[t]["perplexity"][key]  # in-domain tuning lowers both
+        assert set(m["lm_eval"]) == {"fnprune_mc", "fnprune_ppl"}
+    pruned = json.loads((res / "micro_r20_c8_lora/metrics.json").read_text())
+    assert pruned["kept_neurons_per_layer"] == untuned["r20_c8"]["kept_neurons_per_layer"]
+    side = read_sidecar(res / "micro_r20_c8_lora/model")
+    assert side["layout"] == read_sidecar(res / "micro_r20_c8/model")["layout"]
+    assert load_pruned(res / "micro_r20_c8_lora/model", device="cpu").config.num_hidden_layers == 4
+    text = (res / "logs/lora/micro_r20_c8.log").read_text()
+    assert "lora: 100%" in text and "step 16/16: loss" in text

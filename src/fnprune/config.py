@@ -96,6 +96,9 @@ STAGE_KEYS = {
         },
     ),
     "metrics": LOAD_KEYS,
+    # LoRA reads the parent's weights as stored (a pruned parent is an input directory); the lora
+    # section is its own param.
+    "lora": WEIGHT_SOURCE_KEYS,
 }
 # Sources whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 BUILT_SOURCES = ("train", "gguf")

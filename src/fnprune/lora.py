@@ -121,7 +121,9 @@ def finetune(model, rows: torch.Tensor, lr: float, batch_size: int, clip: float 
     """Train the trainable (LoRA) weights of ``model`` on ``rows``, ``batch_size`` rows a step in
     order: AdamW (no weight decay), :func:`lr_factor`'s schedule, gradients clipped to norm
     ``clip``. A tqdm bar and the loss every tenth of the steps go to the log. Returns the loss
-    curve (one value a step) and the step counts; the model is left in eval mode."""
+    curve (one value a step), the loss of the first step (the untuned model's, on its batch), the
+    mean loss over the first and over the last tenth of the steps (``TAIL_FRACTION``: compare
+    these two, a single batch is noisy), and the step counts; the model is left in eval mode."""
     from tqdm import tqdm
 
     steps = len(rows) // batch_size
@@ -163,13 +165,14 @@ def finetune(model, rows: torch.Tensor, lr: float, batch_size: int, clip: float 
     finally:
         bar.close()
         model.eval()
-    tail = losses[-max(1, math.ceil(TAIL_FRACTION * steps)) :]
+    n = max(1, math.ceil(TAIL_FRACTION * steps))
     return {
         "steps": steps,
         "warmup_steps": warmup,
         "loss_start": losses[0],
-        "loss_end": sum(tail) / len(tail),
-        "loss_end_steps": len(tail),
+        "loss_first": sum(losses[:n]) / n,
+        "loss_end": sum(losses[-n:]) / n,
+        "loss_end_steps": n,
         "loss_curve": losses,
         "train_wall_s": time.time() - t0,
     }

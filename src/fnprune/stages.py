@@ -456,8 +456,8 @@ def lora(
     The tuned model runs in ``settings["dtype"]`` (adapters in float32); the update is then merged
     in float32 into the weights as loaded again, and saved in their stored dtype, with the parent's
     sidecar (a dense parent gets one) plus a ``lora`` record: settings, tokens seen, trainable
-    parameters, the loss at the start and over the last tenth of the steps, the loss curve and
-    the wall time."""
+    parameters, the loss at the start (first step; mean of the first tenth) and over the last
+    tenth of the steps, the loss curve and the wall time."""
     from importlib import metadata
 
     import torch
@@ -533,9 +533,10 @@ def lora(
         }
     side.update({"target": target, "tuned_from": parent, "lora": record})
     log.info(
-        "%s: loss %.4f at the start, %.4f over the last %d steps; %d tokens in %.0f s",
+        "%s: loss %.4f over the first %d steps, %.4f over the last %d; %d tokens in %.0f s",
         target,
-        curve["loss_start"],
+        curve["loss_first"],
+        curve["loss_end_steps"],
         curve["loss_end"],
         curve["loss_end_steps"],
         record["tokens_seen"],
