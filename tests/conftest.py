@@ -26,3 +26,13 @@ def micro_run(tmp_path_factory):
     ]
     proc = snakemake(wd, *targets, "--notemp")
     return wd, proc
+
+
+@pytest.fixture(scope="session")
+def micro_lora_run(micro_run):
+    """The micro run's dense and ICA targets tuned by LoRA (config/micro.yaml's lora section), built
+    in the same workdir; returns it and the run's log (its job table)."""
+    wd, _ = micro_run
+    targets = ["results/micro_dense_lora/metrics.json", "results/micro_r20_c8_lora/metrics.json"]
+    proc = snakemake(wd, *targets, "--notemp")
+    return wd, proc.stdout + proc.stderr

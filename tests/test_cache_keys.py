@@ -43,6 +43,9 @@ CASES = [
         {"lm_eval_tasks": 1, **EVAL_BOTH},
     ),
     ("gpus", micro(gpus=1), {}),
+    # the lora section is a param of the lora rule only; comparison.lora only adds targets
+    ("lora.lr", {"lora": {"lr": 0.001}}, {}),
+    ("comparison.lora", {"comparison": {"lora": True}}, {}),
     ("dtype", micro(dtype="bfloat16"), FROM_DTYPE),
     # auto is what this machine multiplies fast: float32 (micro's own) unless the CPU has native bfloat16
     ("dtype auto", micro(dtype="auto"), FROM_DTYPE if resolve_dtype("auto") == "bfloat16" else {}),
@@ -155,3 +158,31 @@ def test_a_change_of_package_code_reruns_the_rules_that_run_it(micro_run, tmp_pa
     shutil.copytree(micro_run[0], wd, symlinks=True)
     proc = snakemake(wd, "-n", *TARGETS, env=_package_copy(tmp_path, old, new))
     assert jobs_of(proc.stdout) == expected, (what, proc.stdout[-3000:])
+
+
+LORA_TARGETS = ("results/micro_dense_lora/metrics.json", "results/micro_r20_c8_lora/metrics.json")
+FROM_LORA = {"lora": 2, "perplexity": 2, "lm_eval": 2, "metrics_lora": 2}
+
+
+LORA_CASES = [
+    ("lora.lr", {"lora": {"lr": 0.001}}, FROM_LORA),
+    ("lora.rank", {"lora": {"rank": 4}}, FROM_LORA),
+    ("lora.seed", {"lora": {"seed": 3}}, FROM_LORA),
+    ("eval.ppl_batch_size", micro(eval={"ppl_batch_size": 3}), {"perplexity": 4, "metrics": 2, "metrics_lora": 2}),
+    (
+        "protect_first (the pruned parent's twin, not dense_lora)",
+        micro(protect_first=2),
+        {**FROM_MASK, "perplexity": 2, "lm_eval": 2, "lora": 1, "metrics_lora": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize("name,overlay,expected", LORA_CASES, ids=[c[0] for c in LORA_CASES])
+def test_a_lora_key_reruns_the_tuning_and_what_reads_it(micro_lora_run, tmp_path, name, overlay, expected):
+    """A change of the lora section re-runs the two lora jobs and their evaluation, never the
+    untuned targets; an upstream change reaches a pruned parent's twin, not the dense one's."""
+    wd, _ = micro_lora_run
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    proc = snakemake(wd, "-n", *TARGETS, *LORA_TARGETS, configs=(str(path),))
+    assert jobs_of(proc.stdout) == expected, (name, proc.stdout[-3000:])

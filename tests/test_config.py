@@ -105,6 +105,61 @@ def test_target_grammar():
         C.parse_target("tiny_r20_c16_foo", ["tiny"])
 
 
+def test_lora_is_the_last_suffix_of_any_target():
+    t = C.parse_target("tiny_r20_c16_bias_lora", ["tiny"])
+    assert (t["method"], t["bias"], t["lora"], t["parent"]) == ("c16_bias", True, True, "tiny_r20_c16_bias")
+    d = C.parse_target("tiny_dense_lora", ["tiny"])
+    assert (d["dense"], d["method"], d["lora"], d["parent"]) == (True, "dense", True, "tiny_dense")
+    # an untuned target's dict is what it was (it is a param of the metrics and export rules)
+    assert "lora" not in C.parse_target("tiny_r20_c16", ["tiny"]) and "parent" not in C.parse_target(
+        "tiny_dense", ["tiny"]
+    )
+    assert C.split_lora("c16_lora") == ("c16", True) and C.split_lora("c16") == ("c16", False)
+    with pytest.raises(ValueError, match="expected"):
+        C.parse_target("tiny_r20_c16_lora_bias", ["tiny"])
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("rank", 0, "config key lora.rank: 0 is less than the minimum of 1"),
+        ("lr", 0, "config key lora.lr"),
+        ("dtype", "float16", "config key lora.dtype: 'float16' is not one of"),
+        ("epochs", 2, "config key lora: Additional properties are not allowed"),
+        ("tokens", 100, r"lora.tokens: 100 make no step of lora.batch_size x seq_len = 8 x 128 tokens"),
+    ],
+)
+def test_lora_errors_name_the_key(cfg, key, value, needle):
+    cfg["lora"] = {key: value}
+    with pytest.raises(ValueError, match=needle):
+        C.validate(cfg)
+
+
+def test_lora_in_the_comparison_is_a_switch_and_in_targets_a_method_suffix(cfg):
+    bad = copy.deepcopy(cfg)
+    bad["comparison"]["methods"] = ["c16", "c16_lora"]
+    with pytest.raises(
+        ValueError, match=r"comparison.methods: c16_lora: .* comparison.lora: true; name the method \(c16\)"
+    ):
+        C.validate(bad)
+    bad = copy.deepcopy(cfg)
+    bad["comparison"]["lora"] = "yes"
+    with pytest.raises(ValueError, match="config key comparison.lora: 'yes' is not of type 'boolean'"):
+        C.validate(bad)
+    bad = copy.deepcopy(cfg)
+    bad["comparison"]["lora"], bad["lora"] = True, {"seq_len": 512}
+    with pytest.raises(
+        ValueError, match="lora.seq_len: 512 exceeds model tiny's maximum length train.max_position=256"
+    ):
+        C.validate(bad)
+    cfg["targets"]["methods"] = ["c16", "c16_bias_lora", "flap_mlp_lora", "dense_lora"]
+    C.validate(cfg)
+    assert cfg["lora"]["seed"] is None and cfg["comparison"]["lora"] is False
+    s = C.lora_settings({**cfg, "seed": 7}, "tiny")
+    assert s["seed"] == 7 and s["dtype"] in ("float32", "bfloat16") and s["lr"] == 0.0003
+    assert C.lora_settings({**cfg, "lora": {**cfg["lora"], "seed": 3, "dtype": "float32"}}, "tiny")["seed"] == 3
+
+
 def test_alias_is_its_base_with_its_own_keys(cfg):
     C.validate(cfg)
     alias, base = cfg["models"]["tiny_langref"], cfg["models"]["tiny"]
@@ -236,6 +291,9 @@ def micro_cfg():
         ("micor_r20_c16", "micro_r20_c16"),
         ("micro_r20_flap_mlp_m16_bias", "micro_r20_flap_mlp_m16"),
         ("micro_r20_c8_torch_torch", "micro_r20_c8_torch"),
+        ("micro_r20_c8_lora_bias", "micro_r20_c8_bias_lora"),
+        ("micro_r20_lora_shortgpt", "micro_r20_shortgpt_lora"),
+        ("micro_lora_dense", "micro_dense_lora"),
     ],
 )
 def test_a_target_outside_the_grammar_gets_the_grammar_and_the_nearest_form(micro_cfg, target, nearest):
@@ -262,6 +320,8 @@ def test_a_target_outside_the_grammar_gets_the_grammar_and_the_nearest_form(micr
         ("chatglm3_6b_r20_flap", r"fused query_key_value\) does not support; use flap_mlp"),
         ("gemma_r20_flap", r"model gemma \(Gemma3ForCausalLM\) has one key/value head per layer.*use flap_mlp"),
         ("smol_r20_c4000", r"k = 4000 components exceed the 3072 signals"),
+        ("micro_r20_c200_lora", r"k = 200 components exceed the 192 signals of a layer"),
+        ("gemma_r20_flap_lora", r"model gemma \(Gemma3ForCausalLM\) has one key/value head per layer"),
     ],
 )
 def test_impossible_values_are_refused_naming_the_value(micro_cfg, target, match):
@@ -280,8 +340,21 @@ def test_possible_targets_pass(micro_cfg):
         "chatglm3_6b_r20_flap_mlp",
         "smol_r20_c64",
         "vicuna7b_r20_c128",
+        "micro_dense_lora",
+        "micro_r20_c8_bias_lora",
+        "micro_r20_shortgpt_lora",
+        "smol_r20_c64_lora",
     ):
         assert C.check_target(t, micro_cfg, models)["model"]
+    t = C.check_target("micro_r20_shortgpt_lora", micro_cfg, models)
+    assert t["depth"] and t["lora"] and t["parent"] == "micro_r20_shortgpt"
+
+
+def test_a_lora_window_longer_than_a_trained_model_is_refused_naming_the_key(micro_cfg):
+    cfg = {**micro_cfg, "lora": {**micro_cfg["lora"], "seq_len": 256}}
+    with pytest.raises(ValueError, match="target 'micro_dense_lora': lora.seq_len: 256 exceeds model micro's maximum"):
+        C.check_target("micro_dense_lora", cfg, list(cfg["models"]))
+    C.check_target("micro_dense", cfg, list(cfg["models"]))
 
 
 def test_requested_paths(micro_cfg, tmp_path):

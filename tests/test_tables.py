@@ -135,3 +135,38 @@ def test_a_comparison_names_the_methods_it_left_out(tmp_path):
     stages.comparison([str(f) for f in files], tmp_path / "c.md", tmp_path / "c.csv", [why])
     md = (tmp_path / "c.md").read_text()
     assert md.endswith(f"## Methods left out\n\n- {why}\n") and "flap_mlp" in md
+
+
+def tuned(rec, shift):
+    """``rec``'s _lora twin: its window NLLs moved by ``shift``."""
+    nll = np.asarray(rec["perplexity_detail"][0]["window_nll"]) + shift
+    out = record(f"{rec['method']}_lora", rec["ratio_requested"], nll)
+    return {**out, "target": f"{rec['target']}_lora", "tuned_from": rec["target"], "lora": {"steps": 64}}
+
+
+def test_recovery_with_lora_compares_the_gap_to_the_tuned_dense_model():
+    rng = np.random.default_rng(2)
+    base = rng.normal(3.0, 0.5, 80)
+    dense, c8 = record("dense", 0.0, base, 0.9), record("c8", 0.2, base + 0.3 + rng.normal(0, 0.02, 80), 0.8)
+    flap = record("flap", 0.2, base + 0.2 + rng.normal(0, 0.02, 80), 0.85)
+    plain = [dense, c8, flap]
+    twins = [tuned(dense, -0.05), tuned(c8, -0.2), tuned(flap, -0.05)]
+    rows = {r["method"]: r for r in tables.lora_recovery_rows(plain + twins)}
+    assert list(rows) == ["dense", "c8", "flap"]
+    assert rows["dense"]["vs_untuned"][0] == pytest.approx(math.exp(-0.05)) and rows["dense"]["gap_before"] is None
+    c = rows["c8"]
+    assert c["vs_untuned"][0] == pytest.approx(math.exp(-0.2)) and c["vs_untuned"][1] <= c["vs_untuned"][2]
+    assert c["gap_before"] == pytest.approx(
+        c8["perplexity"]["flap_token_ppl@128"] / dense["perplexity"]["flap_token_ppl@128"]
+    )
+    assert c["gap_after"] == pytest.approx(c["gap_before"] * math.exp(-0.15))
+    assert c["closed"] == pytest.approx(1 - math.log(c["gap_after"]) / math.log(c["gap_before"]))
+    assert 0.4 < c["closed"] < 0.6 and rows["flap"]["closed"] == pytest.approx(0, abs=1e-9)
+    md_off, csv_off = tables.comparison_table(plain)
+    md_on, csv_on = tables.comparison_table(plain + twins)
+    # the tables without tuning are what they were; the section follows them; the CSV adds the twins' rows
+    assert "Recovery with LoRA" not in md_off and md_on.startswith(md_off)
+    section = md_on[len(md_off) :]
+    assert section.startswith("\n## Recovery with LoRA") and "| m | flap_token_ppl@128 | 0.20 | c8 |" in section
+    assert "c8_lora" not in md_off and "dense_lora" not in md_on.split("## Recovery with LoRA")[0]
+    assert set(csv_off.splitlines()) < set(csv_on.splitlines()) and "c8_lora" in csv_on

@@ -8,7 +8,9 @@ Path grammar (``results/``):
   percent of block parameters removed (see :func:`parse_method` for the options);
 - ``{model}_r{ratio}_{baseline}[_m{multiple}]`` -- ``random``, ``magnitude``, ``wanda_sp``,
   ``flap``, ``flap_mlp``;
-- ``{model}_r{ratio}_shortgpt`` -- ShortGPT's depth pruning: whole blocks removed (no options).
+- ``{model}_r{ratio}_shortgpt`` -- ShortGPT's depth pruning: whole blocks removed (no options);
+- any of these ``+ _lora`` -- the model tuned by LoRA on its calibration corpus's train split
+  (config section ``lora``), merged into its weights; always the last suffix.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ STAGE_KEYS = {
         },
     ),
     "metrics": LOAD_KEYS,
+    # LoRA reads the parent's weights as stored (a pruned parent is an input directory); the lora
+    # section is its own param.
+    "lora": WEIGHT_SOURCE_KEYS,
 }
 # Sources whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 BUILT_SOURCES = ("train", "gguf")
@@ -246,8 +251,25 @@ def method_name(m: re.Match, **change) -> str:
     )
 
 
+# The grammar's last suffix: the target's model tuned by LoRA (fnprune.lora), merged into its weights.
+LORA_SUFFIX = "_lora"
+
+
+def split_lora(name: str) -> tuple[str, bool]:
+    """``c16_bias_lora`` -> (``c16_bias``, True); a name without the suffix -> (name, False)."""
+    if name.endswith(LORA_SUFFIX):
+        return name[: -len(LORA_SUFFIX)], True
+    return name, False
+
+
 def parse_target(target: str, models: list[str], default_backend: str = "torch") -> dict:
-    """``tiny_r20_c16_bias`` -> model, ratio (float), method fields; ``tiny_dense`` -> dense."""
+    """``tiny_r20_c16_bias`` -> model, ratio (float), method fields; ``tiny_dense`` -> dense.
+
+    A ``_lora`` target is its parent's dict (``method`` the parent's) with ``lora`` (True) and
+    ``parent`` (the untuned target's name); an untuned target's dict has neither key."""
+    parent, tuned = split_lora(target)
+    if tuned:
+        return {**parse_target(parent, models, default_backend), "lora": True, "parent": parent}
     for model in sorted(models, key=len, reverse=True):
         if not target.startswith(model + "_"):
             continue
@@ -602,7 +624,7 @@ def check(config: dict) -> None:
             signals = 2 * m["train"]["intermediate_size"]
             for section in ("targets", "comparison"):
                 for method in config[section].get("methods", []):
-                    k = ICA_METHOD.fullmatch(method)
+                    k = ICA_METHOD.fullmatch(split_lora(method)[0])
                     if k and int(k["k"]) > signals and name in config["targets"]["models"]:
                         problems.append(
                             f"{section}.methods: {method} asks for k={k['k']} components but "
@@ -621,15 +643,36 @@ def check(config: dict) -> None:
             )
     for section in ("targets", "comparison"):
         for method in config[section].get("methods", []):
-            bad = method_problems([method], f"{section}.methods")
+            base, tuned = split_lora(method)
+            if tuned and section == "comparison":
+                problems.append(
+                    f"comparison.methods: {method}: every method's LoRA twin joins the comparison with "
+                    f"comparison.lora: true; name the method ({base}) only"
+                )
+                continue
+            if base == "dense" and tuned:
+                continue  # targets.methods may name dense_lora, the control of the _lora targets
+            bad = method_problems([base], f"{section}.methods")
             # a comparison leaves out (and names) a method a model cannot run; a target list may not hold it
             if not bad and section == "targets":
-                bad = [f"{section}.methods: {e}" for e in method_refusals(config, config[section]["models"], method)]
+                bad = [f"{section}.methods: {e}" for e in method_refusals(config, config[section]["models"], base)]
             problems += bad
     for model in config["targets"]["models"]:
         if model not in models:
             problems.append(f"targets.models: {model!r} is not a key of models ({', '.join(models)})")
     problems += comparison_problems(config)
+    lora = config.get("lora")
+    if lora and lora["tokens"] < lora["batch_size"] * lora["seq_len"]:
+        problems.append(
+            f"lora.tokens: {lora['tokens']} make no step of lora.batch_size x seq_len = "
+            f"{lora['batch_size']} x {lora['seq_len']} tokens"
+        )
+    tuned_models = (
+        (config["comparison"]["models"] or config["targets"]["models"]) if config["comparison"].get("lora") else []
+    )
+    if any(split_lora(m)[1] for m in config["targets"].get("methods", [])):
+        tuned_models = [*tuned_models, *config["targets"]["models"]]
+    problems += lora_problems(config, [m for m in dict.fromkeys(tuned_models) if m in models])
     raise_problems(problems)
 
 
@@ -701,9 +744,9 @@ TARGET_FILES = (
     *(f"model.{t}.gguf" for t in GGUF_EXPORT_TYPES),
 )
 GRAMMAR = (
-    "results/{model}_dense/<file> or results/{model}_r{ratio}_{method}/<file>, with <file> one of "
+    "results/{model}_dense[_lora]/<file> or results/{model}_r{ratio}_{method}[_lora]/<file>, with <file> one of "
     + ", ".join(TARGET_FILES)
-    + f", ratio in 1..99 and method {METHOD_HELP}"
+    + f", ratio in 1..99 and method {METHOD_HELP}; _lora (always last): the model tuned by LoRA"
 )
 _TOKEN_ORDER = ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")
 
@@ -744,8 +787,22 @@ def nearest_method(method: str) -> str:
     return "_".join(seen[k] for k in _TOKEN_ORDER if k in seen)
 
 
+def _model_prefix(target: str, models: list[str]) -> tuple[str, str]:
+    """``target`` split after the longest model slug (with its ``_``) that prefixes it, else after
+    its first ``_`` (a misspelt slug)."""
+    for model in sorted(models, key=len, reverse=True):
+        if target.startswith(model + "_"):
+            return model + "_", target[len(model) + 1 :]
+    head, sep, rest = target.partition("_")
+    return head + sep, rest
+
+
 def nearest_target(target: str, models: list[str]) -> str:
-    """The valid target name closest to ``target`` (model by spelling, options repaired)."""
+    """The valid target name closest to ``target`` (model by spelling, options repaired, a ``_lora``
+    anywhere moved to the end)."""
+    model, rest = _model_prefix(target, models)
+    if "lora" in rest.split("_"):
+        return nearest_target(model + "_".join(p for p in rest.split("_") if p != "lora"), models) + LORA_SUFFIX
     m = re.fullmatch(r"(?P<model>.*?)_(?:(?P<dense>dense)|r(?P<ratio>\d+)(?:_(?P<method>.*))?)", target)
     if m is None:
         close = difflib.get_close_matches(target, models, n=1, cutoff=0.4)
@@ -790,9 +847,13 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
         t = parse_target(target, models, default_backend)
     except ValueError:
         known = any(target.startswith(m + "_") for m in models)
-        method = re.sub(r"^.*?_r\d+_", "", target) if known else ""
+        method = re.sub(r"^.*?_r\d+_", "", split_lora(target)[0]) if known else ""
         why = (
-            (depth_option_problem(method) or "its method is not in the grammar")
+            (
+                "_lora is the last suffix of a target"
+                if "lora" in _model_prefix(target, models)[1].split("_")
+                else depth_option_problem(method) or "its method is not in the grammar"
+            )
             if known
             else f"no model of the config prefixes it ({', '.join(models)})"
         )
@@ -800,6 +861,11 @@ def check_target(target: str, config: dict, models: list[str], default_backend: 
             f"target {target!r} is outside the path grammar: {why}.\n  Expected: {GRAMMAR}.\n"
             f"  Nearest valid form: {nearest_target(target, models)}"
         ) from None
+    if t.get("lora"):
+        problems = lora_problems(config, [t["model"]])
+        if problems:
+            raise ValueError(f"target {target!r}: {problems[0]}")
+        return {**check_target(t["parent"], config, models, default_backend), "lora": True, "parent": t["parent"]}
     if t["dense"]:
         return t
     spec = config["models"][t["model"]]
@@ -860,6 +926,32 @@ def _check_multiple(name: str, t: dict, spec: dict, shape: dict | None, width: i
             f"{prunable} prunable) the ratio {t['ratio']:.0%} cannot be reached: at best "
             f"{got:.1%}; use a smaller multiple or another ratio"
         )
+
+
+def lora_problems(config: dict, models: list[str]) -> list[str]:
+    """What keeps the ``lora`` section's windows off some models: longer than a trained model's
+    maximum length (``train.max_position``); a hub model's maximum is checked when its job loads it."""
+    seq_len = config.get("lora", {}).get("seq_len")
+    problems = []
+    for m in models:
+        spec = config["models"].get(m) or {}
+        max_pos = (spec.get("train") or {}).get("max_position") if spec.get("source") == "train" else None
+        if seq_len and max_pos and seq_len > max_pos:
+            problems.append(f"lora.seq_len: {seq_len} exceeds model {m}'s maximum length train.max_position={max_pos}")
+    return problems
+
+
+def lora_settings(config: dict, model: str) -> dict:
+    """The ``lora`` section as ``model``'s tuning runs it (the lora rule's params): a null seed is
+    the config's ``seed``, ``dtype: auto`` is resolved for the model's GPUs and this machine's CPU
+    (:func:`fnprune.precision.resolve_dtype`)."""
+    from .precision import resolve_dtype
+
+    s = dict(config["lora"])
+    if s["seed"] is None:
+        s["seed"] = config["seed"]
+    s["dtype"] = resolve_dtype(s["dtype"], config["models"][model].get("gpus", 0))
+    return s
 
 
 def check_requested_path(

@@ -439,6 +439,112 @@ def prune_blocks(mask: str, model_spec: dict, source: str, target: str, out_dir:
     save_pruned(model.to("cpu"), tok, out_dir, sidecar)
 
 
+def lora(
+    source: str,
+    model_spec: dict,
+    train_split: str,
+    settings: dict,
+    target: str,
+    parent: str,
+    out_dir: str,
+    device: str = "auto",
+) -> None:
+    """LoRA recovery of ``parent`` (its model at ``source``: a pruned directory, or the base model
+    for dense), trained on ``train_split`` (the calibration corpus's train split) with the
+    ``lora`` config section's ``settings``, merged into the weights and saved as ``target``.
+
+    The tuned model runs in ``settings["dtype"]`` (adapters in float32); the update is then merged
+    in float32 into the weights as loaded again, and saved in their stored dtype, with the parent's
+    sidecar (a dense parent gets one) plus a ``lora`` record: settings, tokens seen, trainable
+    parameters, the loss at the start (first step; mean of the first tenth) and over the last
+    tenth of the steps, the loss curve and the wall time."""
+    from importlib import metadata
+
+    import torch
+
+    from .corpus import read_split
+    from .ggufsource import read_provenance
+    from .lora import adapter_state, add_lora, finetune, merge, token_windows, trainable_parameters
+    from .modeling import SIDECAR, save_pruned, torch_dtype
+
+    t0 = time.time()
+    s = settings
+    model, tok = _load(model_spec, source, device, stored=True)
+    stored = next(model.parameters()).dtype
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and s["seq_len"] > max_pos:
+        raise ValueError(f"lora.seq_len: {s['seq_len']} exceeds {parent}'s maximum length {max_pos}")
+    batch_tokens = s["batch_size"] * s["seq_len"]
+    steps = s["tokens"] // batch_tokens
+    if steps < 1:
+        raise ValueError(
+            f"lora.tokens: {s['tokens']} make no step of lora.batch_size x seq_len = {batch_tokens} tokens"
+        )
+    rows, data = token_windows(tok, read_split(train_split), s["seq_len"], steps * s["batch_size"], s["seed"])
+    log.info(
+        "%s: %d steps of %d x %d tokens from %s (%d of its %d texts read, %d pass(es))",
+        target,
+        steps,
+        s["batch_size"],
+        s["seq_len"],
+        train_split,
+        data["texts_read"],
+        data["texts"],
+        data["passes"],
+    )
+    tuned = add_lora(model.to(torch_dtype(s["dtype"])), s["rank"], s["alpha"], s["seed"])
+    trainable = trainable_parameters(tuned)
+    log.info("LoRA of rank %d: %d trainable parameters", s["rank"], trainable)
+    curve = finetune(tuned, rows, s["lr"], s["batch_size"])
+    state = adapter_state(tuned)
+    del tuned, model
+    base, _ = _load(model_spec, source, device, stored=True)
+    merged, lost = merge(base.float(), state, s["rank"], s["alpha"], stored)
+    record = {
+        "settings": dict(s),
+        "train_split": train_split,
+        "train_texts": data["texts"],
+        "train_texts_read": data["texts_read"],
+        "train_passes": data["passes"],
+        "tokens_seen": curve["steps"] * batch_tokens,
+        "trainable_parameters": trainable,
+        "target_modules": len(state) // 2,
+        **curve,
+        "saved_dtype": str(stored).removeprefix("torch."),
+        "merge_rounding_lost": lost,
+        "peft": metadata.version("peft"),
+        "device": str(merged.device),
+        "torch_threads": torch.get_num_threads(),
+        "wall_s": time.time() - t0,
+    }
+    if Path(source, SIDECAR).is_file():
+        side = {k: v for k, v in read_json(Path(source) / SIDECAR).items() if k not in ("layout", "parameters")}
+    else:
+        side = {
+            "source_model": model_spec.get("hf_id", source),
+            "source_revision": model_spec.get("revision"),
+            "source_commit": getattr(merged.config, "_commit_hash", None),
+            "trust_remote_code": model_spec.get("trust_remote_code", False),
+            "source_provenance": read_provenance(source) if model_spec["source"] in BUILT_SOURCES else None,
+            "method": "dense",
+            "bias_compensation": False,
+            "ratio_requested": 0.0,
+            "achieved_block_ratio": 0.0,
+        }
+    side.update({"target": target, "tuned_from": parent, "lora": record})
+    log.info(
+        "%s: loss %.4f over the first %d steps, %.4f over the last %d; %d tokens in %.0f s",
+        target,
+        curve["loss_first"],
+        curve["loss_end_steps"],
+        curve["loss_end"],
+        curve["loss_end_steps"],
+        record["tokens_seen"],
+        record["wall_s"],
+    )
+    save_pruned(merged.to("cpu"), tok, out_dir, side)
+
+
 def perplexity(
     model_dir_or_source: str,
     model_spec: dict,
@@ -646,6 +752,32 @@ def depth_metrics(
     rec.update({k: m[k] for k in ("kept_layers", "removed_layers", "block_influence")})
     rec.setdefault("calibration", {})["tokens"] = m["influence"]["tokens"]
     rec["stage_wall_s"]["block_influence"] = m["influence"]["wall_s"]
+    write_json(out, rec)
+
+
+def lora_metrics(
+    target: str,
+    model: str,
+    method: str,
+    model_spec: dict,
+    ppl: str,
+    lm_eval: str | None,
+    out: str,
+    lora_dir: str,
+    depth: bool = False,
+    **kw,
+) -> None:
+    """:func:`metrics` of a ``_lora`` target (:func:`depth_metrics` when its parent removed blocks),
+    with what the tuning did: ``tuned_from`` (the parent target), the sidecar's ``lora`` record,
+    the tuned model's parameters and size on disk, and the tuning's wall time."""
+    (depth_metrics if depth else metrics)(target, model, method, model_spec, ppl, lm_eval, out, **kw)
+    rec = read_json(out)
+    side = read_json(Path(lora_dir) / "fnprune.json")
+    rec["tuned_from"] = side["tuned_from"]
+    rec["lora"] = side["lora"]
+    rec["parameters"] = side["parameters"]
+    rec["weights_bytes"] = sum(f.stat().st_size for f in Path(lora_dir).glob("*.safetensors"))
+    rec["stage_wall_s"]["lora"] = side["lora"]["wall_s"]
     write_json(out, rec)
 
 

@@ -273,10 +273,11 @@ def comparison_table(records: list[dict], draws: dict | None = None, reference: 
     )
 
     draws = draws or {}
-    every = comparison_order(records)
+    tuned = [r for r in records if r.get("lora")]
+    every = comparison_order([r for r in records if not r.get("lora")])
     records = [r for r in every if r["model"] not in draws]
     md, _ = _one_draw_table(records)
-    _, csv = _one_draw_table(every)
+    _, csv = _one_draw_table(every + tuned)
     rows = across_draws_rows(every, draws) if draws else []
     if any(r["draws"] > 1 for r in rows):
         md += (
@@ -296,7 +297,83 @@ def comparison_table(records: list[dict], draws: dict | None = None, reference: 
                 + reference_markdown(against)
                 + "\n"
             )
+    recovery = lora_recovery_rows(records + tuned)
+    if recovery:
+        md += (
+            "\n## Recovery with LoRA\n\nEach target tuned by LoRA on the same tokens of its calibration corpus's "
+            "train split (`_lora`, config section `lora`), dense included: in-domain tuning lowers the dense "
+            "model's perplexity too, so the gap after tuning is measured against the tuned dense model. "
+            "x untuned: the tuned model's perplexity over its untuned parent's, with a 95% t-interval over the "
+            "per-window differences of mean token NLL; gap before: method / dense; gap after: method_lora / "
+            "dense_lora; closed: the share of the gap's log that tuning removed (1: none left, 0: none "
+            "removed, negative: wider).\n\n" + lora_recovery_markdown(recovery)
+        )
     return md, csv
+
+
+def lora_recovery_rows(records: list[dict]) -> list[dict]:
+    """Per model x perplexity protocol x target with a ``_lora`` twin among ``records`` (its
+    ``tuned_from`` names its parent's ``target``): the parent's and the twin's perplexity, their
+    ratio with a 95% interval paired over windows, and for a pruned method the gap to dense before
+    (method / dense) and after (method_lora / dense_lora), with the share of its log closed."""
+    by_target = {r["target"]: r for r in records if not r.get("lora") and "target" in r}
+    pairs = [(by_target[r["tuned_from"]], r) for r in records if r.get("lora") and r["tuned_from"] in by_target]
+    dense = {u["model"]: (u, t) for u, t in pairs if u["method"] == "dense"}
+    out = []
+    for u, t in sorted(
+        pairs, key=lambda p: (p[0]["model"], p[0]["method"] != "dense", ratio_pct(p[0]), p[0]["method"])
+    ):
+        for key in sorted(set(u.get("perplexity") or {}) & set(t.get("perplexity") or {})):
+            row = {
+                "model": u["model"],
+                "ratio": u.get("ratio_requested"),
+                "method": u["method"],
+                "protocol": key,
+                "ppl": u["perplexity"][key],
+                "ppl_lora": t["perplexity"][key],
+                "vs_untuned": None,
+                "gap_before": None,
+                "gap_after": None,
+                "closed": None,
+            }
+            a, b = _window_nll(t, key), _window_nll(u, key)
+            if a and b:
+                row["vs_untuned"] = paired_ratio(a, b, what=_what(t, u, key))
+            else:
+                row["vs_untuned"] = (t["perplexity"][key] / u["perplexity"][key], None, None)
+            d = dense.get(u["model"])
+            if u["method"] != "dense" and d and key in d[0]["perplexity"] and key in d[1]["perplexity"]:
+                row["gap_before"] = u["perplexity"][key] / d[0]["perplexity"][key]
+                row["gap_after"] = t["perplexity"][key] / d[1]["perplexity"][key]
+                if row["gap_before"] != 1:
+                    row["closed"] = 1 - math.log(row["gap_after"]) / math.log(row["gap_before"])
+            out.append(row)
+    return out
+
+
+def lora_recovery_markdown(rows: list[dict]) -> str:
+    """:func:`lora_recovery_rows` as one Markdown table."""
+
+    def ci(v):
+        return f"{v[0]:.3f}" + (f" [{v[1]:.3f}, {v[2]:.3f}]" if v[1] is not None else "")
+
+    body = [
+        [
+            r["model"],
+            r["protocol"],
+            fmt(r["ratio"]),
+            r["method"],
+            fmt(r["ppl"]),
+            fmt(r["ppl_lora"]),
+            ci(r["vs_untuned"]),
+            fmt(r["gap_before"], 3),
+            fmt(r["gap_after"], 3),
+            fmt(r["closed"], 2),
+        ]
+        for r in rows
+    ]
+    header = ["model", "protocol", "ratio", "method", "PPL", "PPL LoRA", "x untuned [95% CI]", "gap before"]
+    return markdown_table([*header, "gap after", "closed"], body, 4)
 
 
 def _one_draw_table(records: list[dict]) -> tuple[str, str]:

@@ -40,6 +40,10 @@ for _requested in fconfig.command_line_targets(sys.argv):
 
 # Targets that remove whole blocks (shortgpt): their pruning and metrics rules are their own.
 DEPTH_TARGET = rf"(?:{'|'.join(MODELS)})_r\d+_(?:{fconfig.DEPTH_SELECTOR})"
+# A target before LoRA, and one tuned by it (_lora, the grammar's last suffix): its model is the
+# lora rule's, and its metrics rule is its own.
+UNTUNED_TARGET = rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})"
+LORA_TARGET = UNTUNED_TARGET + fconfig.LORA_SUFFIX
 
 
 wildcard_constraints:
@@ -54,7 +58,7 @@ wildcard_constraints:
     baseline_selector=fconfig.BASELINE_SELECTOR,
     depth=fconfig.DEPTH_SELECTOR,
     method=fconfig.METHOD_PATTERN,
-    target=rf"(?:{'|'.join(MODELS)})_(?:dense|r\d+_{fconfig.METHOD_PATTERN})",
+    target=rf"{UNTUNED_TARGET}(?:{fconfig.LORA_SUFFIX})?",
     grid="|".join(config["paper"]["grids"]),
     gtype="|".join(fconfig.GGUF_EXPORT_TYPES),
 
@@ -139,7 +143,8 @@ def mask_file(model, ratio, method):
 
 
 def target_name(model, ratio, method):
-    return f"{model}_dense" if method == "dense" else f"{model}_r{ratio}_{method}"
+    """A target's name; ``dense`` and ``dense_lora`` have no ratio."""
+    return f"{model}_{method}" if fconfig.split_lora(method)[0] == "dense" else f"{model}_r{ratio}_{method}"
 
 
 def all_targets(wildcards):
@@ -151,7 +156,7 @@ def all_targets(wildcards):
         for r in t["ratios"]
         for meth in t["methods"]
     ]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def comparison_tables(wildcards):
@@ -172,7 +177,8 @@ def comparison_methods(model):
 def comparison_metrics(wildcards):
     """Dense, and every method x ratio of the comparison; a random method on each of the model's
     draws (models.<m>.draws, or the first comparison.draws[method]), a deterministic one
-    (magnitude) once; then the variants' methods on each of their draws."""
+    (magnitude) once; then the variants' methods on each of their draws. With comparison.lora,
+    dense_lora and every method's _lora twin of the first draw."""
     c = config["comparison"]
     out = [f"results/{wildcards.model}_dense/metrics.json"]
     draws = fconfig.draws_of(config, wildcards.model)
@@ -182,6 +188,13 @@ def comparison_metrics(wildcards):
         for meth in comparison_methods(wildcards.model)[0]
         for m in (draws[: c["draws"].get(meth, len(draws))] if freplicates.is_random(meth) else draws[:1])
     ]
+    if c["lora"]:
+        out.append(f"results/{wildcards.model}_dense_lora/metrics.json")
+        out += [
+            f"results/{target_name(wildcards.model, r, meth)}_lora/metrics.json"
+            for r in c["ratios"]
+            for meth in comparison_methods(wildcards.model)[0]
+        ]
     for name, v in c["variants"].items():
         if v["of"] == wildcards.model:
             vdraws = fconfig.draws_of(config, name)
@@ -217,9 +230,9 @@ def dense_metrics(wildcards):
 
 
 def eval_model(wildcards):
-    """The model a target evaluates: its pruned directory, or the base model for dense."""
+    """The model a target evaluates: its pruned (or tuned) directory, or the base model for dense."""
     t = target_info(wildcards)
-    if t["dense"]:
+    if t["dense"] and not t.get("lora"):
         return model_input(t["model"])
     return [f"results/{wildcards.target}/model"]
 
@@ -243,7 +256,7 @@ def export_inputs(wildcards):
 
 def eval_source(wildcards):
     t = target_info(wildcards)
-    return model_source(t["model"]) if t["dense"] else f"results/{wildcards.target}/model"
+    return model_source(t["model"]) if t["dense"] and not t.get("lora") else f"results/{wildcards.target}/model"
 
 
 def lm_eval_tasks_dir(wildcards):
@@ -269,6 +282,30 @@ def metrics_inputs(wildcards):
         inp["model"] = f"results/{wildcards.target}/model"
         inp.update(stats_inputs(m, t["needs_stats"] or t["bias"]))
     return inp
+
+
+def lora_metrics_inputs(wildcards):
+    """:func:`metrics_inputs` of a _lora target, its model as ``lora`` (read for the sidecar)."""
+    inp = metrics_inputs(wildcards)
+    inp.pop("model", None)
+    return {**inp, "lora": f"results/{wildcards.target}/model"}
+
+
+def lora_inputs(wildcards):
+    """The model a _lora target tunes (its parent's: pruned, or the base for dense) and the train
+    split of the model's calibration corpus; never its validation or test split."""
+    corpus = mspec(model_of(wildcards))["calibration"]["corpus"]
+    return {"model": eval_model(wildcards), "train": split_file(corpus, "train")}
+
+
+def lora_settings(wildcards):
+    """The lora section as the job's model runs it (seed and dtype resolved)."""
+    return fconfig.lora_settings(config, model_of(wildcards))
+
+
+def lora_target(wildcards):
+    """The target a lora job makes (its ``target`` wildcard is the parent's)."""
+    return wildcards.target + fconfig.LORA_SUFFIX
 
 
 def model_of(wildcards):

@@ -146,6 +146,36 @@ rule metrics_depth:
         "../scripts/metrics_depth.py"
 
 
+# A _lora target's metrics add the tuning's record (tuned_from, the lora block, its wall time), over
+# the depth metrics when its parent removed blocks; its path matches `metrics` too.
+ruleorder: metrics_lora > metrics
+
+
+rule metrics_lora:
+    input:
+        unpack(lora_metrics_inputs),
+    output:
+        "results/{target}/metrics.json",
+    wildcard_constraints:
+        target=LORA_TARGET,
+    log:
+        "results/logs/metrics/{target}.log",
+    params:
+        code=CODE["metrics_lora"],
+        torch_threads=TORCH_THREADS,
+        target=target_info,
+        spec=stage_spec("metrics"),
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/metrics_lora.py"
+
+
 rule summary:
     input:
         dense=dense_metrics,
