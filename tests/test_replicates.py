@@ -129,12 +129,7 @@ def test_each_method_against_a_reference_over_draws_with_a_variant_paired_draw_b
     stages.comparison([str(f) for f in files], str(md_path), str(csv_path), [], draws, variants, "c64")
     md = md_path.read_text()
     assert "## Against c64, across draws" in md and "c64@v" in md
-    relabelled = []
-    for r in (json.loads(f.read_text()) for f in files):
-        if r["model"] in variants:
-            r["model"], name = variants[r["model"]]
-            r["method"] = f"{r['method']}@{name}"
-        relabelled.append(r)
+    relabelled = R.relabel_variants([json.loads(f.read_text()) for f in files], variants)
     rows = R.across_draws_rows(relabelled, draws)
     against = {(r["method"], r["measure"]): r for r in R.reference_rows(rows, "c64")}
     c32 = against[("c32", "flap_token_ppl@128")]

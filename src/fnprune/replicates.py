@@ -139,6 +139,16 @@ def across_draws_rows(records: list[dict], draws: dict[str, Sequence]) -> list[d
     return out
 
 
+def relabel_variants(records: list[dict], variants: dict) -> list[dict]:
+    """Records of a variant's draws (``variants``: its draw slug -> the compared model's draw slug,
+    the variant's name) become that draw's records of ``<method>@<variant>``, in place."""
+    for r in records:
+        if r["model"] in variants:
+            r["model"], name = variants[r["model"]]
+            r["method"] = f"{r['method']}@{name}"
+    return records
+
+
 def _shared(a: dict, b: dict) -> list[tuple[float, float]]:
     """The two methods' values on the draws both have (paired by calibration draw); a method
     without randomness contributes its one value to every draw of the other."""

@@ -801,13 +801,10 @@ def comparison(
 ) -> None:
     """The comparison table. ``variants``: a variant's draw slug -> (the compared model's draw slug
     it pairs with, the variant's name); its records join that draw as ``<method>@<variant>``."""
+    from .replicates import relabel_variants
     from .tables import comparison_table
 
-    records = [read_json(f) for f in metrics_files]
-    for r in records:
-        if r["model"] in (variants or {}):
-            r["model"], name = variants[r["model"]]
-            r["method"] = f"{r['method']}@{name}"
+    records = relabel_variants([read_json(f) for f in metrics_files], variants or {})
     md, csv = comparison_table(records, draws or {}, reference)
     if refused:
         md += "\n## Methods left out\n\n" + "".join(f"- {r}\n" for r in refused)

@@ -181,13 +181,7 @@ def comparison_metrics(wildcards):
     dense_lora and every method's _lora twin of the first draw."""
     c = config["comparison"]
     out = [f"results/{wildcards.model}_dense/metrics.json"]
-    draws = fconfig.draws_of(config, wildcards.model)
-    out += [
-        f"results/{target_name(m, r, meth)}/metrics.json"
-        for r in c["ratios"]
-        for meth in comparison_methods(wildcards.model)[0]
-        for m in (draws[: c["draws"].get(meth, len(draws))] if freplicates.is_random(meth) else draws[:1])
-    ]
+    out += draw_targets(wildcards.model, comparison_methods(wildcards.model)[0], c["draws"])
     if c["lora"]:
         out.append(f"results/{wildcards.model}_dense_lora/metrics.json")
         out += [
@@ -197,14 +191,20 @@ def comparison_metrics(wildcards):
         ]
     for name, v in c["variants"].items():
         if v["of"] == wildcards.model:
-            vdraws = fconfig.draws_of(config, name)
-            out += [
-                f"results/{target_name(m, r, meth)}/metrics.json"
-                for r in c["ratios"]
-                for meth in v["methods"]
-                for m in (vdraws if freplicates.is_random(meth) else vdraws[:1])
-            ]
+            out += draw_targets(name, v["methods"])
     return out
+
+
+def draw_targets(model, methods, limits=None):
+    """metrics.json of each method at each comparison ratio: a random method on each of the model's
+    draws (the first ``limits[method]`` where given), a deterministic one on draw 0."""
+    draws = fconfig.draws_of(config, model)
+    return [
+        f"results/{target_name(m, r, meth)}/metrics.json"
+        for r in config["comparison"]["ratios"]
+        for meth in methods
+        for m in (draws[: (limits or {}).get(meth, len(draws))] if freplicates.is_random(meth) else draws[:1])
+    ]
 
 
 def comparison_draws(wildcards):
