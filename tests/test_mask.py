@@ -128,3 +128,52 @@ def test_standardised_and_hybrid_scores():
     # A neuron top-ranked by both parents is top-ranked by the hybrid.
     net[1][7], flu[1][7] = 1e3, 1e6
     assert int(np.argmax(hybrid_scores(net, flu)[1])) == 7
+
+
+def test_core_variant_keeps_each_layers_network_core_and_lets_importance_choose_the_rest():
+    """``_core<p>``: the p% of a layer with the highest network score are never removed; every
+    other neuron goes in importance order, under Wanda-sp's uniform budgets."""
+    from fnprune.mask import protect_core
+
+    imp, net = scores(5, layers=4, inter=40), scores(6, layers=4, inter=40)
+    # layer 1's least important neuron is its strongest network member: the core keeps it
+    low = int(np.argmin(imp[1]))
+    net[1][low] = 1e3
+    s = protect_core(imp, net, 10)
+    for layer in range(4):
+        core = set(np.argsort(-net[layer], kind="stable")[:4].tolist())  # 10% of 40
+        assert set(np.flatnonzero(np.isinf(s[layer])).tolist()) == core
+        rest = np.setdiff1d(np.arange(40), list(core))
+        assert np.array_equal(s[layer][rest], imp[layer][rest])  # the others keep their importance
+    prunable = [False, True, True, False]
+    kept = select_uniform(s, prunable, 20, 0.2)
+    assert low in kept[1]
+    for layer in (1, 2):  # 10 of each prunable layer go: the 10 least important outside the core
+        outside = [i for i in np.argsort(imp[layer], kind="stable") if not np.isinf(s[layer][i])]
+        assert set(range(40)) - set(kept[layer].tolist()) == set(int(i) for i in outside[:10])
+    with pytest.raises(ValueError, match="1..99"):
+        protect_core(imp, net, 100)
+
+
+def test_variant_methods_parse_to_their_own_mask_rule_and_leave_other_selectors_unchanged():
+    """``_hwanda`` and ``_core<p>`` name masks of rule mask_fnv (FNV_SELECTOR), never of mask_ica;
+    only their parsed dicts carry ``within``, so no other mask job's params (its cache key) move."""
+    import re
+
+    from fnprune.config import FNV_SELECTOR, ICA_SELECTOR, METHOD_PATTERN, parse_method
+    from fnprune.tables import method_label
+
+    for method, within, core in (("c64_hwanda_uniform", "hwanda", None), ("c64_core10_uniform_bias", "core", 10)):
+        d = parse_method(method)
+        assert (d["within"], d["core_pct"], d["needs_stats"], d["selection"]) == (within, core, True, "uniform")
+        assert re.fullmatch(FNV_SELECTOR, d["selector"]) and not re.fullmatch(ICA_SELECTOR, d["selector"])
+        assert re.fullmatch(METHOD_PATTERN, method)
+    assert parse_method("c64_core10_uniform_bias")["bias"]
+    for method in ("c64", "c64_hybrid_uniform_bias", "c16_b2_zglobal"):
+        d = parse_method(method)
+        assert "within" not in d and not re.fullmatch(FNV_SELECTOR, d["selector"]), method
+    assert method_label("c64_core10_uniform") == "Wanda-sp, ICA k=64 cores (10%) kept, uniform"
+    assert method_label("c64_hwanda_uniform") == "Hybrid ICA+Wanda-sp k=64, uniform"
+    for bad in ("c64_core0", "c64_core100", "c64_hybrid_hwanda"):
+        with pytest.raises(ValueError, match=bad):
+            parse_method(bad)

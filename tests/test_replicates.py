@@ -206,3 +206,14 @@ def test_the_replicate_config_plans_each_method_on_its_draws(tmp_path):
     assert {t for t in planned if t.startswith("smolp")} == {f"smolp{d}_r20_c64" for d in ("", "_d1", "_d2")}
     ica = re.findall(r"output: (results/smol[rp](?:_d\d)?/ica/\S+)", proc.stdout)
     assert len(ica) == len(set(ica)) == 4 * (5 + 3 + 3 + 3), len(ica)  # c64 x 5 draws, c32, c128, picard x 3
+
+
+def test_the_beyond_config_compares_on_the_replicate_configs_own_draws():
+    """config/beyond.yaml reuses config/replicates.yaml's cached targets only while its smolr is
+    the same model: the same keys, so the same draws, calibration and evaluation."""
+    import yaml
+
+    beyond = yaml.safe_load((REPO / "config" / "beyond.yaml").read_text())
+    replicates = yaml.safe_load((REPO / "config" / "replicates.yaml").read_text())
+    assert beyond["models"]["smolr"] == replicates["models"]["smolr"]
+    assert beyond["comparison"]["name"] != "comparison"  # its own tables, not replicates.yaml's

@@ -251,3 +251,30 @@ def test_an_alias_with_its_own_ica_solver_joins_the_comparison_as_a_variant(micr
     assert ica["solver"] == "picard"
     assert json.loads((wd / "results/micro_r20_c8/metrics.json").read_text())["ica"]["solver"] == "fastica"
     assert "c8@micro_picard" in (wd / "results/micro_comparison.md").read_text()
+
+
+def test_functional_network_variants_reuse_the_ica_and_keep_wanda_sps_budgets(micro_run):
+    """c8_core25_uniform and c8_hwanda_uniform on micro: masks of rule mask_fnv from micro's cached
+    ICA scores and stats (no extraction or ICA job), Wanda-sp's per-layer counts, and for the core
+    variant each layer's quarter of highest network score kept."""
+    from fnprune.mask import union_neuron_scores
+
+    wd, _ = micro_run
+    targets = [f"results/micro_r20_{m}/metrics.json" for m in ("c8_core25_uniform", "c8_hwanda_uniform", "wanda_sp")]
+    jobs = jobs_of(snakemake(wd, "-n", *targets).stdout)
+    assert jobs.get("mask_fnv") == 2 and not {"extract", "ica", "mask_ica"} & set(jobs), jobs
+    snakemake(wd, *targets, "--notemp")
+    masks = {
+        m: json.loads((wd / f"results/micro/masks/r20_{m}.json").read_text())
+        for m in ("c8_torch_core25_uniform", "c8_torch_hwanda_uniform", "wanda_sp")
+    }
+    counts = {m: rec["kept_counts"] for m, rec in masks.items()}
+    assert counts["c8_torch_core25_uniform"] == counts["c8_torch_hwanda_uniform"] == counts["wanda_sp"], counts
+    assert masks["c8_torch_core25_uniform"]["within"] == "core" and masks["c8_torch_core25_uniform"]["core_pct"] == 25
+    network, _ = union_neuron_scores(sorted((wd / "results/micro/ica/torch_c8").glob("b*.npz")))
+    for layer, kept in enumerate(masks["c8_torch_core25_uniform"]["kept"]):
+        core = np.argsort(-network[layer], kind="stable")[: round(0.25 * len(network[layer]))]
+        assert set(core.tolist()) <= set(kept), layer
+    assert masks["c8_torch_core25_uniform"]["kept"] != masks["wanda_sp"]["kept"]
+    for m in ("c8_core25_uniform", "c8_hwanda_uniform"):
+        assert json.loads((wd / f"results/micro_r20_{m}/metrics.json").read_text())["perplexity"]

@@ -3,7 +3,7 @@
 Path grammar (``results/``):
 
 - ``{model}_dense`` -- the unpruned model;
-- ``{model}_r{ratio}_c{k}[_{backend}][_s{seed}][_x{runs}][_b{n}][_hybrid][_{selection}][_m{multiple}][_bias]``
+- ``{model}_r{ratio}_c{k}[_{backend}][_s{seed}][_x{runs}][_b{n}][_hybrid|_hwanda|_core{p}][_{selection}][_m{multiple}][_bias]``
   -- functional-network pruning with ``k`` ICA components per layer and batch, ``ratio``
   percent of block parameters removed (see :func:`parse_method` for the options);
 - ``{model}_r{ratio}_{baseline}[_m{multiple}]`` -- ``random``, ``magnitude``, ``wanda_sp``,
@@ -36,20 +36,27 @@ _SEL = "|".join(s for s in SELECTIONS if s != "global")
 # The ICA job a method reads: backend, ICA seed, consensus runs (results/{model}/ica/{ica_dir}/).
 ICA_VARIANT = r"(?:_s\d+)?(?:_x\d+)?"
 ICA_SELECTOR = rf"c\d+_(?:{'|'.join(BACKENDS)}){ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?(?:_m\d+)?"
+# Functional-network variants that score inside each layer with Wanda-sp's calibration-aware score
+# (``_hwanda``: z(network) + z(log Wanda-sp); ``_core<p>``: Wanda-sp with each layer's top p% of
+# network scores kept): their masks come from their own rule (mask_fnv), so the ICA masks' jobs
+# and keys stay as they were.
+WITHIN = r"_hwanda|_core\d+"
+FNV_SELECTOR = rf"c\d+_(?:{'|'.join(BACKENDS)}){ICA_VARIANT}(?:_b\d+)?(?:{WITHIN})(?:_(?:{_SEL}))?(?:_m\d+)?"
 BASELINE_SELECTOR = rf"(?:{'|'.join(NEURON_BASELINES)})(?:_m\d+)?"
 DEPTH_SELECTOR = "|".join(DEPTH_BASELINES)
 ICA_METHOD = re.compile(
     rf"c(?P<k>\d+)(?:_(?P<backend>{'|'.join(BACKENDS)}))?(?:_s(?P<seed>\d+))?(?:_x(?P<runs>\d+))?"
-    rf"(?:_b(?P<batches>\d+))?(?P<hybrid>_hybrid)?(?:_(?P<selection>{_SEL}))?(?:_m(?P<multiple>\d+))?"
+    rf"(?:_b(?P<batches>\d+))?(?:(?P<hybrid>_hybrid)|(?P<within>_hwanda|_core(?P<core>\d+)))?"
+    rf"(?:_(?P<selection>{_SEL}))?(?:_m(?P<multiple>\d+))?"
     rf"(?P<bias>_bias)?"
 )
 BASELINE_METHOD = re.compile(rf"(?P<baseline>{'|'.join(BASELINES)})(?:_m(?P<multiple>\d+))?")
 METHOD_PATTERN = (
-    rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?{ICA_VARIANT}(?:_b\d+)?(?:_hybrid)?(?:_(?:{_SEL}))?"
+    rf"(?:c\d+(?:_(?:{'|'.join(BACKENDS)}))?{ICA_VARIANT}(?:_b\d+)?(?:_hybrid|{WITHIN})?(?:_(?:{_SEL}))?"
     rf"(?:_m\d+)?(?:_bias)?|{BASELINE_SELECTOR}|{DEPTH_SELECTOR})"
 )
 METHOD_HELP = (
-    f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid][_<selection>][_m<multiple>][_bias] "
+    f"c<k>[_<backend>][_s<seed>][_x<runs>][_b<n>][_hybrid|_hwanda|_core<p>][_<selection>][_m<multiple>][_bias] "
     f"with backend in {', '.join(BACKENDS)} and selection in {', '.join(SELECTIONS[1:])}, or "
     f"<baseline>[_m<multiple>] with baseline in {', '.join(NEURON_BASELINES)}, or "
     f"{' or '.join(DEPTH_BASELINES)} (whole blocks removed, no options)"
@@ -139,6 +146,12 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
       at no extra extraction or ICA cost); without it, all batches;
     - ``_hybrid``: neuron score = per-layer z-score of the network score + per-layer z-score of
       log FLAP fluctuation (network membership and importance together);
+    - ``_hwanda``: neuron score = per-layer z-score of the network score + per-layer z-score of
+      log Wanda-sp (``mean_i |W_down[i, j]| * ||x_j||``): the hybrid with the best baseline's score;
+    - ``_core<p>``: Wanda-sp's score, but the ``p``% of each layer's neurons with the highest
+      network score are never removed (the networks' cores kept, Wanda-sp choosing the rest);
+      these two take their masks from rule ``mask_fnv``; with ``_uniform`` their layer budgets
+      are Wanda-sp's own, so only the choice inside a layer differs from it;
     - ``_<selection>``: how the ratio is spread over layers: ``global`` (default: one threshold
       over all prunable layers, the paper's T), ``zglobal`` (one threshold over per-layer
       standardised scores), ``uniform`` (the same number of neurons from every layer),
@@ -162,6 +175,10 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
         ica_dir = f"{backend}_c{k}" + (f"_s{seed}" if seed is not None else "") + (f"_x{runs}" if runs else "")
         selection = m["selection"] or "global"
         selector = method_name(m, k=k, backend=backend, bias=None)
+        core = _positive(method, "_core<p> (percent of a layer kept)", m["core"])
+        if core is not None and core > 99:
+            raise ValueError(f"method {method!r}: _core<p> keeps p% of each layer, p in 1..99; got {core}")
+        within = {"within": "hwanda" if m["within"] == "_hwanda" else "core", "core_pct": core} if m["within"] else {}
         return {
             "kind": "ica",
             "k": k,
@@ -175,7 +192,9 @@ def parse_method(method: str, default_backend: str = "torch") -> dict:
             "bias": bool(m["bias"]),
             "selector": selector,
             "ica_dir": ica_dir,
-            "needs_stats": bool(m["hybrid"]) or selection == "imp",
+            "needs_stats": bool(m["hybrid"] or m["within"]) or selection == "imp",
+            # only a variant's dict has these keys, so every other mask job's params stay as they were
+            **within,
         }
     why = depth_option_problem(method)
     if why:
@@ -236,7 +255,10 @@ def depth_option_problem(method: str) -> str | None:
 def method_name(m: re.Match, **change) -> str:
     """Rebuild an ICA method name from its :data:`ICA_METHOD` match, with some fields changed
     (``k``, ``batches``, ...; ``None`` removes an option)."""
-    f = {key: m[key] for key in ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")}
+    f = {
+        key: m[key]
+        for key in ("k", "backend", "seed", "runs", "batches", "hybrid", "within", "selection", "multiple", "bias")
+    }
     f.update(change)
     return (
         f"c{f['k']}"
@@ -245,6 +267,7 @@ def method_name(m: re.Match, **change) -> str:
         + (f"_x{f['runs']}" if f["runs"] else "")
         + (f"_b{f['batches']}" if f["batches"] else "")
         + ("_hybrid" if f["hybrid"] else "")
+        + (f["within"] or "")
         + (f"_{f['selection']}" if f["selection"] else "")
         + (f"_m{f['multiple']}" if f["multiple"] else "")
         + ("_bias" if f["bias"] else "")
@@ -748,7 +771,7 @@ GRAMMAR = (
     + ", ".join(TARGET_FILES)
     + f", ratio in 1..99 and method {METHOD_HELP}; _lora (always last): the model tuned by LoRA"
 )
-_TOKEN_ORDER = ("k", "backend", "seed", "runs", "batches", "hybrid", "selection", "multiple", "bias")
+_TOKEN_ORDER = ("k", "backend", "seed", "runs", "batches", "hybrid", "within", "selection", "multiple", "bias")
 
 
 def _token_kind(tok: str) -> str | None:
@@ -759,6 +782,7 @@ def _token_kind(tok: str) -> str | None:
         ("runs", r"x\d+"),
         ("batches", r"b\d+"),
         ("hybrid", "hybrid"),
+        ("within", r"hwanda|core\d+"),
         ("selection", _SEL),
         ("multiple", r"m\d+"),
         ("bias", "bias"),

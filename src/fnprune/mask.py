@@ -216,6 +216,21 @@ def hybrid_scores(network: list[np.ndarray], fluctuation: list[np.ndarray]) -> l
     return [a + b for a, b in zip(standardise_layers(network), standardise_layers(logf))]
 
 
+def protect_core(importance: list[np.ndarray], network: list[np.ndarray], percent: int) -> list[np.ndarray]:
+    """``importance`` with each layer's network core kept: the ``percent``% of a layer's neurons
+    (rounded to the nearest whole neuron) with the highest network score score ``+inf``, which no
+    selection removes; the rest keep their importance and compete as before."""
+    if not 0 < percent < 100:
+        raise ValueError(f"core percent must be in 1..99, got {percent}")
+    out = []
+    for imp, net in zip(importance, network):
+        s = np.asarray(imp, dtype=np.float64).copy()
+        n_core = int(round(percent / 100 * len(s)))
+        s[np.argsort(-np.asarray(net), kind="stable")[:n_core]] = np.inf
+        out.append(s)
+    return out
+
+
 def importance_budgets(
     importance: list[float], sizes: list[int], prunable: list[bool], n_drop: int, min_keep: int = 1
 ) -> list[int]:

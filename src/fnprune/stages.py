@@ -269,6 +269,96 @@ def ica_mask(
     )
 
 
+def _wanda(model_spec: dict, source: str, stats_files: list[str]) -> list[np.ndarray]:
+    """Wanda-sp's score of every MLP neuron (``fnprune.baselines.wanda_sp_scores``), from the calibration stats."""
+    from . import adapters as A
+    from .baselines import stat, wanda_sp_scores
+    from .extract import load_stats
+
+    model, _ = _load(model_spec, source, device="cpu", stored=True)
+    ad = A.adapter_for(model)
+    sizes = [A.intermediate_size(b, ad) for b in A.layers(model, ad)]
+    return wanda_sp_scores(model, stat(load_stats(stats_files), "down_sqnorm", sizes, "hwanda/core"))
+
+
+def fn_variant_mask(
+    score_files: list[str],
+    model_spec: dict,
+    source: str,
+    ratio: float,
+    selector: dict,
+    out: str,
+    stats_files: list[str],
+) -> None:
+    """The mask of a functional-network variant that scores inside each layer with Wanda-sp
+    (``selector["within"]``: ``hwanda`` or ``core``; see :func:`fnprune.config.parse_method`).
+
+    Kept apart from :func:`ica_mask` so that the ICA masks' code key does not move with it.
+    """
+    from .mask import hybrid_scores, mask_record, n_to_drop, protect_core, prunable_layers, select, union_neuron_scores
+
+    t0 = time.time()
+    info = _shape(model_spec, source)
+    network, ica_info = union_neuron_scores(score_files)
+    prunable = prunable_layers(info["n_layers"], model_spec["protect_first"], model_spec["protect_last"])
+    n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
+    wanda = _wanda(model_spec, source, stats_files)
+    if selector["within"] == "hwanda":
+        scores = hybrid_scores(network, wanda)
+    else:
+        scores = protect_core(wanda, network, selector["core_pct"])
+    fluct = _fluctuation(model_spec, source, stats_files) if selector["selection"] == "imp" else None
+    chosen = select(
+        scores,
+        selector["selection"],
+        prunable,
+        n_drop,
+        ratio,
+        model_spec["min_keep_per_layer"],
+        fluct,
+        selector["multiple"],
+    )
+    lost = sum(int(np.isinf(s).sum() - np.isinf(s[k]).sum()) for s, k in zip(scores, chosen["kept"]))
+    if lost:
+        raise ValueError(
+            f"{selector['selector']}: ratio {ratio} removes {lost} neurons of the protected network cores; "
+            f"lower the ratio or the core percent"
+        )
+    rec = mask_record(
+        chosen["kept"],
+        info["intermediate_sizes"],
+        info["block_params"],
+        info["total_params"],
+        info["neuron_params"],
+        method=selector["selector"],
+        kind="ica",
+        ratio_requested=ratio,
+        prunable=prunable,
+        n_drop=n_drop,
+        min_keep=model_spec["min_keep_per_layer"],
+        selection=selector["selection"],
+        multiple=selector["multiple"],
+        threshold=chosen["threshold"],
+        k=selector["k"],
+        backend=selector["backend"],
+        ica_seed=selector["seed"],
+        consensus_runs=selector["runs"],
+        hybrid=False,
+        within=selector["within"],
+        core_pct=selector["core_pct"],
+        layer_importance=chosen["layer_importance"],
+        ica=ica_info,
+    )
+    rec["wall_s"] = time.time() - t0
+    write_json(out, rec)
+    log.info(
+        "%s: keeps %s neurons per layer; achieved block ratio %.4f",
+        selector["selector"],
+        rec["kept_counts"],
+        rec["achieved_block_ratio"],
+    )
+
+
 def baseline_mask(
     method: str,
     stats_files: list[str],

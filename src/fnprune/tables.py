@@ -524,8 +524,10 @@ def method_label(method: str) -> str:
     m = ICA_METHOD.fullmatch(method)
     if not m:
         return method
-    label = "Hybrid ICA+FLAP" if m["hybrid"] else "ICA"
+    label = "Hybrid ICA+FLAP" if m["hybrid"] else "Hybrid ICA+Wanda-sp" if m["within"] == "_hwanda" else "ICA"
     label += f" k={m['k']}"
+    if m["core"]:
+        label = f"Wanda-sp, ICA k={m['k']} cores ({m['core']}%) kept"
     if m["backend"]:
         label += f" ({m['backend']})"
     if m["seed"] is not None:

@@ -30,6 +30,8 @@ CONVERTED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "gguf"
 BUILT_SOURCES = fconfig.BUILT_SOURCES
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
+# The comparison tables' name: results/{model}_{COMPARISON}.md
+COMPARISON = config["comparison"]["name"]
 
 # Every target named on the command line is checked against the path grammar and the config
 # before any job runs: outside the grammar, the grammar and the nearest valid form; values no job
@@ -55,6 +57,7 @@ wildcard_constraints:
     backend="torch|exact|nilearn",
     icav=fconfig.ICA_VARIANT,
     ica_selector=fconfig.ICA_SELECTOR,
+    fnv_selector=fconfig.FNV_SELECTOR,
     baseline_selector=fconfig.BASELINE_SELECTOR,
     depth=fconfig.DEPTH_SELECTOR,
     method=fconfig.METHOD_PATTERN,
@@ -161,7 +164,7 @@ def all_targets(wildcards):
 
 def comparison_tables(wildcards):
     models = config["comparison"]["models"] or config["targets"]["models"]
-    return [f"results/{m}_comparison.md" for m in models]
+    return [f"results/{m}_{COMPARISON}.md" for m in models]
 
 
 def comparison_methods(model):
@@ -400,9 +403,11 @@ def extract_inputs(wildcards):
 
 
 def selector_info(wildcards):
-    """The parsed mask selector of a mask job (ICA or baseline), see fnprune.config.parse_method."""
-    sel = wildcards.ica_selector if "ica_selector" in wildcards.keys() else wildcards.baseline_selector
-    return fconfig.parse_method(sel, BACKEND)
+    """The parsed mask selector of a mask job (ICA, variant or baseline), see fnprune.config.parse_method."""
+    for name in ("ica_selector", "fnv_selector", "baseline_selector"):
+        if name in wildcards.keys():
+            return fconfig.parse_method(getattr(wildcards, name), BACKEND)
+    raise KeyError(f"no mask selector among the wildcards {list(wildcards.keys())}")
 
 
 def mask_ica_inputs(wildcards):

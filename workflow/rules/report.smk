@@ -5,10 +5,10 @@ rule comparison_table:
     input:
         comparison_metrics,
     output:
-        md=report("results/{model}_comparison.md", caption="../report/comparison.rst", category="Tables"),
-        csv="results/{model}_comparison.csv",
+        md=report(f"results/{{model}}_{COMPARISON}.md", caption="../report/comparison.rst", category="Tables"),
+        csv=f"results/{{model}}_{COMPARISON}.csv",
     log:
-        "results/logs/comparison/{model}.log",
+        f"results/logs/{COMPARISON}/{{model}}.log",
     params:
         code=CODE["comparison"],
         refused=lambda wc: comparison_methods(wc.model)[1],
