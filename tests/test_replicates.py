@@ -208,12 +208,13 @@ def test_the_replicate_config_plans_each_method_on_its_draws(tmp_path):
     assert len(ica) == len(set(ica)) == 4 * (5 + 3 + 3 + 3), len(ica)  # c64 x 5 draws, c32, c128, picard x 3
 
 
-def test_the_beyond_config_compares_on_the_replicate_configs_own_draws():
-    """config/beyond.yaml reuses config/replicates.yaml's cached targets only while its smolr is
+def test_the_beyond_and_recovery_configs_compare_on_the_replicate_configs_own_draws():
+    """config/beyond.yaml and recovery.yaml reuse config/replicates.yaml's cached targets only while its smolr is
     the same model: the same keys, so the same draws, calibration and evaluation."""
     import yaml
 
-    beyond = yaml.safe_load((REPO / "config" / "beyond.yaml").read_text())
     replicates = yaml.safe_load((REPO / "config" / "replicates.yaml").read_text())
-    assert beyond["models"]["smolr"] == replicates["models"]["smolr"]
-    assert beyond["comparison"]["name"] != "comparison"  # its own tables, not replicates.yaml's
+    for name in ("beyond", "recovery"):
+        other = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+        assert other["models"]["smolr"] == replicates["models"]["smolr"], name
+        assert other["comparison"]["name"] == name  # its own tables, not replicates.yaml's
