@@ -72,7 +72,7 @@ class ContinuationLogitsHFLM(HFLM):
         bs = max(1, int(bs or 1))
         # Continuations per pass: on the CPU half the batch size, whose logits (positions x
         # vocabulary, 16 x 10 x 49,152 floats for SmolLM2) the log-softmax reads while still in
-        # cache: smol's 1,000 items in 209 s, against 237 s in chunks of the batch size.
+        # cache, which full-batch chunks outgrow (benchmarks/README.md compares the two).
         chunk = bs if self.device.type == "cuda" else max(1, bs // 2)
         bar = tqdm(total=sum(map(len, shared.values())), desc="shared contexts", disable=disable_tqdm, mininterval=5)
         for block in self._shared_blocks(shared, bs):
