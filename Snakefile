@@ -26,6 +26,7 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/paper.smk"
 include: "workflow/rules/domains.smk"
+include: "workflow/rules/docs.smk"
 
 
 rule all:

@@ -1,6 +1,7 @@
 # Input functions: the files a job reads, from its wildcards and the config. A function that refuses
 # a target no job could make (a GGUF export llama.cpp cannot load, shortgpt on a model whose blocks
 # fnprune cannot remove) raises here, while the DAG is built.
+import glob
 
 
 def gguf_file(wildcards):
@@ -257,3 +258,7 @@ def domain_inputs(wildcards):
         "ppl": [f"results/{t}/ppl-{c}.json" for t in targets for c in d["corpora"]],
         "masks": [mask_file(*p) for p in points],
     }
+
+
+# The pages whose generated blocks the docs rule rewrites (docs/configuration.md is written whole).
+DOC_PAGES = ["README.md"] + sorted(p for p in glob.glob("docs/*.md") if not p.endswith("configuration.md"))

@@ -145,3 +145,11 @@ def domain_ppl_fields(wildcards):
 
 def paper_stability_seeds(wildcards):
     return fpaper.stability_seeds(config, wildcards.grid)
+
+
+# The results figure of the docs rule: one panel per embedded model, drawn from its replicates'
+# table (intervals over calibration draws) when present, else its one-draw comparison (over windows).
+DOC_FIGURE_PANELS = [
+    ["SmolLM2-135M (smol)", ["results/smolr_comparison.md", "results/smol_comparison.md"]],
+    ["Gemma 3 270M (gemma)", ["results/gemmar_comparison.md", "results/gemma_comparison.md"]],
+]
