@@ -9,7 +9,7 @@ REQUIREMENTS ?= envs/requirements-cpu.txt
 DEV_REQUIREMENTS ?= envs/requirements-dev.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv llamacpp lint format clean-results
+.PHONY: demo test test-fast venv llamacpp lint format docs clean-results
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,11 @@ format: venv
 	$(BIN)/ruff check --fix --exit-zero .
 	$(BIN)/ruff format .
 	$(BIN)/snakefmt Snakefile workflow/
+
+# The generated parts of README.md and docs/ (tables, the results figure, docs/configuration.md) from
+# the results and benchmark files present; it runs no experiment.
+docs: venv
+	$(BIN)/snakemake --cores 1 docs
 
 clean-results:
 	rm -rf results .snakemake

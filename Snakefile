@@ -13,6 +13,8 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/inputs.smk"
+include: "workflow/rules/params.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/ica.smk"
@@ -24,6 +26,7 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/paper.smk"
 include: "workflow/rules/domains.smk"
+include: "workflow/rules/docs.smk"
 
 
 rule all:

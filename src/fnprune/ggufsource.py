@@ -342,7 +342,7 @@ def _parse_once():
 
     transformers opens the file anew for the model, the config and the tokenizer (four
     ``GGUFReader`` objects, each walking every metadata field: the vocabulary's 49,152 strings and
-    its merges, about 2.5 s each for SmolLM2) and builds gguf's tensor-name map once per module
+    its merges, seconds each for SmolLM2) and builds gguf's tensor-name map once per module
     (397 times, the same map). Both are read-only after construction, so one of each is shared
     for the duration of the block; the weights read are the same bytes.
     """

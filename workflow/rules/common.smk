@@ -1,7 +1,7 @@
-# Helper functions of the workflow: config access, the path grammar and input functions.
+# The workflow's configuration and path grammar: the config checked against its schema, the code
+# keys, the models and wildcard constraints, the paths of targets and intermediates, and the named
+# targets' lists. Input functions are in inputs.smk, params functions in params.smk.
 import os
-import platform
-import re
 import sys
 
 import fnprune.codekeys as fcodekeys
@@ -70,12 +70,6 @@ def mspec(model):
     return config["models"][model]
 
 
-def corpus_python(wildcards):
-    """Embedded corpora are read from the running Python's own documentation and source files."""
-    spec = config["corpora"][wildcards.corpus]
-    return platform.python_version() if spec["source"] == "embedded" else None
-
-
 def corpus_of(model):
     return mspec(model)["corpus"]
 
@@ -102,14 +96,6 @@ def model_input(model):
 def model_source(model):
     """What the stages load: the built directory, a local directory or a hub id (an alias: its base's)."""
     return trained_dir(weights(model)) if mspec(model)["source"] in BUILT_SOURCES else mspec(model)["hf_id"]
-
-
-def gguf_file(wildcards):
-    """The GGUF file a ``source: gguf`` model is converted from (``path``, ``file`` of ``package``,
-    or every one of its ``parts``)."""
-    import fnprune.ggufsource as fgguf
-
-    return [str(f) for f in fgguf.resolve_files(mspec(wildcards.model), f"models.{wildcards.model}")]
 
 
 def batch_ids(model):
@@ -177,27 +163,6 @@ def comparison_methods(model):
     return run, refused
 
 
-def comparison_metrics(wildcards):
-    """Dense, and every method x ratio of the comparison; a random method on each of the model's
-    draws (models.<m>.draws, or the first comparison.draws[method]), a deterministic one
-    (magnitude) once; then the variants' methods on each of their draws. With comparison.lora,
-    dense_lora and every method's _lora twin of the first draw."""
-    c = config["comparison"]
-    out = [f"results/{wildcards.model}_dense/metrics.json"]
-    out += draw_targets(wildcards.model, comparison_methods(wildcards.model)[0], c["draws"])
-    if c["lora"]:
-        out.append(f"results/{wildcards.model}_dense_lora/metrics.json")
-        out += [
-            f"results/{target_name(wildcards.model, r, meth)}_lora/metrics.json"
-            for r in c["ratios"]
-            for meth in comparison_methods(wildcards.model)[0]
-        ]
-    for name, v in c["variants"].items():
-        if v["of"] == wildcards.model:
-            out += draw_targets(name, v["methods"])
-    return out
-
-
 def draw_targets(model, methods, limits=None):
     """metrics.json of each method at each comparison ratio: a random method on each of the model's
     draws (the first ``limits[method]`` where given), a deterministic one on draw 0."""
@@ -210,245 +175,9 @@ def draw_targets(model, methods, limits=None):
     ]
 
 
-def comparison_draws(wildcards):
-    """Draw alias slug -> (model, draw) for the comparison's tables across draws."""
-    return {m: [wildcards.model, d] for d, m in enumerate(fconfig.draws_of(config, wildcards.model)) if d}
-
-
-def comparison_variants(wildcards):
-    """Each draw of a variant of the compared model (comparison.variants) -> the model's draw it
-    is paired with, and the variant's name (its methods are labelled <method>@<variant>)."""
-    out = {}
-    for name, v in config["comparison"]["variants"].items():
-        if v["of"] == wildcards.model:
-            mine = fconfig.draws_of(config, wildcards.model)
-            for d, m in enumerate(fconfig.draws_of(config, name)):
-                out[m] = [mine[d], name]
-    return out
-
-
-def dense_metrics(wildcards):
-    """The dense model's metrics beside a pruned target's (its summary compares the two)."""
-    return f"results/{target_info(wildcards)['model']}_dense/metrics.json"
-
-
-def eval_model(wildcards):
-    """The model a target evaluates: its pruned (or tuned) directory, or the base model for dense."""
-    t = target_info(wildcards)
-    if t["dense"] and not t.get("lora"):
-        return model_input(t["model"])
-    return [f"results/{wildcards.target}/model"]
-
-
-def export_inputs(wildcards):
-    """A GGUF export's model; what llama.cpp's loader for the architecture cannot hold (per-layer
-    widths of a pruned model, bias compensation's biases, a block pattern it fixes) is refused here,
-    before any job. A depth target (shortgpt) has the source's widths in fewer blocks."""
-    import fnprune.ggufwrite as fgguf_write
-
-    t = target_info(wildcards)
-    arch = mspec(t["model"])["architecture"]
-    depth = bool(t.get("depth"))
-    why = fgguf_write.export_refusal(arch, pruned=not t["dense"] and not depth, bias=bool(t.get("bias")))
-    if depth and not why:
-        why = fgguf_write.block_removal_export_refusal(arch)
-    if why:
-        raise ValueError(f"results/{wildcards.target}/model.{wildcards.gtype}.gguf: {why}")
-    return {"model": eval_model(wildcards)}
-
-
-def eval_source(wildcards):
-    t = target_info(wildcards)
-    return model_source(t["model"]) if t["dense"] and not t.get("lora") else f"results/{wildcards.target}/model"
-
-
-def lm_eval_tasks_dir(wildcards):
-    """The generated embedded task directory, when the model's tasks include fnprune's own."""
-    t = target_info(wildcards)
-    tasks = mspec(t["model"])["eval"]["lm_eval_tasks"]
-    if any(x.startswith("fnprune_") for x in tasks):
-        return [f"results/data/{corpus_of(t['model'])}/lm_eval_tasks"]
-    return []
-
-
-def metrics_inputs(wildcards):
-    t = target_info(wildcards)
-    m = t["model"]
-    inp = {"ppl": f"results/{wildcards.target}/ppl.json"}
-    if mspec(m)["eval"]["lm_eval_tasks"]:
-        inp["lm_eval"] = f"results/{wildcards.target}/lm_eval.json"
-    if mspec(m)["source"] in BUILT_SOURCES:
-        inp["base_dir"] = trained_dir(weights(m))
-    if not t["dense"]:
-        inp["batches"] = f"results/{m}/calib/batches.json"
-        inp["mask"] = mask_file(m, t["ratio_pct"], t["method"])
-        inp["model"] = f"results/{wildcards.target}/model"
-        inp.update(stats_inputs(m, t["needs_stats"] or t["bias"]))
-    return inp
-
-
-def lora_metrics_inputs(wildcards):
-    """:func:`metrics_inputs` of a _lora target, its model as ``lora`` (read for the sidecar)."""
-    inp = metrics_inputs(wildcards)
-    inp.pop("model", None)
-    return {**inp, "lora": f"results/{wildcards.target}/model"}
-
-
-def lora_inputs(wildcards):
-    """The model a _lora target tunes (its parent's: pruned, or the base for dense) and the train
-    split of the model's calibration corpus; never its validation or test split."""
-    corpus = mspec(model_of(wildcards))["calibration"]["corpus"]
-    return {"model": eval_model(wildcards), "train": split_file(corpus, "train")}
-
-
-def lora_settings(wildcards):
-    """The lora section as the job's model runs it (seed and dtype resolved)."""
-    return fconfig.lora_settings(config, model_of(wildcards))
-
-
-def lora_target(wildcards):
-    """The target a lora job makes (its ``target`` wildcard is the parent's)."""
-    return wildcards.target + fconfig.LORA_SUFFIX
-
-
 def model_of(wildcards):
     """The model slug of a job: its ``model`` wildcard, or the model of its ``target``."""
     return target_info(wildcards)["model"] if "target" in wildcards.keys() else wildcards.model
-
-
-def gpus_of_model(wildcards):
-    """GPUs a model's heavy rules ask for (resources gpu; the SLURM profile turns it into --gpus)."""
-    return mspec(model_of(wildcards))["gpus"]
-
-
-def stage_spec(stage):
-    """Params function: the keys of the job's model that decide ``stage``'s output (fnprune.config.STAGE_KEYS)."""
-
-    def params(wildcards):
-        return fconfig.spec_for(mspec(model_of(wildcards)), stage)
-
-    return params
-
-
-ICA_PARAMS = {k: config["ica"][k] for k in fconfig.ICA_OUTPUT_KEYS}
-
-
-def ica_params(wildcards):
-    """The ica section with the model's own ica keys over it (models.<m>.ica)."""
-    return {**ICA_PARAMS, **mspec(wildcards.model).get("ica", {})}
-
-
-TORCH_THREADS = config["torch_threads"]
-
-
-def model_src(wildcards):
-    return model_source(model_of(wildcards))
-
-
-def train_spec(wildcards):
-    return mspec(wildcards.model)["train"]
-
-
-def calibration_spec(wildcards):
-    """What decides the draw of calibration texts into batches (the seed is a param of its own)."""
-    c = mspec(wildcards.model)["calibration"]
-    return {k: c[k] for k in ("batch_size", "n_batches", "corpus")}
-
-
-def corpus_source(wildcards):
-    """The local file of a ``source: text`` corpus, an input of its corpus job (so editing it re-runs it)."""
-    c = config["corpora"][wildcards.corpus]
-    return [c["path"]] if c["source"] == "text" else []
-
-
-def corpus_spec(wildcards):
-    """The keys of a corpus that decide its splits: all but ``mc_task``, which decides only its
-    embedded tasks (the lm_eval_tasks job's params)."""
-    return {k: v for k, v in config["corpora"][wildcards.corpus].items() if k != "mc_task"}
-
-
-def n_layers(wildcards):
-    return mspec(wildcards.model)["num_layers"]
-
-
-def ratio_fraction(wildcards):
-    return int(wildcards.ratio) / 100
-
-
-def model_split(split):
-    """Input function: a split file of the corpus of the job's model."""
-
-    def inputs(wildcards):
-        return split_file(corpus_of(model_of(wildcards)), split)
-
-    return inputs
-
-
-def calibration_split(wildcards):
-    """The calib split the model's calibration batches are drawn from (models.*.calibration.corpus)."""
-    return split_file(mspec(wildcards.model)["calibration"]["corpus"], "calib")
-
-
-def corpus_split(split):
-    """Input function: a split file of the job's ``corpus``."""
-
-    def inputs(wildcards):
-        return split_file(wildcards.corpus, split)
-
-    return inputs
-
-
-def extract_inputs(wildcards):
-    return {"batches": f"results/{wildcards.model}/calib/batches.json", "model": model_input(wildcards.model)}
-
-
-def selector_info(wildcards):
-    """The parsed mask selector of a mask job (ICA, variant or baseline), see fnprune.config.parse_method."""
-    for name in ("ica_selector", "fnv_selector", "baseline_selector"):
-        if name in wildcards.keys():
-            return fconfig.parse_method(getattr(wildcards, name), BACKEND)
-    raise KeyError(f"no mask selector among the wildcards {list(wildcards.keys())}")
-
-
-def mask_ica_inputs(wildcards):
-    s = selector_info(wildcards)
-    return {
-        "scores": ica_files(wildcards.model, s["ica_dir"], s["batches"]),
-        "model": model_input(wildcards.model),
-        **stats_inputs(wildcards.model, s["needs_stats"]),
-    }
-
-
-def mask_baseline_inputs(wildcards):
-    s = selector_info(wildcards)
-    return {"model": model_input(wildcards.model), **stats_inputs(wildcards.model, s["needs_stats"])}
-
-
-def ica_seed(wildcards):
-    """The ICA job's seed: ``_s<seed>`` of its directory, else the config's ``seed`` plus the
-    model's draw (0 but on the aliases of ``models.<m>.draws``)."""
-    m = re.search(r"_s(\d+)", wildcards.icav)
-    return int(m[1]) if m else config["seed"] + mspec(wildcards.model)["draw"]
-
-
-def draw_seed(wildcards):
-    """random's seed: the config's ``seed`` plus the model's draw."""
-    return config["seed"] + mspec(wildcards.model)["draw"]
-
-
-def ica_runs(wildcards):
-    """FastICA runs of a consensus ICA job (``_x<runs>``), 1 for plain CanICA."""
-    m = re.search(r"_x(\d+)", wildcards.icav)
-    return int(m[1]) if m else 1
-
-
-def prune_inputs(wildcards):
-    w = wildcards
-    return {
-        "mask": mask_file(w.model, w.ratio, w.method),
-        "model": model_input(w.model),
-        **stats_inputs(w.model, method_info(w)["bias"]),
-    }
 
 
 def influence_files(model):
@@ -456,49 +185,8 @@ def influence_files(model):
     return [f"results/{model}/influence/b{b}.npz" for b in batch_ids(model)]
 
 
-def mask_shortgpt_inputs(wildcards):
-    """shortgpt's mask reads the block influence of every batch; a model whose blocks fnprune cannot
-    remove (ChatGLM3) is refused here, before any job."""
-    why = fconfig.block_removal_problems(config, [wildcards.model], "shortgpt")
-    if why:
-        raise ValueError(f"results/{wildcards.model}/masks/r{wildcards.ratio}_shortgpt.json: {why[0]}")
-    return {"influence": influence_files(wildcards.model), "model": model_input(wildcards.model)}
-
-
-def prune_blocks_inputs(wildcards):
-    return {"mask": mask_file(wildcards.model, wildcards.ratio, wildcards.depth), "model": model_input(wildcards.model)}
-
-
-def depth_target(wildcards):
-    return f"{wildcards.model}_r{wildcards.ratio}_{wildcards.depth}"
-
-
-def prune_bias(wildcards):
-    return method_info(wildcards)["bias"]
-
-
-def prune_target(wildcards):
-    return f"{wildcards.model}_r{wildcards.ratio}_{wildcards.method}"
-
-
-def perplexity_inputs(wildcards):
-    return {"model": eval_model(wildcards), "test": split_file(corpus_of(model_of(wildcards)), "test")}
-
-
-def lm_eval_inputs(wildcards):
-    return {"model": eval_model(wildcards), "tasks": lm_eval_tasks_dir(wildcards)}
-
-
 def paper_metrics_files(targets):
     return [f"results/{target_name(t.model, t.ratio, t.method)}/metrics.json" for t in targets]
-
-
-def paper_table_inputs(wildcards):
-    """The metrics of a paper grid's main table and of its ablations."""
-    return {
-        "main": paper_metrics_files(fpaper.main_targets(config, wildcards.grid)),
-        "ablation": paper_metrics_files(fpaper.ablation_targets(config, wildcards.grid)),
-    }
 
 
 def figure_outputs(figure):
@@ -516,93 +204,6 @@ def figure_outputs(figure):
     }
 
 
-def paper_figure_metrics(figure):
-    """Input function of one figure of a grid's model (fnprune.paper.METRIC_FIGURES): its metrics files."""
-
-    def inputs(wildcards):
-        return paper_metrics_files(fpaper.figure_targets(config, wildcards.grid, wildcards.model, figure))
-
-    return inputs
-
-
-def paper_overlap_masks(wildcards):
-    """One mask JSON per distinct mask of a grid's methods at its focus ratio."""
-    return [
-        mask_file(t.model, t.ratio, t.method) for t in fpaper.overlap_masks(config, wildcards.grid, wildcards.model)
-    ]
-
-
-def paper_stability_inputs(wildcards):
-    """The ablation method's mask at the focus ratio and the ICA scores of every calibration batch."""
-    t, k, backend = fpaper.stability_target(config, wildcards.grid, wildcards.model)
-    return {"mask": mask_file(t.model, t.ratio, t.method), "scores": ica_files(t.model, f"{backend}_c{k}")}
-
-
-def paper_figures(wildcards):
-    """The PNG of every figure of every model of a grid (each job writes its PDF beside it)."""
-    models = config["paper"]["grids"][wildcards.grid]["models"]
-    return [
-        f"results/paper/{wildcards.grid}/{m}/{fig}.png"
-        for m in models
-        for fig in fpaper.figures_of(config, wildcards.grid)
-    ]
-
-
-def paper_studies_inputs(wildcards):
-    """Metrics of every study of a grid, one named input per study."""
-    g = config["paper"]["grids"][wildcards.grid]
-    return {study: paper_metrics_files(fpaper.study_targets(config, wildcards.grid, study)) for study in g["studies"]}
-
-
-def paper_summary_inputs(wildcards):
-    inp = {
-        "main": f"results/paper/{wildcards.grid}/main_table.md",
-        "ablation": f"results/paper/{wildcards.grid}/ablation_table.md",
-        "figures": paper_figures(wildcards),
-    }
-    if config["paper"]["grids"][wildcards.grid]["studies"]:
-        inp["studies"] = f"results/paper/{wildcards.grid}/studies.md"
-    if config["paper"]["grids"][wildcards.grid]["domains"]:
-        grid_models = config["paper"]["grids"][wildcards.grid]["models"]
-        inp["domains"] = [f"results/domains/{b}_domains.md" for b in fdomains.bases_of(config, grid_models)]
-    return inp
-
-
-def paper_seeds_inputs(wildcards):
-    """The ablation method's focus mask, its ICA scores of every batch, and batch 0 under each extra seed."""
-    t, _, _ = fpaper.stability_target(config, wildcards.grid, wildcards.model)
-    own, seeded = fpaper.seeds_ica_dirs(config, wildcards.grid)
-    return {
-        "mask": mask_file(t.model, t.ratio, t.method),
-        "scores": ica_files(t.model, own),
-        "seeds": [f"results/{t.model}/ica/{d}/b0.npz" for d in seeded],
-    }
-
-
 def domain_tables(wildcards):
     """One cross-domain table per model whose weights the ``domains`` sources share."""
     return [f"results/domains/{b}_domains.md" for b in fdomains.bases(config)]
-
-
-def domain_inputs(wildcards):
-    """Every ``ppl-{corpus}.json`` of a domain table (the dense model's first) and every source's mask."""
-    d, points = config["domains"], fdomains.pruned_points(config, wildcards.model)
-    targets = [target_name(wildcards.model, None, "dense")] + [target_name(*p) for p in points]
-    return {
-        "ppl": [f"results/{t}/ppl-{c}.json" for t in targets for c in d["corpora"]],
-        "masks": [mask_file(*p) for p in points],
-    }
-
-
-def domain_mask_keys(wildcards):
-    """The source, ratio and method of each mask of :func:`domain_inputs`, in the same order."""
-    return [{"source": m, "ratio": r, "method": meth} for m, r, meth in fdomains.pruned_points(config, wildcards.model)]
-
-
-def domain_ppl_fields(wildcards):
-    """What a ``ppl-{corpus}.json`` records about its target and calibration besides the results."""
-    return fdomains.ppl_fields(config, wildcards.target, wildcards.corpus, BACKEND)
-
-
-def paper_stability_seeds(wildcards):
-    return fpaper.stability_seeds(config, wildcards.grid)
