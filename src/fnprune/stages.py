@@ -75,6 +75,14 @@ def train(train_split: str, validation_split: str, spec: dict, out_dir: str, see
     train_embedded_model(read_split(train_split), read_split(validation_split), spec, out_dir, seed)
 
 
+def init_model(train_split: str, spec: dict, out_dir: str, seed: int) -> None:
+    """A model of seeded random weights (``source: init``): an engineering check, not a language model."""
+    from .corpus import read_split
+    from .seeded import build_init_model
+
+    build_init_model(read_split(train_split), spec, out_dir, seed)
+
+
 def convert_gguf(spec: dict, out_dir: str, model: str = "<model>") -> None:
     from .ggufsource import convert
 
@@ -630,9 +638,12 @@ def metrics(
     from GGUF: its provenance is recorded)."""
     from .ggufsource import read_provenance
     from .mask import read_mask
+    from .seeded import RECORD as INIT_RECORD
 
     weights = model_spec.get("base") or model
-    source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}"}.get(model_spec["source"])
+    source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}", "init": f"init:{weights}"}.get(
+        model_spec["source"]
+    )
     rec: dict = {
         "target": target,
         "model": model,
@@ -646,6 +657,10 @@ def metrics(
         tr = read_json(Path(base_dir) / "training.json")
         rec["base_model"] = {"parameters": tr["parameters"], "validation_ppl": tr["validation_ppl"]}
         stages["train_model"] = tr["wall_s"]
+    if base_dir and (Path(base_dir) / INIT_RECORD).is_file():
+        seeded = read_json(Path(base_dir) / INIT_RECORD)
+        rec["base_model"] = {"parameters": seeded["parameters"], "seeded_random_weights": True}
+        stages["init_model"] = seeded["wall_s"]
     prov = read_provenance(base_dir)
     if prov:
         rec["source_provenance"] = {k: v for k, v in prov.items() if k not in ("versions", "wall_s")}

@@ -27,7 +27,9 @@ WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
 # Models whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 TRAINED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "train"]
 CONVERTED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "gguf"]
-BUILT_SOURCES = fconfig.BUILT_SOURCES
+# Models of seeded random weights built from an architecture config (an engineering check).
+INITIALISED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "init"]
+BUILT_SOURCES = (*fconfig.BUILT_SOURCES, *fconfig.SEEDED_SOURCES)
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
 
@@ -91,8 +93,8 @@ def weights(model):
 
 
 def model_input(model):
-    """The model directory as a DAG input when the workflow builds it (trained or converted from GGUF),
-    else nothing (an alias: its base's)."""
+    """The model directory as a DAG input when the workflow builds it (trained, converted from GGUF
+    or seeded), else nothing (an alias: its base's)."""
     return [trained_dir(weights(model))] if mspec(model)["source"] in BUILT_SOURCES else []
 
 
@@ -344,6 +346,11 @@ def model_src(wildcards):
 
 def train_spec(wildcards):
     return mspec(wildcards.model)["train"]
+
+
+def init_spec(wildcards):
+    """The resolved architecture of a ``source: init`` model (fnprune.seeded.resolve_init)."""
+    return mspec(wildcards.model)["init"]
 
 
 def calibration_spec(wildcards):
