@@ -849,11 +849,12 @@ def export_gguf(target: str, model_spec: dict, source: str, pruned_dir: str | No
     from .ggufwrite import write_gguf
     from .modeling import load_pruned, load_tokenizer, read_sidecar
 
+    # The weights as stored: write_gguf upcasts one tensor at a time (a whole 7B model in float32 is 27 GB).
     if pruned_dir:
-        model, tok = load_pruned(pruned_dir, dtype="float32", device="cpu"), load_tokenizer(pruned_dir)
+        model, tok = load_pruned(pruned_dir, dtype=None, device="cpu"), load_tokenizer(pruned_dir)
         side = read_sidecar(pruned_dir)
     else:
-        model, tok = _load({**model_spec, "dtype": "float32"}, source, "cpu")
+        model, tok = _load(model_spec, source, "cpu", stored=True)
         side = {"target": target, "source_model": source}
     meta = {k: side[k] for k in GGUF_METADATA if side.get(k) is not None}
     meta["versions"] = versions()
