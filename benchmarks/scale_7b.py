@@ -125,7 +125,9 @@ def sampled_only(jobs: list[dict], rss: dict) -> list[dict]:
     masks and metrics): wall time and times from the samples."""
     out = []
     for p in rss.values():
-        if not any(j.get("script") == p["script"] and j["start"] - 1 <= p["first"] <= j["end"] + 1 for j in jobs):
+        if not any(
+            j.get("script") == p["script"] and p["first"] <= j["end"] + 1 and p["last"] >= j["start"] - 1 for j in jobs
+        ):
             out.append(
                 {
                     "rule": p["script"],
@@ -194,6 +196,8 @@ class Sampler(threading.Thread):
 
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
+            if str(self.workdir) not in cmd:
+                continue  # another workflow's job on the same machine
             m = re.search(r"\.snakemake/scripts/tmp\w+\.(\w+)\.py|fnprune-direct:(\w+)", cmd)
             if m:
                 yield proc, m[1] or m[2]
@@ -319,6 +323,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default benchmarks/measured/scale_7b_<device>[_L<layers>].txt")
     ap.add_argument("--gguf", default="f16", choices=["f32", "f16", "q8_0"], help="export type")
     ap.add_argument("--keep", action="store_true", help="keep the pruned models and the base model")
+    ap.add_argument(
+        "--max-disk-gb",
+        type=float,
+        default=25.0,
+        help="when base + pruned + GGUF would exceed this, the export runs after the base model is deleted",
+    )
     args = ap.parse_args()
 
     import torch
@@ -352,8 +362,10 @@ def main() -> None:
             pruned = workdir / "results" / target / "model"
             pruned_bytes[target] = sum(f.stat().st_size for f in pruned.glob("*.safetensors"))
             if target == export_target:
-                need = pruned_bytes[target] * (2.1 if args.gguf == "f32" else 1.05 if args.gguf == "f16" else 0.6)
-                if shutil.disk_usage(workdir).free > need + 2e9:
+                gguf = pruned_bytes[target] * (2.1 if args.gguf == "f32" else 1.05 if args.gguf == "f16" else 0.6)
+                base = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+                fits = base + pruned_bytes[target] + gguf <= args.max_disk_gb * 1e9
+                if fits and shutil.disk_usage(workdir).free > gguf + 2e9:
                     run_snakemake(workdir, [f"results/{target}/model.{args.gguf}.gguf"], env, log)
                     (workdir / "results" / target / f"model.{args.gguf}.gguf").unlink()
                 else:
@@ -414,7 +426,7 @@ def main() -> None:
         "model": f"{MODEL}: init {cfg['models'][MODEL]['init']}, {model_bytes / 1e9:.2f} GB of weights",
         "calibration": json.dumps(cfg["models"][MODEL]["calibration"]),
         "peak disk (results/, GB)": fmt_gb(max((b for _, b in sampler.disk), default=0)),
-        "lowest free disk (GB)": fmt_gb(sampler.free_min),
+        "lowest free disk on the filesystem (GB, other users included)": fmt_gb(sampler.free_min),
         "peak RSS of any stage / model bytes": f"{max(r['rss_ratio'] or 0 for r in rows):.2f}",
         "whole run (s)": f"{time.time() - t_start:.0f}",
         "load average (1 min) over the run, mean / max": (

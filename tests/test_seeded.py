@@ -29,7 +29,7 @@ TINY_MODEL = {
     "dtype": "float32",
     "protect_first": 1,
     "protect_last": 1,
-    "calibration": {"batch_size": 4, "n_batches": 2, "max_length": 64, "micro_batch_size": 4},
+    "calibration": {"batch_size": 4, "n_batches": 1, "max_length": 64, "micro_batch_size": 4},
     "eval": {"ppl_seqlens": [64], "ppl_max_windows": 4, "lm_eval_tasks": []},
 }
 
@@ -145,15 +145,14 @@ def test_weights_are_seeded_written_once_per_block_and_load(tmp_path):
 
 @pytest.mark.slow
 def test_an_init_model_runs_through_the_workflow(tmp_path):
-    """A tiny init model: built by its rule, pruned and evaluated, its metrics naming its source."""
+    """A tiny init model: built by its rule, pruned and evaluated, its metrics naming its source
+    (2-3 minutes on 2 cores: a job's start imports torch and transformers)."""
     extra = tmp_path / "init.yaml"
     extra.write_text(yaml.safe_dump({"models": {"seedy": TINY_MODEL}}))
-    targets = ["results/seedy_r20_c8/metrics.json", "results/seedy_r20_c8/model.f16.gguf"]
-    proc = snakemake(tmp_path, *targets, configs=(str(extra),))
+    proc = snakemake(tmp_path, "results/seedy_r20_c8/metrics.json", configs=(str(extra),))
     assert "init_model" in proc.stdout + proc.stderr
     rec = json.loads((tmp_path / "results" / "seedy_r20_c8" / "metrics.json").read_text())
     assert rec["source_model"] == "init:seedy" and rec["base_model"]["seeded_random_weights"]
     assert rec["base_model"]["parameters"] == seeded.parameter_count(seeded.resolve_init(TINY, "k"))
     assert 0.15 < rec["achieved_block_ratio"] < 0.25 and "init_model" in rec["stage_wall_s"]
     assert (tmp_path / "results" / "benchmarks" / "init" / "seedy.tsv").is_file()
-    assert (tmp_path / "results" / "seedy_r20_c8" / "model.f16.gguf").stat().st_size > 0
