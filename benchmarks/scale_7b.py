@@ -322,6 +322,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default results/scale_7b[_L<layers>]")
     ap.add_argument("--out", default=None, help="default benchmarks/measured/scale_7b_<device>[_L<layers>].txt")
     ap.add_argument("--gguf", default="f16", choices=["f32", "f16", "q8_0"], help="export type")
+    ap.add_argument("--methods", nargs="+", default=None, help="default config/scale_7b.yaml's; the first is exported")
     ap.add_argument("--keep", action="store_true", help="keep the pruned models and the base model")
     ap.add_argument(
         "--max-disk-gb",
@@ -347,7 +348,7 @@ def main() -> None:
     sampler.start()
     t_start = time.time()
     log = open(workdir / "scale_7b.log", "a")
-    methods = cfg["targets"]["methods"]
+    methods = args.methods or cfg["targets"]["methods"]
     export_target = f"{MODEL}_r20_{methods[0]}"
     model_dir = workdir / "results" / "models" / MODEL
     pruned_bytes, export_direct = {}, None
