@@ -109,6 +109,9 @@ STAGE_KEYS = {
 }
 # Sources whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 BUILT_SOURCES = ("train", "gguf")
+# Sources whose seeded weights the workflow writes into results/models/{model} from an architecture
+# config (fnprune.seeded): loaded like a built model, an engineering check rather than a model.
+SEEDED_SOURCES = ("init",)
 # ica.backend is only the default of a target that names none: the backend is in every ICA path.
 ICA_OUTPUT_KEYS = ("solver", "max_iter", "tol", "device", "on_nonconvergence", "retries", "on_constant_layer")
 
@@ -407,7 +410,7 @@ def _copy(x):
 
 
 # Keys a model alias (``models.<slug>.base``) cannot change: they define the weights it shares.
-WEIGHT_KEYS = ("source", *SOURCE_KEYS, "intermediate_size", "corpus", "train")
+WEIGHT_KEYS = ("source", *SOURCE_KEYS, "intermediate_size", "corpus", "train", "init")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -563,6 +566,9 @@ def source_problems(config: dict) -> list[str]:
         if m.get("base"):
             continue
         key = f"models.{name}"
+        if m["source"] in SEEDED_SOURCES:
+            problems += _init_problems(m, key)
+            continue
         if m["source"] != "gguf":
             problems += [
                 f"{key}.{k}: required for source {m['source']}" for k in ("architecture", "num_layers") if k not in m
@@ -597,6 +603,32 @@ def source_problems(config: dict) -> list[str]:
                 for k in HEADER_KEYS:
                     if k in base:
                         m.setdefault(k, base[k])
+                if base.get("source") in SEEDED_SOURCES:
+                    m["init"] = base["init"]
+    return problems
+
+
+def _init_problems(m: dict, key: str) -> list[str]:
+    """A ``source: init`` model: its ``init`` resolved in place (:func:`fnprune.seeded.resolve_init`),
+    and the keys the architecture fixes filled from it, or checked against it when given."""
+    from .seeded import ARCHITECTURE, resolve_init
+
+    if "init" not in m:
+        return [f"{key}.init: required for source init (a bundled config name or a mapping)"]
+    try:
+        spec = resolve_init(m["init"], f"{key}.init")
+    except ValueError as e:
+        return [str(e)]
+    m["init"] = spec
+    found = {
+        "architecture": ARCHITECTURE,
+        "num_layers": spec["num_layers"],
+        "intermediate_size": spec["intermediate_size"],
+        "num_key_value_heads": spec["num_kv_heads"],
+    }
+    problems = [f"{key}.{k}: {m[k]!r}, but init gives {v!r}" for k, v in found.items() if k in m and m[k] != v]
+    for k, v in found.items():
+        m[k] = v
     return problems
 
 
@@ -636,6 +668,13 @@ def check(config: dict) -> None:
                 f"models.{name}.architecture: {m['architecture']!r} is not supported; "
                 f"supported: {', '.join(sorted(REGISTRY))}"
             )
+        if m["source"] in SEEDED_SOURCES and not m.get("base"):
+            problems += [
+                f"models.{name}.eval.ppl_seqlens: {seqlen} exceeds the model's maximum length "
+                f"init.max_position={m['init']['max_position']}"
+                for seqlen in m["eval"]["ppl_seqlens"]
+                if seqlen > m["init"]["max_position"]
+            ]
         if m["source"] == "train" and "train" in m:
             max_pos = m["train"]["max_position"]
             for seqlen in m["eval"]["ppl_seqlens"]:
@@ -843,15 +882,20 @@ def nearest_target(target: str, models: list[str]) -> str:
 
 
 def known_shape(spec: dict) -> dict | None:
-    """The block shape of a model whose weights fnprune trains (its ``train`` section), else None."""
-    if spec.get("source") != "train" or "train" not in spec:
+    """The block shape of a model whose weights fnprune trains (its ``train`` section) or seeds (its
+    resolved ``init``), else None."""
+    if spec.get("source") in SEEDED_SOURCES and isinstance(spec.get("init"), dict):
+        t = spec["init"]
+    elif spec.get("source") != "train" or "train" not in spec:
         return None
-    t = spec["train"]
+    else:
+        t = spec["train"]
     h = t["hidden_size"]
+    kv = h // t["num_heads"] * t.get("num_kv_heads", t["num_heads"])  # train models have no GQA
     return {
         "hidden": h,
         "intermediate": t["intermediate_size"],
-        "attn_params": 4 * h * h,
+        "attn_params": 2 * h * h + 2 * h * kv,
         "neuron_params": 3 * h,
         "layers": t["num_layers"],
     }

@@ -46,6 +46,7 @@ Where transformers' reader falls short of the file (checked with transformers 5.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -529,7 +530,7 @@ def _write(w, model, tokenizer, layout: _Layout, arch: str, dtype: str, name: st
 
     cfg = model.config
     hd = _head_dim(cfg)
-    state = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    state = model.state_dict()  # the model's own tensors: each is upcast alone when it is written
     heads, kv = shapes["head_count"], shapes["head_count_kv"]
     w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
@@ -561,34 +562,49 @@ def _write(w, model, tokenizer, layout: _Layout, arch: str, dtype: str, name: st
         w.add_string(f"fnprune.{key}", value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     _write_tokenizer(w, tokenizer, state["model.embed_tokens.weight"].shape[0])
 
+    # GGUF name -> (HF name, transform of the float32 array); every tensor is converted when it is
+    # written, one at a time, so the export holds the model once, in its own dtype.
     tensors = {
-        "token_embd.weight": state["model.embed_tokens.weight"],
-        "output_norm.weight": state["model.norm.weight"] + layout.norm_offset,
+        "token_embd.weight": ("model.embed_tokens.weight", None),
+        "output_norm.weight": ("model.norm.weight", lambda t: t + layout.norm_offset),
     }
     if not cfg.tie_word_embeddings:
-        tensors["output.weight"] = state["lm_head.weight"]
+        tensors["output.weight"] = ("lm_head.weight", None)
     for i in range(cfg.num_hidden_layers):
         for hf, gg in layout.tensors.items():
             for suffix in ("weight", "bias"):
-                t = state.get(f"model.layers.{i}.{hf}.{suffix}")
-                if t is None:
+                src = f"model.layers.{i}.{hf}.{suffix}"
+                if src not in state:
                     continue
+                fix = None
                 if layout.rotary_permute and gg in ("attn_q", "attn_k"):
-                    t = _permute(t, heads[i] if gg == "attn_q" else kv[i])
+                    n = heads[i] if gg == "attn_q" else kv[i]
+                    fix = functools.partial(_permute, n_head=n)
                 if gg.endswith("norm"):
-                    t = t + layout.norm_offset
-                tensors[f"blk.{i}.{gg}.{suffix}"] = t
-    for key, t in tensors.items():
-        t = np.ascontiguousarray(t, dtype=np.float32)
-        if t.ndim == 1 or dtype == "F32":
-            w.add_tensor(key, t)
-        elif dtype == "F16" or t.shape[-1] % 32:
-            # Q8_0 packs rows in blocks of 32: a pruned width that is no multiple of it stays F16
-            w.add_tensor(key, t.astype(np.float16))
+                    fix = lambda t: t + layout.norm_offset  # noqa: E731
+                tensors[f"blk.{i}.{gg}.{suffix}"] = (src, fix)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+
+    def kind(shape) -> str:
+        if len(shape) == 1 or dtype == "F32":
+            return "F32"
+        # Q8_0 packs rows in blocks of 32: a pruned width that is no multiple of it stays F16
+        return "F16" if dtype == "F16" or shape[-1] % 32 else "Q8_0"
+
+    for key, (src, _) in tensors.items():
+        shape, k = tuple(state[src].shape), kind(state[src].shape)
+        if k == "Q8_0":
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, q8)
+            w.add_tensor_info(key, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q8)
         else:
-            q = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(key, gguf.quants.quantize(t, q), raw_dtype=q)
+            np_dtype = np.dtype(np.float32 if k == "F32" else np.float16)
+            w.add_tensor_info(key, shape, np_dtype, int(np.prod(shape)) * np_dtype.itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for src, fix in tensors.values():
+        t = state[src].detach().to("cpu").float().numpy()
+        t = np.ascontiguousarray(fix(t) if fix else t, dtype=np.float32)
+        k = kind(t.shape)
+        w.write_tensor_data(t if k == "F32" else t.astype(np.float16) if k == "F16" else gguf.quants.quantize(t, q8))
     w.close()

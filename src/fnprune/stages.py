@@ -75,6 +75,14 @@ def train(train_split: str, validation_split: str, spec: dict, out_dir: str, see
     train_embedded_model(read_split(train_split), read_split(validation_split), spec, out_dir, seed)
 
 
+def init_model(train_split: str, spec: dict, out_dir: str, seed: int) -> None:
+    """A model of seeded random weights (``source: init``): an engineering check, not a language model."""
+    from .corpus import read_split
+    from .seeded import build_init_model
+
+    build_init_model(read_split(train_split), spec, out_dir, seed)
+
+
 def convert_gguf(spec: dict, out_dir: str, model: str = "<model>") -> None:
     from .ggufsource import convert
 
@@ -444,6 +452,23 @@ def shortgpt_mask(influence_files: list[str], model_spec: dict, source: str, rat
     )
 
 
+def _load_read(model_spec: dict, source: str, device: str = "auto"):
+    """:func:`_load` with ``stored``, the weights read into memory instead of memory-mapped.
+
+    Pruning replaces most tensors and then writes every one: from a mapped file, the pages of the
+    replaced tensors stay resident beside their pruned copies, and writing maps in the rest, so a
+    7B-shaped job peaked at about 1.4-1.7x the weights' bytes; read, it holds them once (plus one
+    checkpoint shard while loading)."""
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import load_config, load_tokenizer, resolve_device
+
+    kw = _hub_kwargs(model_spec)
+    load_config(source, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", disable_mmap=True, **kw)
+    return model.to(resolve_device(device)).eval(), load_tokenizer(source, **kw)
+
+
 def prune(
     mask: str,
     model_spec: dict,
@@ -463,7 +488,7 @@ def prune(
 
     t0 = time.time()
     rec = read_mask(mask)
-    model, tok = _load(model_spec, source, device, stored=True)
+    model, tok = _load_read(model_spec, source, device)
     stats = load_stats(stats_files) if bias else {}
     apply_mask(model, rec, down_mean=stats.get("down_mean"), o_mean=stats.get("o_mean"))
     sidecar = {
@@ -720,9 +745,12 @@ def metrics(
     from GGUF: its provenance is recorded)."""
     from .ggufsource import read_provenance
     from .mask import read_mask
+    from .seeded import RECORD as INIT_RECORD
 
     weights = model_spec.get("base") or model
-    source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}"}.get(model_spec["source"])
+    source = {"train": f"trained:{weights}", "gguf": f"gguf:{weights}", "init": f"init:{weights}"}.get(
+        model_spec["source"]
+    )
     rec: dict = {
         "target": target,
         "model": model,
@@ -736,6 +764,10 @@ def metrics(
         tr = read_json(Path(base_dir) / "training.json")
         rec["base_model"] = {"parameters": tr["parameters"], "validation_ppl": tr["validation_ppl"]}
         stages["train_model"] = tr["wall_s"]
+    if base_dir and (Path(base_dir) / INIT_RECORD).is_file():
+        seeded = read_json(Path(base_dir) / INIT_RECORD)
+        rec["base_model"] = {"parameters": seeded["parameters"], "seeded_random_weights": True}
+        stages["init_model"] = seeded["wall_s"]
     prov = read_provenance(base_dir)
     if prov:
         rec["source_provenance"] = {k: v for k, v in prov.items() if k not in ("versions", "wall_s")}
@@ -924,11 +956,12 @@ def export_gguf(target: str, model_spec: dict, source: str, pruned_dir: str | No
     from .ggufwrite import write_gguf
     from .modeling import load_pruned, load_tokenizer, read_sidecar
 
+    # The weights as stored: write_gguf upcasts one tensor at a time (a whole 7B model in float32 is 27 GB).
     if pruned_dir:
-        model, tok = load_pruned(pruned_dir, dtype="float32", device="cpu"), load_tokenizer(pruned_dir)
+        model, tok = load_pruned(pruned_dir, dtype=None, device="cpu"), load_tokenizer(pruned_dir)
         side = read_sidecar(pruned_dir)
     else:
-        model, tok = _load({**model_spec, "dtype": "float32"}, source, "cpu")
+        model, tok = _load(model_spec, source, "cpu", stored=True)
         side = {"target": target, "source_model": source}
     meta = {k: side[k] for k in GGUF_METADATA if side.get(k) is not None}
     meta["versions"] = versions()

@@ -27,7 +27,9 @@ WEIGHT_OWNERS = [m for m in MODELS if fconfig.weights_of(config, m) == m]
 # Models whose weights the workflow builds into results/models/{model}: trained, or converted from GGUF.
 TRAINED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "train"]
 CONVERTED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "gguf"]
-BUILT_SOURCES = fconfig.BUILT_SOURCES
+# Models of seeded random weights built from an architecture config (an engineering check).
+INITIALISED = [m for m in WEIGHT_OWNERS if config["models"][m]["source"] == "init"]
+BUILT_SOURCES = (*fconfig.BUILT_SOURCES, *fconfig.SEEDED_SOURCES)
 SPLITS = ["train", "calib", "validation", "test"]
 BACKEND = config["ica"]["backend"]
 # The comparison tables' name: results/{model}_{COMPARISON}.md
@@ -88,8 +90,8 @@ def weights(model):
 
 
 def model_input(model):
-    """The model directory as a DAG input when the workflow builds it (trained or converted from GGUF),
-    else nothing (an alias: its base's)."""
+    """The model directory as a DAG input when the workflow builds it (trained, converted from GGUF
+    or seeded), else nothing (an alias: its base's)."""
     return [trained_dir(weights(model))] if mspec(model)["source"] in BUILT_SOURCES else []
 
 

@@ -75,6 +75,34 @@ rule convert_gguf:
         "../scripts/convert_gguf.py"
 
 
+# A model of seeded random weights built from an architecture config (source: init): an
+# engineering check of the workflow at a model's real size, never a result about LLMs.
+rule init_model:
+    input:
+        train=model_split("train"),
+    output:
+        directory("results/models/{model}"),
+    wildcard_constraints:
+        model="|".join(INITIALISED) or "$^",
+    log:
+        "results/logs/init/{model}.log",
+    benchmark:
+        "results/benchmarks/init/{model}.tsv"
+    params:
+        code=CODE["init_model"],
+        torch_threads=TORCH_THREADS,
+        spec=init_spec,
+        seed=config["seed"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/fnprune.yaml"
+    script:
+        "../scripts/init_model.py"
+
+
 rule calibration_batches:
     input:
         calib=calibration_split,

@@ -75,6 +75,11 @@ def train_spec(wildcards):
     return mspec(wildcards.model)["train"]
 
 
+def init_spec(wildcards):
+    """The resolved architecture of a ``source: init`` model (fnprune.seeded.resolve_init)."""
+    return mspec(wildcards.model)["init"]
+
+
 def calibration_spec(wildcards):
     """What decides the draw of calibration texts into batches (the seed is a param of its own)."""
     c = mspec(wildcards.model)["calibration"]
