@@ -3,6 +3,7 @@ architecture and its errors, the weights as written, and a tiny one through the 
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -141,6 +142,16 @@ def test_weights_are_seeded_written_once_per_block_and_load(tmp_path):
     assert abs(w.std().item() - 0.02) < 0.002 and torch.equal(sa["model.norm.weight"].float(), torch.ones(32))
     out = ma(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
     assert out.shape == (1, 4, 512) and torch.isfinite(out.float()).all()
+
+
+def test_the_workflow_builds_an_init_model_with_its_own_rule(tmp_path):
+    """The dry run (seconds): the init_model job makes the weights every stage of a target reads."""
+    extra = tmp_path / "init.yaml"
+    extra.write_text(yaml.safe_dump({"models": {"seedy": TINY_MODEL}}))
+    proc = snakemake(tmp_path, "-n", "results/seedy_r20_c8/metrics.json", configs=(str(extra),))
+    out = proc.stdout + proc.stderr
+    assert re.search(r"^init_model\s+1$", out, re.M) and "output: results/models/seedy" in out
+    assert "train_model" not in out and "convert_gguf" not in out
 
 
 @pytest.mark.slow
