@@ -221,29 +221,21 @@ def _fluctuation(model_spec: dict, source: str, stats_files: list[str]) -> list[
     return wifv_scores(model, "down", stat(load_stats(stats_files), "down_var", sizes, "hybrid/imp"))
 
 
-def ica_mask(
-    score_files: list[str],
-    model_spec: dict,
-    source: str,
+def _ica_mask_record(
+    chosen: dict,
+    info: dict,
+    prunable: list[bool],
+    n_drop: int,
     ratio: float,
+    min_keep: int,
     selector: dict,
-    out: str,
-    stats_files: list[str] = (),
-) -> None:
-    """The mask of an ICA method (``selector``: :func:`fnprune.config.parse_method` of its name)."""
-    from .mask import hybrid_scores, mask_record, n_to_drop, prunable_layers, select, union_neuron_scores
+    ica_info: dict,
+    **extra,
+) -> dict:
+    """The mask record of an ICA-scored selection (:func:`ica_mask`, :func:`fn_variant_mask`)."""
+    from .mask import mask_record
 
-    t0 = time.time()
-    info = _shape(model_spec, source)
-    scores, ica_info = union_neuron_scores(score_files)
-    prunable = prunable_layers(info["n_layers"], model_spec["protect_first"], model_spec["protect_last"])
-    n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
-    min_keep = model_spec["min_keep_per_layer"]
-    fluct = _fluctuation(model_spec, source, stats_files) if selector["needs_stats"] else None
-    if selector["hybrid"]:
-        scores = hybrid_scores(scores, fluct)
-    chosen = select(scores, selector["selection"], prunable, n_drop, ratio, min_keep, fluct, selector["multiple"])
-    rec = mask_record(
+    return mask_record(
         chosen["kept"],
         info["intermediate_sizes"],
         info["block_params"],
@@ -262,9 +254,36 @@ def ica_mask(
         backend=selector["backend"],
         ica_seed=selector["seed"],
         consensus_runs=selector["runs"],
-        hybrid=selector["hybrid"],
         layer_importance=chosen["layer_importance"],
         ica=ica_info,
+        **extra,
+    )
+
+
+def ica_mask(
+    score_files: list[str],
+    model_spec: dict,
+    source: str,
+    ratio: float,
+    selector: dict,
+    out: str,
+    stats_files: list[str] = (),
+) -> None:
+    """The mask of an ICA method (``selector``: :func:`fnprune.config.parse_method` of its name)."""
+    from .mask import hybrid_scores, n_to_drop, prunable_layers, select, union_neuron_scores
+
+    t0 = time.time()
+    info = _shape(model_spec, source)
+    scores, ica_info = union_neuron_scores(score_files)
+    prunable = prunable_layers(info["n_layers"], model_spec["protect_first"], model_spec["protect_last"])
+    n_drop = n_to_drop(ratio, info["block_params"], info["neuron_params"])
+    min_keep = model_spec["min_keep_per_layer"]
+    fluct = _fluctuation(model_spec, source, stats_files) if selector["needs_stats"] else None
+    if selector["hybrid"]:
+        scores = hybrid_scores(scores, fluct)
+    chosen = select(scores, selector["selection"], prunable, n_drop, ratio, min_keep, fluct, selector["multiple"])
+    rec = _ica_mask_record(
+        chosen, info, prunable, n_drop, ratio, min_keep, selector, ica_info, hybrid=selector["hybrid"]
     )
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
@@ -301,9 +320,9 @@ def fn_variant_mask(
     """The mask of a functional-network variant that scores inside each layer with Wanda-sp
     (``selector["within"]``: ``hwanda`` or ``core``; see :func:`fnprune.config.parse_method`).
 
-    Kept apart from :func:`ica_mask` so that the ICA masks' code key does not move with it.
+    Its own rule (mask_fnv): these variants read Wanda-sp's scores beside the ICA's.
     """
-    from .mask import hybrid_scores, mask_record, n_to_drop, protect_core, prunable_layers, select, union_neuron_scores
+    from .mask import hybrid_scores, n_to_drop, protect_core, prunable_layers, select, union_neuron_scores
 
     t0 = time.time()
     info = _shape(model_spec, source)
@@ -332,30 +351,18 @@ def fn_variant_mask(
             f"{selector['selector']}: ratio {ratio} removes {lost} neurons of the protected network cores; "
             f"lower the ratio or the core percent"
         )
-    rec = mask_record(
-        chosen["kept"],
-        info["intermediate_sizes"],
-        info["block_params"],
-        info["total_params"],
-        info["neuron_params"],
-        method=selector["selector"],
-        kind="ica",
-        ratio_requested=ratio,
-        prunable=prunable,
-        n_drop=n_drop,
-        min_keep=model_spec["min_keep_per_layer"],
-        selection=selector["selection"],
-        multiple=selector["multiple"],
-        threshold=chosen["threshold"],
-        k=selector["k"],
-        backend=selector["backend"],
-        ica_seed=selector["seed"],
-        consensus_runs=selector["runs"],
+    rec = _ica_mask_record(
+        chosen,
+        info,
+        prunable,
+        n_drop,
+        ratio,
+        model_spec["min_keep_per_layer"],
+        selector,
+        ica_info,
         hybrid=False,
         within=selector["within"],
         core_pct=selector["core_pct"],
-        layer_importance=chosen["layer_importance"],
-        ica=ica_info,
     )
     rec["wall_s"] = time.time() - t0
     write_json(out, rec)
