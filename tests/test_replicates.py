@@ -209,12 +209,17 @@ def test_the_replicate_config_plans_each_method_on_its_draws(tmp_path):
 
 
 def test_the_beyond_and_recovery_configs_compare_on_the_replicate_configs_own_draws():
-    """config/beyond.yaml and recovery.yaml reuse config/replicates.yaml's cached targets only while its smolr is
-    the same model: the same keys, so the same draws, calibration and evaluation."""
+    """config/beyond.yaml and recovery.yaml (recovery_gemma.yaml) reuse config/replicates.yaml's
+    (replicates_gemma.yaml's) cached targets only while their model is the same: the same keys, so the same
+    draws, calibration and evaluation."""
     import yaml
 
-    replicates = yaml.safe_load((REPO / "config" / "replicates.yaml").read_text())
-    for name in ("beyond", "recovery"):
+    for name, source, model in (
+        ("beyond", "replicates", "smolr"),
+        ("recovery", "replicates", "smolr"),
+        ("recovery_gemma", "replicates_gemma", "gemmar"),
+    ):
+        replicates = yaml.safe_load((REPO / "config" / f"{source}.yaml").read_text())
         other = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
-        assert other["models"]["smolr"] == replicates["models"]["smolr"], name
-        assert other["comparison"]["name"] == name  # its own tables, not replicates.yaml's
+        assert other["models"][model] == replicates["models"][model], name
+        assert other["comparison"]["name"] == name.split("_")[0]  # its own tables, not the replicates'

@@ -162,6 +162,10 @@ def test_recovery_with_lora_compares_the_gap_to_the_tuned_dense_model():
     assert c["gap_after"] == pytest.approx(c["gap_before"] * math.exp(-0.15))
     assert c["closed"] == pytest.approx(1 - math.log(c["gap_after"]) / math.log(c["gap_before"]))
     assert 0.4 < c["closed"] < 0.6 and rows["flap"]["closed"] == pytest.approx(0, abs=1e-9)
+    # tuning reordered them: c8 was worse than flap untuned, its twin is the best tuned model
+    assert rows["c8"]["vs_best_tuned"] == "best" and rows["dense"]["vs_best_tuned"] is None
+    vs = rows["flap"]["vs_best_tuned"]
+    assert vs[0] == pytest.approx(math.exp(0.05), rel=0.01) and vs[1] < vs[0] < vs[2] and vs[1] > 1
     md_off, csv_off = tables.comparison_table(plain)
     md_on, csv_on = tables.comparison_table(plain + twins)
     # the tables without tuning are what they were; the section follows them; the CSV adds the twins' rows

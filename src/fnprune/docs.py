@@ -102,6 +102,11 @@ BLOCKS: dict[str, Block] = {
         "snakemake --cores 2 comparison --configfile config/recovery.yaml",
         "Recovery with LoRA",
     ),
+    "recovery-gemma": Block(
+        "results/gemmar_recovery.md",
+        "snakemake --cores 2 comparison --configfile config/recovery_gemma.yaml",
+        "Recovery with LoRA",
+    ),
     # measured by benchmarks/ (see benchmarks/README.md)
     "llamacpp-speed": Block("benchmarks/measured/llamacpp_smol_cpu.txt", LLAMACPP),
     "isa-check": Block("benchmarks/measured/isa_check_smolr.txt", "python benchmarks/isa_check.py"),

@@ -306,7 +306,8 @@ def comparison_table(records: list[dict], draws: dict | None = None, reference: 
             "x untuned: the tuned model's perplexity over its untuned parent's, with a 95% t-interval over the "
             "per-window differences of mean token NLL; gap before: method / dense; gap after: method_lora / "
             "dense_lora; closed: the share of the gap's log that tuning removed (1: none left, 0: none "
-            "removed, negative: wider).\n\n" + lora_recovery_markdown(recovery)
+            "removed, negative: wider); x best tuned: the tuned model's perplexity over the best tuned model's of its "
+            "ratio, paired over windows (tuning can reorder the methods).\n\n" + lora_recovery_markdown(recovery)
         )
     return md, csv
 
@@ -315,11 +316,12 @@ def lora_recovery_rows(records: list[dict]) -> list[dict]:
     """Per model x perplexity protocol x target with a ``_lora`` twin among ``records`` (its
     ``tuned_from`` names its parent's ``target``): the parent's and the twin's perplexity, their
     ratio with a 95% interval paired over windows, and for a pruned method the gap to dense before
-    (method / dense) and after (method_lora / dense_lora), with the share of its log closed."""
+    (method / dense) and after (method_lora / dense_lora), with the share of its log closed, and the
+    tuned model against the best tuned model of its ratio (``vs_best_tuned``, paired over windows)."""
     by_target = {r["target"]: r for r in records if not r.get("lora") and "target" in r}
     pairs = [(by_target[r["tuned_from"]], r) for r in records if r.get("lora") and r["tuned_from"] in by_target]
     dense = {u["model"]: (u, t) for u, t in pairs if u["method"] == "dense"}
-    out = []
+    out, tuned_of = [], {}
     for u, t in sorted(
         pairs, key=lambda p: (p[0]["model"], p[0]["method"] != "dense", ratio_pct(p[0]), p[0]["method"])
     ):
@@ -348,13 +350,40 @@ def lora_recovery_rows(records: list[dict]) -> list[dict]:
                 if row["gap_before"] != 1:
                     row["closed"] = 1 - math.log(row["gap_after"]) / math.log(row["gap_before"])
             out.append(row)
+            tuned_of[id(row)] = t
+    _against_best_tuned(out, tuned_of)
     return out
+
+
+def _against_best_tuned(rows: list[dict], tuned_of: dict) -> None:
+    """Sets each pruned row's ``vs_best_tuned``: its tuned model's perplexity over the best tuned
+    model's of its model x ratio x protocol (lowest), paired over windows; tuning can reorder the
+    methods, and the gap to dense alone does not say whether it did. The best row gets ``best``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        r["vs_best_tuned"] = None
+        if r["method"] != "dense":
+            groups.setdefault((r["model"], r["ratio"], r["protocol"]), []).append(r)
+    for (_, _, key), group in groups.items():
+        best = min(group, key=lambda r: r["ppl_lora"])
+        b = _window_nll(tuned_of[id(best)], key)
+        for r in group:
+            if r is best:
+                r["vs_best_tuned"] = "best"
+                continue
+            a = _window_nll(tuned_of[id(r)], key)
+            what = _what(tuned_of[id(r)], tuned_of[id(best)], key)
+            r["vs_best_tuned"] = (
+                paired_ratio(a, b, what=what) if a and b else (r["ppl_lora"] / best["ppl_lora"], None, None)
+            )
 
 
 def lora_recovery_markdown(rows: list[dict]) -> str:
     """:func:`lora_recovery_rows` as one Markdown table."""
 
     def ci(v):
+        if v is None or isinstance(v, str):
+            return v or "-"
         return f"{v[0]:.3f}" + (f" [{v[1]:.3f}, {v[2]:.3f}]" if v[1] is not None else "")
 
     body = [
@@ -369,11 +398,12 @@ def lora_recovery_markdown(rows: list[dict]) -> str:
             fmt(r["gap_before"], 3),
             fmt(r["gap_after"], 3),
             fmt(r["closed"], 2),
+            ci(r.get("vs_best_tuned")),
         ]
         for r in rows
     ]
     header = ["model", "protocol", "ratio", "method", "PPL", "PPL LoRA", "x untuned [95% CI]", "gap before"]
-    return markdown_table([*header, "gap after", "closed"], body, 4)
+    return markdown_table([*header, "gap after", "closed", "x best tuned [95% CI]"], body, 4)
 
 
 def _one_draw_table(records: list[dict]) -> tuple[str, str]:
