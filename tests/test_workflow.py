@@ -156,9 +156,9 @@ def test_domains_on_micro_reuse_the_base_weights(micro_run):
 
 
 def test_dense_embedded_model_beats_chance_on_its_multiple_choice_task(tmp_path):
-    """The default embedded model (trained by the workflow, about 4 minutes on 2 cores) picks
-    true continuations far above chance (4 choices: 0.25) once the continuation's own
-    likelihood is discounted (lm-eval's acc_mutual_info)."""
+    """The toy model `tiny` (trained by the workflow on the embedded corpus, about 4 minutes on 2
+    free cores; the longest test) picks true continuations far above chance (4 choices: 0.25)
+    once the continuation's own likelihood is discounted (lm-eval's acc_mutual_info)."""
     import subprocess
 
     from helpers import REPO, SNAKEMAKE
