@@ -321,7 +321,11 @@ def lora_recovery_rows(records: list[dict]) -> list[dict]:
     by_target = {r["target"]: r for r in records if not r.get("lora") and "target" in r}
     pairs = [(by_target[r["tuned_from"]], r) for r in records if r.get("lora") and r["tuned_from"] in by_target]
     dense = {u["model"]: (u, t) for u, t in pairs if u["method"] == "dense"}
-    out, tuned_of = [], {}
+    # the tuned models against the best tuned one of their ratio: the main table's paired rows, on
+    # the twins (tuning can reorder the methods; the gap to dense alone does not say whether it did)
+    tuned_rows = paired_ppl_rows([t for u, t in pairs if u["method"] != "dense"])
+    vs_best = {(p["model"], p["ratio"], p["protocol"], p["method"]): p for p in tuned_rows}
+    out = []
     for u, t in sorted(
         pairs, key=lambda p: (p[0]["model"], p[0]["method"] != "dense", ratio_pct(p[0]), p[0]["method"])
     ):
@@ -349,33 +353,10 @@ def lora_recovery_rows(records: list[dict]) -> list[dict]:
                 row["gap_after"] = t["perplexity"][key] / d[1]["perplexity"][key]
                 if row["gap_before"] != 1:
                     row["closed"] = 1 - math.log(row["gap_after"]) / math.log(row["gap_before"])
+            p = vs_best.get((t["model"], t.get("ratio_requested"), key, t["method"]))
+            row["vs_best_tuned"] = p and ("best" if p["method"] == p["best"] else p["vs_best"])
             out.append(row)
-            tuned_of[id(row)] = t
-    _against_best_tuned(out, tuned_of)
     return out
-
-
-def _against_best_tuned(rows: list[dict], tuned_of: dict) -> None:
-    """Sets each pruned row's ``vs_best_tuned``: its tuned model's perplexity over the best tuned
-    model's of its model x ratio x protocol (lowest), paired over windows; tuning can reorder the
-    methods, and the gap to dense alone does not say whether it did. The best row gets ``best``."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        r["vs_best_tuned"] = None
-        if r["method"] != "dense":
-            groups.setdefault((r["model"], r["ratio"], r["protocol"]), []).append(r)
-    for (_, _, key), group in groups.items():
-        best = min(group, key=lambda r: r["ppl_lora"])
-        b = _window_nll(tuned_of[id(best)], key)
-        for r in group:
-            if r is best:
-                r["vs_best_tuned"] = "best"
-                continue
-            a = _window_nll(tuned_of[id(r)], key)
-            what = _what(tuned_of[id(r)], tuned_of[id(best)], key)
-            r["vs_best_tuned"] = (
-                paired_ratio(a, b, what=what) if a and b else (r["ppl_lora"] / best["ppl_lora"], None, None)
-            )
 
 
 def lora_recovery_markdown(rows: list[dict]) -> str:
